@@ -1,0 +1,52 @@
+# npm scripts and these targets run on the Node.js 22 that the `node` devDependency installs.
+export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
+SHELL := /bin/bash
+
+.PHONY: setup deps redis proto proto-check lint format typecheck circular unit test clean
+
+setup: deps redis
+
+# npm ci when the lock file changed since the last install.
+deps: node_modules/.installed
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	@touch $@
+
+redis:
+	@scripts/ensure-redis.sh
+
+proto: deps
+	rm -rf shared/gen
+	buf lint
+	buf generate
+
+# Fails when the generated code differs from what `make proto` would write.
+proto-check: deps
+	@tmp=$$(mktemp -d) && buf lint && buf generate -o $$tmp && \
+	  if ! diff -r $$tmp/shared/gen shared/gen >/dev/null; then \
+	    echo "error: shared/gen is stale: run 'make proto' and commit the result" >&2; rm -rf $$tmp; exit 1; fi; \
+	  rm -rf $$tmp
+
+lint: deps
+	prettier --check .
+	eslint --max-warnings 0 .
+
+format: deps
+	prettier --write .
+	eslint --fix .
+
+typecheck: deps
+	tsc -p tsconfig.json
+
+circular: deps
+	dpdm --no-warning --no-tree --transform --exit-code circular:1 'broker/**/*.ts' 'sidecar/**/*.ts' 'shared/**/*.ts'
+
+unit: setup
+	vitest run
+
+# The one test command (README, .ci/run): static checks, then every test.
+test: setup proto-check lint typecheck circular
+	vitest run
+
+clean:
+	rm -rf node_modules .tmp
