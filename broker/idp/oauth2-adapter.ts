@@ -1,0 +1,469 @@
+import { ConfigError } from '../errors.js';
+import {
+  IdpInvalidClientError,
+  IdpInvalidGrantError,
+  IdpProtocolError,
+  IdpTransientError,
+  type IdpAdapter,
+  type TokenSet,
+} from './idp-adapter.js';
+
+export type ClientAuthMethod = 'client_secret_basic' | 'client_secret_post' | 'none';
+
+export interface OAuth2AdapterOptions {
+  name: string;
+  /** When absent, found through OIDC discovery on `issuer`. */
+  tokenEndpoint?: string;
+  issuer?: string;
+  /** When absent, taken from discovery; with neither, revoke is a no-op. */
+  revocationEndpoint?: string;
+  clientId: string;
+  clientSecret?: string;
+  authMethod: ClientAuthMethod;
+  scope?: string;
+  timeoutMs: number;
+  now?: () => number;
+  fetch?: typeof fetch;
+}
+
+const SETTING = 'idp';
+const AUTH_METHODS: readonly ClientAuthMethod[] = [
+  'client_secret_basic',
+  'client_secret_post',
+  'none',
+];
+
+/**
+ * RFC 6749 makes expires_in only RECOMMENDED, and opaque access tokens cannot be inspected. Without
+ * it we assume a short life, so the broker refreshes early rather than hands out a dead token.
+ */
+const DEFAULT_EXPIRES_IN_S = 300;
+const MAX_DESCRIPTION_CHARS = 200;
+
+/** Failures that happen before a single byte of the request leaves: the token was not presented. */
+const NOT_PRESENTED_CODES = new Set([
+  'ECONNREFUSED',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  'UND_ERR_CONNECT_TIMEOUT',
+]);
+
+const CLIENT_CONFIG_ERRORS = new Set([
+  'invalid_client',
+  'unauthorized_client',
+  'unsupported_grant_type',
+  'invalid_scope',
+]);
+const TRANSIENT_ERRORS = new Set(['server_error', 'temporarily_unavailable']);
+/** Only codes from this list reach a message: an unknown code is server text and goes to detail. */
+const KNOWN_ERRORS = new Set([
+  'invalid_grant',
+  'invalid_request',
+  'unsupported_token_type',
+  ...CLIENT_CONFIG_ERRORS,
+  ...TRANSIENT_ERRORS,
+]);
+
+interface Discovered {
+  tokenEndpoint: string;
+  revocationEndpoint: string | undefined;
+}
+
+interface HttpAnswer {
+  status: number;
+  headers: Headers;
+  text: string;
+}
+
+type JsonObject = Record<string, unknown>;
+
+/** A generic OAuth2 client for the refresh grant (RFC 6749 §6) and revocation (RFC 7009). */
+export class OAuth2Adapter implements IdpAdapter {
+  readonly name: string;
+  private readonly tokenEndpoint: string | undefined;
+  private readonly issuer: string | undefined;
+  private readonly revocationEndpoint: string | undefined;
+  private readonly clientId: string;
+  private readonly clientSecret: string | undefined;
+  private readonly authMethod: ClientAuthMethod;
+  private readonly scope: string | undefined;
+  private readonly timeoutMs: number;
+  private readonly now: () => number;
+  private readonly fetch: typeof fetch;
+  private readonly label: string;
+  private discovery: Promise<Discovered> | undefined;
+
+  constructor(options: OAuth2AdapterOptions) {
+    this.name = requireText(options.name, 'name');
+    this.tokenEndpoint = optionalHttpUrl(options.tokenEndpoint, 'tokenEndpoint');
+    this.issuer = optionalHttpUrl(options.issuer, 'issuer')?.replace(/\/+$/, '');
+    if (this.tokenEndpoint === undefined && this.issuer === undefined) {
+      throw new ConfigError(
+        `${SETTING}.tokenEndpoint`,
+        `is required when ${SETTING}.issuer is not set`,
+      );
+    }
+    this.revocationEndpoint = optionalHttpUrl(options.revocationEndpoint, 'revocationEndpoint');
+    this.clientId = requireText(options.clientId, 'clientId');
+    if (!AUTH_METHODS.includes(options.authMethod)) {
+      throw new ConfigError(`${SETTING}.authMethod`, `must be one of ${AUTH_METHODS.join(', ')}`);
+    }
+    this.authMethod = options.authMethod;
+    if (this.authMethod === 'none') {
+      if (options.clientSecret !== undefined) {
+        throw new ConfigError(
+          `${SETTING}.clientSecret`,
+          `must not be set when ${SETTING}.authMethod is none`,
+        );
+      }
+    } else {
+      this.clientSecret = requireText(
+        options.clientSecret,
+        'clientSecret',
+        `when ${SETTING}.authMethod is ${this.authMethod}`,
+      );
+    }
+    this.scope = options.scope === undefined ? undefined : requireText(options.scope, 'scope');
+    if (!Number.isInteger(options.timeoutMs) || options.timeoutMs <= 0) {
+      throw new ConfigError(`${SETTING}.timeoutMs`, 'must be a positive integer');
+    }
+    this.timeoutMs = options.timeoutMs;
+    this.now = options.now ?? Date.now;
+    this.fetch = options.fetch ?? ((input, init) => fetch(input, init));
+    this.label = `IdP ${JSON.stringify(this.name)}`;
+  }
+
+  async refresh(refreshToken: string, signal: AbortSignal): Promise<TokenSet> {
+    const endpoint = this.tokenEndpoint ?? (await this.discover(signal)).tokenEndpoint;
+    const where = `${this.label}: token endpoint ${displayUrl(endpoint)}`;
+    const form = new URLSearchParams({ grant_type: 'refresh_token', refresh_token: refreshToken });
+    if (this.scope !== undefined) form.set('scope', this.scope);
+
+    // Read before sending, so every expiry we compute errs early.
+    const sentAt = this.now();
+    const answer = await this.post(endpoint, form, where, signal);
+    if (answer.status !== 200) throw this.errorAnswer(answer, where, refreshToken);
+
+    const body = parseJsonObject(answer.text);
+    if (body === undefined) {
+      throw new IdpProtocolError(
+        `${where} answered HTTP 200 with a body that is not a JSON object`,
+      );
+    }
+    // Some IdPs (GitHub among them) report errors with status 200.
+    if (body.access_token === undefined && typeof body.error === 'string') {
+      throw this.errorAnswer(answer, where, refreshToken);
+    }
+    return readTokenSet(body, sentAt, where);
+  }
+
+  async revoke(refreshToken: string, signal: AbortSignal): Promise<void> {
+    const endpoint =
+      this.revocationEndpoint ??
+      (this.issuer === undefined ? undefined : (await this.discover(signal)).revocationEndpoint);
+    if (endpoint === undefined) return;
+    const where = `${this.label}: revocation endpoint ${displayUrl(endpoint)}`;
+    const form = new URLSearchParams({ token: refreshToken, token_type_hint: 'refresh_token' });
+
+    const answer = await this.post(endpoint, form, where, signal);
+    if (answer.status >= 200 && answer.status < 300) return;
+    const error = this.errorAnswer(answer, where, refreshToken);
+    // RFC 7009 answers 200 for a token that is already invalid, so invalid_grant here is off-spec.
+    if (error instanceof IdpInvalidGrantError) {
+      throw new IdpProtocolError(error.message, { detail: error.detail });
+    }
+    throw error;
+  }
+
+  /** Sends one form POST with client authentication; every network failure becomes transient. */
+  private async post(
+    endpoint: string,
+    form: URLSearchParams,
+    where: string,
+    signal: AbortSignal,
+  ): Promise<HttpAnswer> {
+    if (signal.aborted) {
+      throw new IdpTransientError(
+        `${where}: aborted before the request was sent`,
+        undefined,
+        false,
+      );
+    }
+    const headers: Record<string, string> = {
+      accept: 'application/json',
+      'content-type': 'application/x-www-form-urlencoded',
+    };
+    if (this.authMethod === 'client_secret_basic') {
+      // RFC 6749 §2.3.1: each part is form-urlencoded before the two are joined and base64'd.
+      const pair = `${formEncode(this.clientId)}:${formEncode(this.clientSecret ?? '')}`;
+      headers.authorization = `Basic ${Buffer.from(pair, 'utf8').toString('base64')}`;
+    } else {
+      form.set('client_id', this.clientId);
+      if (this.authMethod === 'client_secret_post')
+        form.set('client_secret', this.clientSecret ?? '');
+    }
+
+    const timeout = AbortSignal.timeout(this.timeoutMs);
+    try {
+      const response = await this.fetch(endpoint, {
+        method: 'POST',
+        headers,
+        body: form.toString(),
+        // A followed 307/308 would resend the token to wherever the redirect points.
+        redirect: 'manual',
+        signal: AbortSignal.any([signal, timeout]),
+      });
+      return { status: response.status, headers: response.headers, text: await response.text() };
+    } catch (err) {
+      if (signal.aborted) {
+        throw new IdpTransientError(
+          `${where}: aborted by the caller after the request was sent`,
+          undefined,
+          true,
+        );
+      }
+      if (timeout.aborted) {
+        throw new IdpTransientError(
+          `${where}: no answer within ${this.timeoutMs} ms`,
+          undefined,
+          true,
+        );
+      }
+      const codes = errorCodes(err);
+      const presented = codes.length === 0 || !codes.every((code) => NOT_PRESENTED_CODES.has(code));
+      const reason = codes.length === 0 ? 'request failed' : `request failed (${codes.join(', ')})`;
+      throw new IdpTransientError(`${where}: ${reason}`, undefined, presented, {
+        detail: errorChain(err),
+        cause: err,
+      });
+    }
+  }
+
+  /** Classifies a non-success answer. Only known error codes and the truncated description leave. */
+  private errorAnswer(answer: HttpAnswer, where: string, sentToken: string): Error {
+    const retryAfterMs = parseRetryAfter(answer.headers.get('retry-after'), this.now());
+    const body = parseJsonObject(answer.text);
+    const code = typeof body?.error === 'string' ? body.error : undefined;
+    const knownCode = code !== undefined && KNOWN_ERRORS.has(code) ? code : undefined;
+    const message = `${where} answered HTTP ${answer.status}${knownCode === undefined ? '' : ` ${knownCode}`}`;
+    const detail = describeError(body, code !== knownCode, sentToken);
+    const options = detail === undefined ? undefined : { detail };
+
+    const { status } = answer;
+    if (status === 408 || status === 429 || status >= 500) {
+      return new IdpTransientError(message, retryAfterMs, true, options);
+    }
+    if (code === 'invalid_grant') return new IdpInvalidGrantError(message, options);
+    if (code !== undefined && CLIENT_CONFIG_ERRORS.has(code)) {
+      return new IdpInvalidClientError(message, options);
+    }
+    if (code !== undefined && TRANSIENT_ERRORS.has(code)) {
+      return new IdpTransientError(message, retryAfterMs, true, options);
+    }
+    // A bare 401 from a token endpoint can only be about the client's own credentials.
+    if (code === undefined && status === 401) return new IdpInvalidClientError(message, options);
+    return new IdpProtocolError(message, options);
+  }
+
+  /** One discovery in flight for all callers; a failure is forgotten so the next call retries. */
+  private discover(signal: AbortSignal): Promise<Discovered> {
+    this.discovery ??= this.fetchDiscovery().catch((err: unknown) => {
+      this.discovery = undefined;
+      throw err;
+    });
+    const pending = this.discovery;
+    return new Promise<Discovered>((resolve, reject) => {
+      const onAbort = (): void =>
+        reject(new IdpTransientError(`${this.label}: aborted during discovery`, undefined, false));
+      void pending
+        .then(resolve, reject)
+        .finally(() => signal.removeEventListener('abort', onAbort));
+      if (signal.aborted) onAbort();
+      else signal.addEventListener('abort', onAbort, { once: true });
+    });
+  }
+
+  /** Any discovery failure is transient and the token is never presented: nothing was sent. */
+  private async fetchDiscovery(): Promise<Discovered> {
+    const url = `${this.issuer ?? ''}/.well-known/openid-configuration`;
+    const where = `${this.label}: discovery ${displayUrl(url)}`;
+    const failed = (problem: string, retryAfterMs?: number, cause?: unknown): IdpTransientError =>
+      new IdpTransientError(`${where} ${problem}`, retryAfterMs, false, {
+        ...(cause === undefined ? {} : { detail: errorChain(cause), cause }),
+      });
+
+    const timeout = AbortSignal.timeout(this.timeoutMs);
+    let answer: HttpAnswer;
+    try {
+      const response = await this.fetch(url, {
+        headers: { accept: 'application/json' },
+        signal: timeout,
+      });
+      answer = { status: response.status, headers: response.headers, text: await response.text() };
+    } catch (err) {
+      throw timeout.aborted
+        ? failed(`gave no answer within ${this.timeoutMs} ms`)
+        : failed('failed', undefined, err);
+    }
+    if (answer.status !== 200) {
+      throw failed(
+        `answered HTTP ${answer.status}`,
+        parseRetryAfter(answer.headers.get('retry-after'), this.now()),
+      );
+    }
+    const doc = parseJsonObject(answer.text);
+    if (doc === undefined) throw failed('answered with a body that is not a JSON object');
+    const tokenEndpoint = doc.token_endpoint;
+    if (typeof tokenEndpoint !== 'string' || !isHttpUrl(tokenEndpoint)) {
+      throw failed('has no http(s) token_endpoint');
+    }
+    const revocationEndpoint = doc.revocation_endpoint;
+    if (
+      revocationEndpoint !== undefined &&
+      (typeof revocationEndpoint !== 'string' || !isHttpUrl(revocationEndpoint))
+    ) {
+      throw failed('has a revocation_endpoint that is not an http(s) URL');
+    }
+    return { tokenEndpoint, revocationEndpoint };
+  }
+}
+
+function readTokenSet(body: JsonObject, sentAt: number, where: string): TokenSet {
+  const invalid = (problem: string): IdpProtocolError =>
+    new IdpProtocolError(`${where} answered HTTP 200 but ${problem}`);
+
+  const accessToken = body.access_token;
+  if (typeof accessToken !== 'string' || accessToken === '') {
+    throw invalid('access_token is missing or not a string');
+  }
+  const tokenType = body.token_type ?? 'Bearer';
+  if (typeof tokenType !== 'string' || tokenType === '')
+    throw invalid('token_type is not a string');
+  const refreshToken = body.refresh_token ?? undefined;
+  if (refreshToken !== undefined && (typeof refreshToken !== 'string' || refreshToken === '')) {
+    throw invalid('refresh_token is not a non-empty string');
+  }
+  const expiresIn = readSeconds(body.expires_in);
+  if (expiresIn === null) throw invalid('expires_in is not a non-negative number');
+  const refreshExpiresIn = readSeconds(body.refresh_expires_in);
+  if (refreshExpiresIn === null) throw invalid('refresh_expires_in is not a non-negative number');
+
+  return {
+    accessToken,
+    tokenType,
+    accessExpiresAt: sentAt + Math.floor((expiresIn ?? DEFAULT_EXPIRES_IN_S) * 1000),
+    refreshToken,
+    // Keycloak sends refresh_expires_in 0 for offline tokens, which do not expire on a clock.
+    refreshExpiresAt:
+      refreshExpiresIn === undefined || refreshExpiresIn === 0
+        ? undefined
+        : sentAt + Math.floor(refreshExpiresIn * 1000),
+  };
+}
+
+/** Seconds from a number or numeric string; undefined when absent, null when malformed. */
+function readSeconds(value: unknown): number | undefined | null {
+  if (value === undefined || value === null) return undefined;
+  const seconds =
+    typeof value === 'number'
+      ? value
+      : typeof value === 'string' && /^\d+(\.\d+)?$/.test(value.trim())
+        ? Number(value)
+        : NaN;
+  return Number.isFinite(seconds) && seconds >= 0 ? seconds : null;
+}
+
+/** Retry-After as delta-seconds or an HTTP-date, measured against the injected clock. */
+function parseRetryAfter(value: string | null, now: number): number | undefined {
+  if (value === null) return undefined;
+  const trimmed = value.trim();
+  if (/^\d+$/.test(trimmed)) return Number(trimmed) * 1000;
+  const at = Date.parse(trimmed);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - now);
+}
+
+/** The description (and an unknown error code) for logs: truncated, with the sent token masked. */
+function describeError(
+  body: JsonObject | undefined,
+  withCode: boolean,
+  sentToken: string,
+): string | undefined {
+  const clean = (text: string): string => {
+    const masked = sentToken === '' ? text : text.replaceAll(sentToken, '[token]');
+    return masked.length > MAX_DESCRIPTION_CHARS
+      ? `${masked.slice(0, MAX_DESCRIPTION_CHARS)}…`
+      : masked;
+  };
+  const parts: string[] = [];
+  if (withCode && typeof body?.error === 'string') parts.push(`error: ${clean(body.error)}`);
+  if (typeof body?.error_description === 'string') {
+    parts.push(`error_description: ${clean(body.error_description)}`);
+  }
+  return parts.length === 0 ? undefined : parts.join('; ');
+}
+
+/** Never surfaces the parser's message: V8 quotes the start of the input, which may be a token. */
+function parseJsonObject(text: string): JsonObject | undefined {
+  try {
+    const value: unknown = JSON.parse(text);
+    return typeof value === 'object' && value !== null && !Array.isArray(value)
+      ? (value as JsonObject)
+      : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Every `code` in the cause chain, including each branch of an AggregateError (happy eyeballs). */
+function errorCodes(err: unknown, depth = 0): string[] {
+  if (typeof err !== 'object' || err === null || depth > 8) return [];
+  const codes: string[] = [];
+  const { code, cause } = err as { code?: unknown; cause?: unknown };
+  if (typeof code === 'string') codes.push(code);
+  if (err instanceof AggregateError) {
+    for (const inner of err.errors) codes.push(...errorCodes(inner, depth + 1));
+  }
+  codes.push(...errorCodes(cause, depth + 1));
+  return [...new Set(codes)];
+}
+
+/** Network error messages (addresses, codes) for logs; these never carry request content. */
+function errorChain(err: unknown): string {
+  const messages: string[] = [];
+  for (let at = err, depth = 0; at instanceof Error && depth < 8; at = at.cause, depth += 1) {
+    messages.push(at.message);
+  }
+  return messages.join(' <- ');
+}
+
+function formEncode(value: string): string {
+  return new URLSearchParams({ v: value }).toString().slice('v='.length);
+}
+
+/** Origin and path only: the query may carry secrets and credentials in the authority. */
+function displayUrl(url: string): string {
+  const parsed = new URL(url);
+  return `${parsed.origin}${parsed.pathname}`;
+}
+
+function isHttpUrl(value: string): boolean {
+  if (!URL.canParse(value)) return false;
+  const { protocol } = new URL(value);
+  return protocol === 'https:' || protocol === 'http:';
+}
+
+function optionalHttpUrl(value: unknown, option: string): string | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'string' || !isHttpUrl(value)) {
+    throw new ConfigError(`${SETTING}.${option}`, 'must be an http(s) URL');
+  }
+  return value;
+}
+
+function requireText(value: unknown, option: string, condition?: string): string {
+  if (typeof value !== 'string' || value === '') {
+    const when = condition === undefined ? '' : ` ${condition}`;
+    throw new ConfigError(`${SETTING}.${option}`, `must be a non-empty string${when}`);
+  }
+  return value;
+}
