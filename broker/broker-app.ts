@@ -1,0 +1,161 @@
+import type { Logger } from 'pino';
+import type { BrokerConfig } from './config.js';
+import { BrokerGrpcServer } from './grpc/grpc-server.js';
+import type { IdpAdapter } from './idp/idp-adapter.js';
+import { OAuth2Adapter } from './idp/oauth2-adapter.js';
+import type { LockService } from './lock/lock-service.js';
+import { MemoryLockService } from './lock/memory-lock-service.js';
+import { RedlockLockService } from './lock/redlock-lock-service.js';
+import { RotationPolicy } from './rotation-policy.js';
+import { DueWorker } from './rotation/due-worker.js';
+import { RotationStats } from './rotation/rotation-stats.js';
+import { Rotator } from './rotation/rotator.js';
+import { generateSealingKey, parseSealingKeys, Sealer } from './sealing.js';
+import { SessionService } from './session-service.js';
+import { KeySpace } from './store/keys.js';
+import { MemorySessionStore } from './store/memory-session-store.js';
+import { RedisSessionStore } from './store/redis-session-store.js';
+import type { SessionStore } from './store/session-store.js';
+import { WatchHub } from './watch-hub.js';
+
+export interface RunningBroker {
+  port: number;
+  stats: RotationStats;
+  service: SessionService;
+  /** Graceful stop: stop claiming, finish rotations, release locks, end streams. */
+  stop(): Promise<void>;
+}
+
+export interface BrokerOverrides {
+  /** Replace the configured IdP adapters (tests). */
+  idps?: ReadonlyMap<string, IdpAdapter>;
+  clock?: () => number;
+}
+
+export async function startBroker(
+  config: BrokerConfig,
+  log: Logger,
+  overrides: BrokerOverrides = {},
+): Promise<RunningBroker> {
+  const keys = new KeySpace(config.keyPrefix);
+  let store: SessionStore;
+  let locks: LockService;
+  if (config.redisUrl) {
+    const sealer = new Sealer(
+      parseSealingKeys(config.sealingKeysText ?? '', config.sealingKeysSetting),
+    );
+    store = new RedisSessionStore(config.redisUrl, config.keyPrefix, sealer, log);
+    locks = new RedlockLockService(
+      {
+        urls: config.redlockUrls,
+        ttlMs: config.lock.ttlMs,
+        extendBeforeMs: config.lock.extendBeforeMs,
+        retryCount: config.lock.retryCount,
+        retryDelayMs: config.lock.retryDelayMs,
+        commandTimeoutMs: 500,
+      },
+      log,
+    );
+    if (config.redlockUrls.length < 3)
+      log.warn(
+        { nodes: config.redlockUrls.length },
+        'Redlock has fewer than 3 independent nodes: losing one loses the lock; set TB_REDLOCK_URLS',
+      );
+  } else {
+    // Sealing is still exercised so embedded mode runs the same code path as production.
+    void new Sealer([generateSealingKey('embedded')]);
+    store = new MemorySessionStore();
+    locks = new MemoryLockService(config.lock.ttlMs);
+    log.warn(
+      'EMBEDDED MODE: no TB_REDIS_URL, so state lives in this process only and only ONE replica ' +
+        'may run. Not for production: set TB_REDIS_URL, TB_REDLOCK_URLS and TB_SEALING_KEYS.',
+    );
+  }
+
+  const idps =
+    overrides.idps ??
+    new Map<string, IdpAdapter>([
+      [
+        config.idp.name,
+        new OAuth2Adapter({
+          name: config.idp.name,
+          issuer: config.idp.issuer,
+          tokenEndpoint: config.idp.tokenEndpoint,
+          revocationEndpoint: config.idp.revocationEndpoint,
+          clientId: config.idp.clientId,
+          clientSecret: config.idp.clientSecret,
+          authMethod: config.idp.authMethod,
+          scope: config.idp.scope,
+          timeoutMs: config.idp.timeoutMs,
+        }),
+      ],
+    ]);
+  const policy = new RotationPolicy(
+    {
+      ratio: config.rotation.ratio,
+      jitterRatio: config.rotation.jitterRatio,
+      minLeadMs: config.rotation.minLeadMs,
+      retryBaseMs: config.rotation.retryBaseMs,
+      retryMaxMs: config.rotation.retryMaxMs,
+    },
+    Math.random,
+    {
+      ratio: 'TB_REFRESH_RATIO',
+      jitterRatio: 'TB_REFRESH_JITTER_RATIO',
+      minLeadMs: 'TB_REFRESH_MIN_LEAD_MS',
+      retryBaseMs: 'TB_RETRY_BASE_MS',
+      retryMaxMs: 'TB_RETRY_MAX_MS',
+    },
+  );
+  const stats = new RotationStats();
+  const clock = overrides.clock ?? Date.now;
+  const rotator = new Rotator(
+    {
+      replica: config.replicaId,
+      idpTimeoutMs: config.idp.timeoutMs,
+      lockMarginMs: config.lock.marginMs,
+      idleTimeoutMs: config.sessionIdleTimeoutMs,
+      busyRetryMs: 250,
+    },
+    { store, locks, keys, idps, policy, stats, log, clock },
+  );
+  const hub = new WatchHub(store, log);
+  await store.subscribe(
+    (event) => hub.onEvent(event),
+    () => hub.resync(),
+  );
+  const service = new SessionService(
+    {
+      defaultIdp: config.idp.name,
+      refreshMinIntervalMs: config.refreshMinIntervalMs,
+      refreshWaitMs: config.refreshWaitMs,
+      touchIntervalMs: Math.max(1_000, Math.min(60_000, config.sessionIdleTimeoutMs / 10)),
+    },
+    { store, locks, keys, idps, rotator, hub, log, clock },
+  );
+  const worker = new DueWorker(config.worker, store, rotator, log, clock);
+  const grpcServer = new BrokerGrpcServer({ sessions: service, hub, log });
+  const port = await grpcServer.listen(config.grpcAddress);
+  const stopWorker = new AbortController();
+  const working = worker.run(stopWorker.signal);
+  log.info(
+    { port, replica: config.replicaId, mode: config.redisUrl ? 'redis' : 'embedded' },
+    'broker serving',
+  );
+
+  let stopping: Promise<void> | undefined;
+  const stop = () =>
+    (stopping ??= (async () => {
+      log.info('broker stopping: no new claims, finishing in-flight rotations');
+      service.close();
+      grpcServer.setServing(false);
+      stopWorker.abort();
+      await working;
+      await rotator.drain();
+      await grpcServer.shutdown(config.shutdownGraceMs);
+      await store.close();
+      await locks.close();
+      log.info('broker stopped');
+    })());
+  return { port, stats, service, stop };
+}

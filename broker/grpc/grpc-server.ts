@@ -1,0 +1,321 @@
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import { loadSync } from '@grpc/proto-loader';
+import { ReflectionService } from '@grpc/reflection';
+import { HealthImplementation } from 'grpc-health-check';
+import type { Logger } from 'pino';
+import {
+  SessionStatus,
+  TokenBrokerServiceService,
+  type Session,
+  type TokenBrokerServiceServer,
+  type TokenEvent,
+  type WatchRequest,
+  type WatchResponse,
+} from '../../shared/gen/tokenbroker/v1/token_broker.js';
+import { BrokerError, InvalidArgumentError } from '../errors.js';
+import { LockUnavailableError } from '../lock/lock-service.js';
+import { validateRef, type SessionService } from '../session-service.js';
+import { KeySpace } from '../store/keys.js';
+import type { SessionMetadata, SessionRecord, SessionStatusName } from '../store/session-record.js';
+import type { WatchHub, WatchSink } from '../watch-hub.js';
+
+const SERVICE_NAME = 'tokenbroker.v1.TokenBrokerService';
+const PROTO_FILE = fileURLToPath(
+  new URL('../../proto/tokenbroker/v1/token_broker.proto', import.meta.url),
+);
+
+const STATUS: Record<SessionStatusName, SessionStatus> = {
+  ACTIVE: SessionStatus.SESSION_STATUS_ACTIVE,
+  REAUTH_REQUIRED: SessionStatus.SESSION_STATUS_REAUTH_REQUIRED,
+  REVOKED: SessionStatus.SESSION_STATUS_REVOKED,
+  IDLE: SessionStatus.SESSION_STATUS_IDLE,
+};
+
+const GRPC_CODE: Record<string, grpc.status> = {
+  INVALID_ARGUMENT: grpc.status.INVALID_ARGUMENT,
+  CONFIG_INVALID: grpc.status.INVALID_ARGUMENT,
+  SESSION_NOT_FOUND: grpc.status.NOT_FOUND,
+  REAUTH_REQUIRED: grpc.status.FAILED_PRECONDITION,
+  SESSION_INACTIVE: grpc.status.FAILED_PRECONDITION,
+  UNAVAILABLE: grpc.status.UNAVAILABLE,
+  LOCK_UNAVAILABLE: grpc.status.UNAVAILABLE,
+  SHUTTING_DOWN: grpc.status.UNAVAILABLE,
+};
+
+function toDate(ms: number): Date | undefined {
+  return ms > 0 ? new Date(ms) : undefined;
+}
+
+export function toTokenEvent(record: SessionRecord, now = Date.now()): TokenEvent {
+  // Only an active session's unexpired token is handed out.
+  const usable = record.status === 'ACTIVE' && record.accessExpiresAt > now;
+  return {
+    tenant: record.tenant,
+    user: record.user,
+    generation: record.generation,
+    status: STATUS[record.status],
+    accessToken: usable ? record.accessToken : '',
+    tokenType: record.tokenType,
+    expiresAt: toDate(record.accessExpiresAt),
+    traceparent: record.traceparent,
+    tracestate: '',
+    errorCode: record.lastErrorCode,
+  };
+}
+
+export function toSession(meta: SessionMetadata): Session {
+  return {
+    tenant: meta.tenant,
+    user: meta.user,
+    idp: meta.idp,
+    generation: meta.generation,
+    status: STATUS[meta.status],
+    accessTokenExpiresAt: toDate(meta.accessExpiresAt),
+    refreshTokenExpiresAt: toDate(meta.refreshExpiresAt),
+    issuedAt: toDate(meta.issuedAt),
+    nextRefreshAt: toDate(meta.nextRefreshAt),
+    lastUsedAt: toDate(meta.lastUsedAt),
+    lastErrorCode: meta.lastErrorCode,
+    failedAttempts: meta.failedAttempts,
+  };
+}
+
+/** A Watch stream: holds at most one pending state per session, the newest. */
+class StreamSink implements WatchSink {
+  private readonly pending = new Map<string, WatchResponse>();
+  private blocked = false;
+
+  constructor(private readonly call: grpc.ServerDuplexStream<WatchRequest, WatchResponse>) {
+    call.on('drain', () => {
+      this.blocked = false;
+      this.flush();
+    });
+  }
+
+  deliver(record: SessionRecord): void {
+    this.send(KeySpace.sessionId(record), {
+      event: { $case: 'token', value: toTokenEvent(record) },
+    });
+  }
+
+  send(id: string, response: WatchResponse): void {
+    // A newer state replaces an unsent older one: a slow reader skips, never reorders.
+    this.pending.delete(id);
+    this.pending.set(id, response);
+    this.flush();
+  }
+
+  private flush(): void {
+    if (this.call.cancelled || this.call.writableEnded) return;
+    while (!this.blocked && this.pending.size > 0) {
+      const [id, response] = this.pending.entries().next().value as [string, WatchResponse];
+      this.pending.delete(id);
+      if (!this.call.write(response)) this.blocked = true;
+    }
+  }
+}
+
+export interface GrpcServerDeps {
+  sessions: SessionService;
+  hub: WatchHub;
+  log: Logger;
+}
+
+/** The gRPC edge: maps requests to SessionService calls and BrokerErrors to status codes. */
+export class BrokerGrpcServer {
+  readonly server = new grpc.Server({
+    'grpc.keepalive_time_ms': 30_000,
+    'grpc.keepalive_timeout_ms': 10_000,
+    'grpc.keepalive_permit_without_calls': 1,
+    'grpc.http2.min_ping_interval_without_data_ms': 5_000,
+  });
+  private readonly health = new HealthImplementation({
+    '': 'NOT_SERVING',
+    [SERVICE_NAME]: 'NOT_SERVING',
+  });
+  private readonly streams = new Map<
+    grpc.ServerDuplexStream<WatchRequest, WatchResponse>,
+    StreamSink
+  >();
+
+  constructor(private readonly deps: GrpcServerDeps) {
+    this.server.addService(TokenBrokerServiceService, this.implementation());
+    this.health.addToServer(this.server);
+    const definition = loadSync(PROTO_FILE, { keepCase: false, longs: Number, defaults: true });
+    new ReflectionService(definition).addToServer(this.server);
+  }
+
+  /** Binds and starts serving; returns the bound port (useful with port 0). */
+  async listen(address: string): Promise<number> {
+    const port = await new Promise<number>((resolve, reject) =>
+      this.server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (err, bound) =>
+        err ? reject(err) : resolve(bound),
+      ),
+    );
+    this.setServing(true);
+    return port;
+  }
+
+  setServing(serving: boolean): void {
+    const status = serving ? 'SERVING' : 'NOT_SERVING';
+    this.health.setStatus('', status);
+    this.health.setStatus(SERVICE_NAME, status);
+  }
+
+  /** Ends every Watch stream so sidecars reconnect to another replica, then stops. */
+  async shutdown(graceMs: number): Promise<void> {
+    this.setServing(false);
+    for (const [call, sink] of this.streams) {
+      this.deps.hub.detach(sink);
+      call.end();
+    }
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(() => {
+        this.server.forceShutdown();
+        resolve();
+      }, graceMs);
+      this.server.tryShutdown(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+  }
+
+  private fail(err: unknown): grpc.ServiceError {
+    const metadata = new grpc.Metadata();
+    if (err instanceof BrokerError) {
+      metadata.set('tb-error-code', err.code);
+      const code = GRPC_CODE[err.code];
+      if (code !== undefined) {
+        const error = Object.assign(new Error(err.message), {
+          code,
+          details: err.message,
+          metadata,
+        });
+        return error;
+      }
+    }
+    this.deps.log.error(
+      {
+        err: err instanceof Error ? err.message : String(err),
+        detail: (err as BrokerError).detail,
+      },
+      'internal error',
+    );
+    metadata.set('tb-error-code', 'INTERNAL');
+    const internal: grpc.ServiceError = Object.assign(new Error('internal error'), {
+      code: grpc.status.INTERNAL,
+      details: 'internal error',
+      metadata,
+    });
+    return internal;
+  }
+
+  private unary<Req, Res>(handler: (request: Req) => Promise<Res>): grpc.handleUnaryCall<Req, Res> {
+    return (call, callback) => {
+      handler(call.request).then(
+        (response) => callback(null, response),
+        (err: unknown) => callback(this.fail(err)),
+      );
+    };
+  }
+
+  private implementation(): TokenBrokerServiceServer {
+    const { sessions } = this.deps;
+    return {
+      enroll: this.unary(async (req) => {
+        const refreshToken =
+          req.credential?.$case === 'refreshToken' ? req.credential.value : undefined;
+        const meta = await sessions.enroll({ ...req, refreshToken });
+        return { session: toSession(meta) };
+      }),
+      getToken: this.unary(async (req) => ({
+        token: toTokenEvent(await sessions.getToken(req)),
+      })),
+      refresh: this.unary(async (req) => ({
+        token: toTokenEvent(await sessions.refresh(req)),
+      })),
+      revoke: this.unary(async (req) => ({ session: toSession(await sessions.revoke(req)) })),
+      listSessions: this.unary(async (req) => {
+        const page = await sessions.list(req.tenant, req.pageSize, req.pageToken);
+        return { sessions: page.sessions.map(toSession), nextPageToken: page.next };
+      }),
+      watch: (call) => this.watch(call),
+    };
+  }
+
+  private watch(call: grpc.ServerDuplexStream<WatchRequest, WatchResponse>): void {
+    const sink = new StreamSink(call);
+    const { hub, sessions, log } = this.deps;
+    this.streams.set(call, sink);
+    const subscribed = new Map<string, ReturnType<typeof validateRef>>();
+    const keepLease = setInterval(() => {
+      for (const ref of subscribed.values()) void sessions.touch(ref).catch(() => undefined);
+    }, 5_000);
+    const done = () => {
+      clearInterval(keepLease);
+      this.streams.delete(call);
+      hub.detach(sink);
+    };
+    call.on('cancelled', done);
+    call.on('error', done);
+    call.on('close', done);
+    call.on('end', () => {
+      done();
+      call.end();
+    });
+    call.on('data', (request: WatchRequest) => {
+      const action = request.action;
+      const target = action?.value ?? { tenant: '', user: '' };
+      let ref;
+      try {
+        if (!action) throw new InvalidArgumentError('action', 'must be subscribe or unsubscribe');
+        ref = validateRef(action.value);
+      } catch (err) {
+        sink.send(`error:${target.tenant}:${target.user}`, watchError(target, err));
+        return;
+      }
+      const id = KeySpace.sessionId(ref);
+      if (action.$case === 'unsubscribe') {
+        subscribed.delete(id);
+        hub.unsubscribe(ref, sink);
+        return;
+      }
+      subscribed.set(id, ref);
+      void sessions.touch(ref).catch(() => undefined);
+      hub.subscribe(ref, sink, action.value.afterGeneration).then(
+        (exists) => {
+          if (!exists)
+            sink.send(`error:${id}`, {
+              event: {
+                $case: 'error',
+                value: {
+                  ...ref,
+                  code: 'SESSION_NOT_FOUND',
+                  message: 'no session yet; the first state follows its enrollment',
+                },
+              },
+            });
+        },
+        (err: unknown) => {
+          log.warn({ err: String(err) }, 'watch subscribe failed');
+          sink.send(`error:${id}`, watchError(ref, err));
+        },
+      );
+    });
+  }
+}
+
+function watchError(ref: { tenant: string; user: string }, err: unknown): WatchResponse {
+  const code =
+    err instanceof BrokerError
+      ? err.code
+      : err instanceof LockUnavailableError
+        ? 'UNAVAILABLE'
+        : 'INTERNAL';
+  const message = err instanceof BrokerError ? err.message : 'internal error';
+  return {
+    event: { $case: 'error', value: { tenant: ref.tenant, user: ref.user, code, message } },
+  };
+}

@@ -1,0 +1,103 @@
+import { Redis } from 'ioredis';
+import { Redlock, type Lock } from '@sesamecare-oss/redlock';
+import type { Logger } from 'pino';
+import { LockUnavailableError, type HeldLock, type LockService } from './lock-service.js';
+
+export interface RedlockOptions {
+  /** URLs of independent Redis nodes; a majority must agree for a lock. */
+  urls: string[];
+  ttlMs: number;
+  /** Extend when less than this is left; the signal aborts if an extension fails by then. */
+  extendBeforeMs: number;
+  retryCount: number;
+  retryDelayMs: number;
+  /** Per-command timeout on lock nodes, so a dead node costs this much, not a hang. */
+  commandTimeoutMs: number;
+}
+
+/** Redlock over N independent Redis nodes (the maintained @sesamecare-oss/redlock). */
+export class RedlockLockService implements LockService {
+  private readonly clients: Redis[];
+  private readonly redlock: Redlock;
+
+  constructor(
+    private readonly options: RedlockOptions,
+    private readonly log: Logger,
+  ) {
+    this.clients = options.urls.map((url) => {
+      const client = new Redis(url, {
+        // Fail fast while a node is down instead of queueing: the quorum decides, not the queue.
+        enableOfflineQueue: false,
+        maxRetriesPerRequest: 0,
+        commandTimeout: options.commandTimeoutMs,
+        retryStrategy: (attempt) => Math.min(1000, 50 * attempt),
+      });
+      client.on('error', (err: Error) =>
+        log.debug({ err: err.message, node: url }, 'lock node error'),
+      );
+      return client;
+    });
+    this.redlock = new Redlock(this.clients, {
+      driftFactor: 0.01,
+      retryCount: options.retryCount,
+      retryDelay: options.retryDelayMs,
+      retryJitter: options.retryDelayMs,
+      automaticExtensionThreshold: options.extendBeforeMs,
+    });
+    this.redlock.on('error', () => {
+      // Per-node failures are expected while a node is down; quorum failures surface as throws.
+    });
+  }
+
+  async withLock<T>(resource: string, fn: (lock: HeldLock) => Promise<T>): Promise<T> {
+    let lock: Lock;
+    try {
+      lock = await this.redlock.acquire([resource], this.options.ttlMs);
+    } catch (err) {
+      throw new LockUnavailableError('lock is held elsewhere or no quorum of lock nodes', {
+        detail: (err as Error).message,
+        cause: err,
+      });
+    }
+    const controller = new AbortController();
+    let current = lock;
+    let timer: NodeJS.Timeout | undefined;
+    let extension: Promise<void> | undefined;
+    const schedule = () => {
+      const wait = current.expiration - Date.now() - this.options.extendBeforeMs;
+      timer = setTimeout(
+        () => {
+          extension = current.extend(this.options.ttlMs).then(
+            (next) => {
+              current = next;
+              schedule();
+            },
+            (err: unknown) => {
+              current.expiration = 0;
+              controller.abort(
+                new LockUnavailableError('lock extension failed', { detail: String(err) }),
+              );
+            },
+          );
+        },
+        Math.max(0, wait),
+      );
+    };
+    schedule();
+    const held: HeldLock = { signal: controller.signal, validUntil: () => current.expiration };
+    try {
+      return await fn(held);
+    } finally {
+      clearTimeout(timer);
+      await extension?.catch(() => undefined);
+      // A failed release only means the lock lapses by its TTL; the work is done either way.
+      await current.release().catch((err: unknown) => {
+        this.log.debug({ err: String(err), resource }, 'lock release failed; it will expire');
+      });
+    }
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.clients.map((c) => c.quit().catch(() => c.disconnect())));
+  }
+}

@@ -1,0 +1,317 @@
+import { randomUUID } from 'node:crypto';
+import type { Logger } from 'pino';
+import {
+  IdpInvalidClientError,
+  IdpInvalidGrantError,
+  IdpTransientError,
+  type IdpAdapter,
+  type TokenSet,
+} from '../idp/idp-adapter.js';
+import type { LockService, HeldLock } from '../lock/lock-service.js';
+import type { RotationPolicy } from '../rotation-policy.js';
+import { KeySpace } from '../store/keys.js';
+import type { SessionRecord, SessionRef, StoredSession } from '../store/session-record.js';
+import type { SessionStore } from '../store/session-store.js';
+import type { RotationStats } from './rotation-stats.js';
+
+/** Why a rotation is asked for. */
+export type RotationDemand =
+  /** The due queue says so: rotate if the session is still due. */
+  | { kind: 'due' }
+  /** A caller holds `generation` and needs a newer one: rotate only if it is still current. */
+  | { kind: 'generation'; generation: number };
+
+export type RotationOutcome =
+  | 'rotated'
+  /** Another rotation already moved the generation, or the session is not due yet. */
+  | 'not-needed'
+  | 'reauth-required'
+  /** A transient failure; a retry is scheduled. */
+  | 'retry-scheduled'
+  /** An earlier presentation may still be in flight; the session is rescheduled after it. */
+  | 'busy'
+  /** Not active (revoked, idle, reauth): nothing to rotate. */
+  | 'inactive'
+  | 'went-idle'
+  | 'not-found'
+  /** The IdP answered but the new pair could not be stored. */
+  | 'persist-failed';
+
+export interface RotationResult {
+  outcome: RotationOutcome;
+  /** The session as stored after this rotation attempt (undefined when not found). */
+  record: SessionRecord | undefined;
+  errorCode?: string;
+  retryAfterMs?: number;
+}
+
+export interface RotatorOptions {
+  replica: string;
+  /** The longest an IdP call may take; it is aborted then. */
+  idpTimeoutMs: number;
+  /** Kept between the IdP deadline and the lock's end: the call never outlives the lock. */
+  lockMarginMs: number;
+  /** A session unread and unwatched this long stops being refreshed. */
+  idleTimeoutMs: number;
+  /** Delay before retrying a session whose lock was busy. */
+  busyRetryMs: number;
+}
+
+export interface RotatorDeps {
+  store: SessionStore;
+  locks: LockService;
+  keys: KeySpace;
+  idps: ReadonlyMap<string, IdpAdapter>;
+  policy: RotationPolicy;
+  stats: RotationStats;
+  log: Logger;
+  clock?: () => number;
+}
+
+/**
+ * The rotation, step by step (ARCHITECTURE.md): lock, re-read, mark the presentation in flight,
+ * call the IdP within the lock's validity, compare-and-set the new generation (which publishes),
+ * release. Within this process, concurrent demands for one session share one rotation.
+ */
+export class Rotator {
+  private readonly pending = new Map<string, Promise<RotationResult>>();
+  private readonly clock: () => number;
+
+  constructor(
+    private readonly options: RotatorOptions,
+    private readonly deps: RotatorDeps,
+  ) {
+    this.clock = deps.clock ?? Date.now;
+  }
+
+  /** Rotations running in this process (for graceful shutdown). */
+  get inFlight(): number {
+    return this.pending.size;
+  }
+
+  async drain(): Promise<void> {
+    while (this.pending.size > 0) await Promise.allSettled([...this.pending.values()]);
+  }
+
+  rotate(ref: SessionRef, demand: RotationDemand): Promise<RotationResult> {
+    const id = KeySpace.sessionId(ref);
+    let running = this.pending.get(id);
+    if (!running) {
+      running = this.rotateLocked(ref, demand).finally(() => this.pending.delete(id));
+      this.pending.set(id, running);
+    }
+    return running;
+  }
+
+  private rotateLocked(ref: SessionRef, demand: RotationDemand): Promise<RotationResult> {
+    const requestedAt = this.clock();
+    return this.deps.locks.withLock(this.deps.keys.lock(ref), async (lock) => {
+      this.deps.stats.lockWaitMs.push(this.clock() - requestedAt);
+      const stored = await this.deps.store.get(ref);
+      if (!stored) return { outcome: 'not-found', record: undefined };
+      return this.rotateHeld(ref, demand, stored, lock);
+    });
+  }
+
+  private async rotateHeld(
+    ref: SessionRef,
+    demand: RotationDemand,
+    stored: StoredSession,
+    lock: HeldLock,
+  ): Promise<RotationResult> {
+    const { store, log } = this.deps;
+    const record = stored.record;
+    const now = this.clock();
+    if (record.status !== 'ACTIVE') {
+      await store.unschedule(ref);
+      return { outcome: 'inactive', record };
+    }
+    if (demand.kind === 'generation' && record.generation !== demand.generation)
+      return { outcome: 'not-needed', record };
+    if (demand.kind === 'due') {
+      if (stored.lastUsedAt + this.options.idleTimeoutMs < now) return this.goIdle(record, now);
+      if (record.nextRefreshAt > now) {
+        await store.schedule(ref, record.nextRefreshAt);
+        return { outcome: 'not-needed', record };
+      }
+    }
+
+    // Present the token only if the call can finish, or be aborted, well before the lock ends.
+    const deadline = now + this.options.idpTimeoutMs;
+    if (lock.validUntil() - this.options.lockMarginMs < deadline) {
+      await store.schedule(ref, now + this.options.busyRetryMs);
+      return { outcome: 'busy', record };
+    }
+    const attemptId = randomUUID();
+    const mark = await store.markInflight(
+      ref,
+      { generation: record.generation, deadline, replica: this.options.replica, attemptId },
+      now,
+    );
+    if (mark.kind === 'stale') return { outcome: 'not-needed', record };
+    if (mark.kind === 'busy') {
+      await store.schedule(ref, mark.until + this.options.busyRetryMs);
+      return { outcome: 'busy', record };
+    }
+    if (mark.tookOver) {
+      this.deps.stats.takeovers += 1;
+      log.warn(
+        { tenant: ref.tenant, generation: record.generation },
+        'taking over a rotation whose earlier attempt ended without an outcome (replica died?)',
+      );
+    }
+
+    const idp = this.deps.idps.get(record.idp);
+    if (!idp) {
+      log.error({ tenant: ref.tenant, idp: record.idp }, 'session names an unknown IdP');
+      return this.failTransient(record, now, 'IDP_UNKNOWN', undefined);
+    }
+    const signal = AbortSignal.any([lock.signal, AbortSignal.timeout(deadline - now)]);
+    let tokens: TokenSet;
+    const callStart = this.clock();
+    try {
+      this.deps.stats.idpCalls += 1;
+      tokens = await idp.refresh(record.refreshToken, signal);
+    } catch (err) {
+      this.deps.stats.idpLatencyMs.push(this.clock() - callStart);
+      return this.onIdpFailure(record, err);
+    }
+    this.deps.stats.idpLatencyMs.push(this.clock() - callStart);
+    const next: SessionRecord = {
+      ...record,
+      generation: record.generation + 1,
+      status: 'ACTIVE',
+      accessToken: tokens.accessToken,
+      tokenType: tokens.tokenType,
+      accessExpiresAt: tokens.accessExpiresAt,
+      refreshToken: tokens.refreshToken ?? record.refreshToken,
+      refreshExpiresAt:
+        tokens.refreshExpiresAt ?? (tokens.refreshToken ? 0 : record.refreshExpiresAt),
+      issuedAt: callStart,
+      nextRefreshAt: this.deps.policy.nextRefreshAt(callStart, tokens.accessExpiresAt),
+      lastErrorCode: '',
+      failedAttempts: 0,
+    };
+    return this.persist(next, record.generation);
+  }
+
+  /** Compare-and-set, retried briefly while the store is unreachable. */
+  private async persist(next: SessionRecord, expected: number): Promise<RotationResult> {
+    const { store, log, stats } = this.deps;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const written = await store.write(next, expected, this.clock());
+        if (!written) {
+          // Under a held lock the generation cannot move: someone presented beside us.
+          stats.reuseSuspicions += 1;
+          log.error(
+            { tenant: next.tenant, generation: expected },
+            'generation moved during a locked rotation: possible double presentation',
+          );
+          return { outcome: 'persist-failed', record: undefined, errorCode: 'PERSIST_CONFLICT' };
+        }
+        break;
+      } catch (err) {
+        if (attempt >= 3) {
+          stats.persistFailures += 1;
+          log.error(
+            { tenant: next.tenant, generation: next.generation, err: String(err) },
+            'IdP answered but the new token pair could not be stored; the session needs re-enrollment if it is lost',
+          );
+          return { outcome: 'persist-failed', record: undefined, errorCode: 'PERSIST_FAILED' };
+        }
+        await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+      }
+    }
+    stats.rotations += 1;
+    await store.schedule(next, next.nextRefreshAt);
+    return { outcome: 'rotated', record: next };
+  }
+
+  private async onIdpFailure(record: SessionRecord, err: unknown): Promise<RotationResult> {
+    const { store, log } = this.deps;
+    const now = this.clock();
+    if (err instanceof IdpInvalidGrantError) {
+      this.deps.stats.reauth += 1;
+      log.warn(
+        { tenant: record.tenant, generation: record.generation },
+        'refresh token rejected (invalid_grant): session needs re-authentication',
+      );
+      const next: SessionRecord = {
+        ...record,
+        generation: record.generation + 1,
+        status: 'REAUTH_REQUIRED',
+        nextRefreshAt: 0,
+        lastErrorCode: err.code,
+        failedAttempts: record.failedAttempts + 1,
+      };
+      const written = await store.write(next, record.generation, now);
+      await store.unschedule(record);
+      return {
+        outcome: 'reauth-required',
+        record: written ? next : undefined,
+        errorCode: err.code,
+      };
+    }
+    if (err instanceof IdpInvalidClientError) {
+      log.error(
+        { idp: record.idp, detail: err.detail },
+        'IdP rejected the broker client credentials (invalid_client): fix the IdP configuration',
+      );
+    } else {
+      log.warn(
+        {
+          tenant: record.tenant,
+          code: (err as { code?: string }).code,
+          err: err instanceof Error ? err.message : String(err),
+        },
+        'refresh failed, will retry',
+      );
+    }
+    const code = (err as { code?: string }).code ?? 'INTERNAL';
+    const retryAfter = err instanceof IdpTransientError ? err.retryAfterMs : undefined;
+    return this.failTransient(record, now, code, retryAfter);
+  }
+
+  private async failTransient(
+    record: SessionRecord,
+    now: number,
+    code: string,
+    retryAfterMs: number | undefined,
+  ): Promise<RotationResult> {
+    const attempts = record.failedAttempts + 1;
+    this.deps.stats.retries += 1;
+    const at = this.deps.policy.retryAt(now, attempts, retryAfterMs, record.accessExpiresAt);
+    // Same generation: nothing new to publish, but the attempt is recorded and its marker cleared.
+    const next: SessionRecord = {
+      ...record,
+      nextRefreshAt: at,
+      lastErrorCode: code,
+      failedAttempts: attempts,
+    };
+    const written = await this.deps.store.write(next, record.generation, now);
+    await this.deps.store.schedule(record, at);
+    return {
+      outcome: 'retry-scheduled',
+      record: written ? next : record,
+      errorCode: code,
+      retryAfterMs: at - now,
+    };
+  }
+
+  private async goIdle(record: SessionRecord, now: number): Promise<RotationResult> {
+    const next: SessionRecord = {
+      ...record,
+      generation: record.generation + 1,
+      status: 'IDLE',
+      nextRefreshAt: 0,
+    };
+    const written = await this.deps.store.write(next, record.generation, now);
+    await this.deps.store.unschedule(record);
+    this.deps.log.info(
+      { tenant: record.tenant },
+      'session idle: no reader or watcher; not refreshed',
+    );
+    return { outcome: 'went-idle', record: written ? next : record };
+  }
+}

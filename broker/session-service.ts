@@ -1,0 +1,304 @@
+import type { Logger } from 'pino';
+import {
+  InvalidArgumentError,
+  ReauthRequiredError,
+  SessionInactiveError,
+  SessionNotFoundError,
+  ShuttingDownError,
+  UnavailableError,
+} from './errors.js';
+import type { IdpAdapter } from './idp/idp-adapter.js';
+import { LockUnavailableError, type LockService } from './lock/lock-service.js';
+import type { Rotator, RotationResult } from './rotation/rotator.js';
+import { KeySpace } from './store/keys.js';
+import {
+  metadataOf,
+  type SessionMetadata,
+  type SessionRecord,
+  type SessionRef,
+  type StoredSession,
+} from './store/session-record.js';
+import type { SessionStore } from './store/session-store.js';
+import type { WatchHub } from './watch-hub.js';
+
+export interface SessionServiceOptions {
+  defaultIdp: string;
+  /** A forced Refresh is honoured only for an access token at least this old. */
+  refreshMinIntervalMs: number;
+  /** How long Refresh waits for another replica's rotation when the lock is busy. */
+  refreshWaitMs: number;
+  /** Reads and watches record a use at most this often per session (lease keeping). */
+  touchIntervalMs: number;
+}
+
+export interface SessionServiceDeps {
+  store: SessionStore;
+  locks: LockService;
+  keys: KeySpace;
+  idps: ReadonlyMap<string, IdpAdapter>;
+  rotator: Rotator;
+  hub: WatchHub;
+  log: Logger;
+  clock?: () => number;
+}
+
+const MAX_ID_LENGTH = 256;
+
+/** Checks a tenant or user id: present, bounded, printable. */
+export function validateRef(ref: { tenant?: string; user?: string }): SessionRef {
+  for (const field of ['tenant', 'user'] as const) {
+    const value = ref[field] ?? '';
+    if (value === '') throw new InvalidArgumentError(field, 'is required');
+    if (value.length > MAX_ID_LENGTH)
+      throw new InvalidArgumentError(field, `must be at most ${MAX_ID_LENGTH} characters`);
+     
+    if (/[\u0000-\u001f\u007f]/.test(value))
+      throw new InvalidArgumentError(field, 'must not contain control characters');
+  }
+  return { tenant: ref.tenant!, user: ref.user! };
+}
+
+/** The broker's use cases, independent of gRPC. */
+export class SessionService {
+  private readonly clock: () => number;
+  private readonly lastTouch = new Map<string, number>();
+  private closing = false;
+
+  constructor(
+    private readonly options: SessionServiceOptions,
+    private readonly deps: SessionServiceDeps,
+  ) {
+    this.clock = deps.clock ?? Date.now;
+  }
+
+  /** Stop taking new work (graceful shutdown). */
+  close(): void {
+    this.closing = true;
+  }
+
+  /**
+   * Takes ownership of a dedicated refresh token and rotates it at once, so the caller's copy is
+   * dead. Re-enrolling an existing session replaces its family and keeps its generation rising.
+   */
+  async enroll(
+    input: Partial<SessionRef> & { idp?: string; refreshToken?: string },
+  ): Promise<SessionMetadata> {
+    this.checkOpen();
+    const ref = validateRef(input);
+    const idp = input.idp || this.options.defaultIdp;
+    if (!this.deps.idps.has(idp))
+      throw new InvalidArgumentError(
+        'idp',
+        `names no configured identity provider (known: ${[...this.deps.idps.keys()].join(', ')})`,
+      );
+    if (!input.refreshToken) throw new InvalidArgumentError('refresh_token', 'is required');
+    const refreshToken = input.refreshToken;
+    const now = this.clock();
+    const generation = await this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
+      const existing = await this.deps.store.get(ref);
+      const record: SessionRecord = {
+        tenant: ref.tenant,
+        user: ref.user,
+        idp,
+        generation: existing?.record.generation ?? 0,
+        status: 'ACTIVE',
+        accessToken: existing?.record.accessToken ?? '',
+        tokenType: existing?.record.tokenType ?? 'Bearer',
+        accessExpiresAt: existing?.record.accessExpiresAt ?? 0,
+        refreshToken,
+        refreshExpiresAt: 0,
+        issuedAt: existing?.record.issuedAt ?? 0,
+        nextRefreshAt: now,
+        lastErrorCode: '',
+        failedAttempts: 0,
+        traceparent: '',
+      };
+      const written = await this.deps.store.write(
+        record,
+        existing ? existing.record.generation : null,
+        now,
+      );
+      if (!written) throw new UnavailableError('session changed during enrollment; retry');
+      // The due queue is the safety net if this replica dies before the rotation below.
+      await this.deps.store.schedule(ref, now);
+      return record.generation;
+    });
+    await this.deps.store.touch(ref, now);
+    const result = await this.deps.rotator.rotate(ref, { kind: 'generation', generation });
+    if (result.outcome === 'reauth-required')
+      throw new ReauthRequiredError(
+        'the identity provider rejected the refresh token (invalid_grant)',
+      );
+    const stored = await this.mustGet(ref);
+    return metadataOf(stored);
+  }
+
+  /** The current access token; reactivates an idle session, rotates one that has none valid. */
+  async getToken(input: Partial<SessionRef>): Promise<SessionRecord> {
+    this.checkOpen();
+    const ref = validateRef(input);
+    let stored = await this.mustGet(ref);
+    await this.touch(ref);
+    if (stored.record.status === 'IDLE') stored = await this.reactivate(stored);
+    const record = this.usable(stored.record);
+    if (record.accessToken && record.accessExpiresAt > this.clock()) return record;
+    const result = await this.rotateOrWait(ref, record.generation);
+    return this.usable(result);
+  }
+
+  /** Honours "generation N was rejected" once per generation, cluster-wide. */
+  async refresh(input: Partial<SessionRef> & { generation?: number }): Promise<SessionRecord> {
+    this.checkOpen();
+    const ref = validateRef(input);
+    const generation = input.generation ?? 0;
+    let stored = await this.mustGet(ref);
+    await this.touch(ref);
+    if (stored.record.status === 'IDLE') stored = await this.reactivate(stored);
+    const record = this.usable(stored.record);
+    if (record.generation !== generation) return record;
+    const age = this.clock() - record.issuedAt;
+    if (record.accessToken && age < this.options.refreshMinIntervalMs) return record;
+    return this.usable(await this.rotateOrWait(ref, generation));
+  }
+
+  /** Stops refreshing at once and revokes the refresh token at the IdP when it can. */
+  async revoke(input: Partial<SessionRef>): Promise<SessionMetadata> {
+    this.checkOpen();
+    const ref = validateRef(input);
+    const revoked = await this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
+      const stored = await this.mustGet(ref);
+      const record = stored.record;
+      if (record.status === 'REVOKED') return stored;
+      const next: SessionRecord = {
+        ...record,
+        generation: record.generation + 1,
+        status: 'REVOKED',
+        accessToken: '',
+        refreshToken: '',
+        nextRefreshAt: 0,
+      };
+      if (!(await this.deps.store.write(next, record.generation, this.clock())))
+        throw new UnavailableError('session changed during revocation; retry');
+      await this.deps.store.unschedule(ref);
+      const idp = this.deps.idps.get(record.idp);
+      if (idp && record.refreshToken) {
+        await idp.revoke(record.refreshToken, AbortSignal.timeout(5_000)).catch((err: unknown) => {
+          this.deps.log.warn(
+            { tenant: ref.tenant, err: err instanceof Error ? err.message : String(err) },
+            'IdP revocation failed; the broker no longer holds the token either way',
+          );
+        });
+      }
+      return { ...stored, record: next };
+    });
+    return metadataOf(revoked);
+  }
+
+  async list(
+    tenant: string,
+    pageSize: number,
+    pageToken: string,
+  ): Promise<{ sessions: SessionMetadata[]; next: string }> {
+    const limit = pageSize === 0 ? 100 : Math.min(pageSize, 1000);
+    let after = '';
+    if (pageToken) {
+      after = Buffer.from(pageToken, 'base64url').toString();
+      try {
+        KeySpace.parseSessionId(after);
+      } catch {
+        throw new InvalidArgumentError('page_token', 'is not a token from ListSessions');
+      }
+    }
+    const page = await this.deps.store.list(tenant, after, limit);
+    return {
+      sessions: page.sessions.map(metadataOf),
+      next: page.next ? Buffer.from(page.next).toString('base64url') : '',
+    };
+  }
+
+  /** Records a use of the session (at most once per touch interval per session). */
+  async touch(ref: SessionRef): Promise<void> {
+    const id = KeySpace.sessionId(ref);
+    const now = this.clock();
+    const last = this.lastTouch.get(id) ?? 0;
+    if (now - last < this.options.touchIntervalMs) return;
+    this.lastTouch.set(id, now);
+    if (this.lastTouch.size > 100_000) this.lastTouch.clear();
+    await this.deps.store.touch(ref, now);
+  }
+
+  private async rotateOrWait(ref: SessionRef, generation: number): Promise<SessionRecord> {
+    let result: RotationResult;
+    try {
+      result = await this.deps.rotator.rotate(ref, { kind: 'generation', generation });
+    } catch (err) {
+      if (!(err instanceof LockUnavailableError)) throw err;
+      // Another replica holds the lock and is rotating: its generation arrives as an event.
+      const newer = await this.deps.hub.waitForGeneration(
+        ref,
+        generation,
+        this.options.refreshWaitMs,
+      );
+      if (newer) return newer;
+      throw new UnavailableError('the session is being rotated elsewhere; retry', 500);
+    }
+    switch (result.outcome) {
+      case 'reauth-required':
+        throw new ReauthRequiredError(
+          'the identity provider rejected the refresh token (invalid_grant)',
+        );
+      case 'not-found':
+        throw new SessionNotFoundError(ref.tenant, ref.user);
+      case 'persist-failed':
+        throw new UnavailableError('the new token could not be stored; retry', 1_000, {
+          detail: result.errorCode,
+        });
+      default:
+        if (result.record) return result.record;
+        return (await this.mustGet(ref)).record;
+    }
+  }
+
+  private usable(record: SessionRecord): SessionRecord {
+    switch (record.status) {
+      case 'REAUTH_REQUIRED':
+        throw new ReauthRequiredError(
+          'the session needs re-authentication: its token family was rejected (invalid_grant)',
+        );
+      case 'REVOKED':
+        throw new SessionInactiveError('the session was revoked');
+      default:
+        return record;
+    }
+  }
+
+  private async reactivate(stored: StoredSession): Promise<StoredSession> {
+    const ref = stored.record;
+    return this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
+      const current = await this.mustGet(ref);
+      if (current.record.status !== 'IDLE') return current;
+      const now = this.clock();
+      const next: SessionRecord = {
+        ...current.record,
+        generation: current.record.generation + 1,
+        status: 'ACTIVE',
+        nextRefreshAt: now,
+      };
+      if (!(await this.deps.store.write(next, current.record.generation, now)))
+        return this.mustGet(ref);
+      await this.deps.store.schedule(ref, now);
+      return { ...current, record: next };
+    });
+  }
+
+  private async mustGet(ref: SessionRef): Promise<StoredSession> {
+    const stored = await this.deps.store.get(ref);
+    if (!stored) throw new SessionNotFoundError(ref.tenant, ref.user);
+    return stored;
+  }
+
+  private checkOpen(): void {
+    if (this.closing)
+      throw new ShuttingDownError('the broker is shutting down; use another replica');
+  }
+}

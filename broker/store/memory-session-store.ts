@@ -1,0 +1,115 @@
+import { KeySpace } from './keys.js';
+import type {
+  InflightMarker,
+  SessionEvent,
+  SessionRecord,
+  SessionRef,
+  StoredSession,
+} from './session-record.js';
+import type { MarkResult, SessionPage, SessionStore } from './session-store.js';
+
+/** Embedded mode: state in this process only. Not for production (one replica, lost on exit). */
+export class MemorySessionStore implements SessionStore {
+  private readonly sessions = new Map<string, StoredSession>();
+  private readonly due = new Map<string, number>();
+  private readonly listeners: ((event: SessionEvent) => void)[] = [];
+
+  get(ref: SessionRef): Promise<StoredSession | undefined> {
+    const stored = this.sessions.get(KeySpace.sessionId(ref));
+    return Promise.resolve(stored && structuredClone(stored));
+  }
+
+  write(record: SessionRecord, expectedGeneration: number | null, now: number): Promise<boolean> {
+    const id = KeySpace.sessionId(record);
+    const current = this.sessions.get(id);
+    if (expectedGeneration === null ? current : current?.record.generation !== expectedGeneration)
+      return Promise.resolve(false);
+    this.sessions.set(id, {
+      record: structuredClone(record),
+      lastUsedAt: current?.lastUsedAt ?? now,
+      inflight: undefined,
+    });
+    if (current?.record.generation !== record.generation) {
+      const event = { tenant: record.tenant, user: record.user, generation: record.generation };
+      // Delivered after the write returns, as a Redis subscriber would see it.
+      queueMicrotask(() => this.listeners.forEach((listener) => listener(event)));
+    }
+    return Promise.resolve(true);
+  }
+
+  markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult> {
+    const stored = this.sessions.get(KeySpace.sessionId(ref));
+    if (!stored || stored.record.generation !== marker.generation)
+      return Promise.resolve({ kind: 'stale' });
+    const earlier = stored.inflight;
+    if (earlier && earlier.generation === marker.generation && earlier.deadline > now)
+      return Promise.resolve({ kind: 'busy', until: earlier.deadline });
+    stored.inflight = { ...marker };
+    return Promise.resolve({
+      kind: 'marked',
+      tookOver: earlier?.generation === marker.generation,
+    });
+  }
+
+  clearInflight(ref: SessionRef, attemptId: string): Promise<void> {
+    const stored = this.sessions.get(KeySpace.sessionId(ref));
+    if (stored?.inflight?.attemptId === attemptId) stored.inflight = undefined;
+    return Promise.resolve();
+  }
+
+  touch(ref: SessionRef, now: number): Promise<void> {
+    const stored = this.sessions.get(KeySpace.sessionId(ref));
+    if (stored) stored.lastUsedAt = Math.max(stored.lastUsedAt, now);
+    return Promise.resolve();
+  }
+
+  schedule(ref: SessionRef, at: number): Promise<void> {
+    this.due.set(KeySpace.sessionId(ref), at);
+    return Promise.resolve();
+  }
+
+  unschedule(ref: SessionRef): Promise<void> {
+    this.due.delete(KeySpace.sessionId(ref));
+    return Promise.resolve();
+  }
+
+  claimDue(now: number, limit: number, leaseUntil: number): Promise<SessionRef[]> {
+    const claimed: SessionRef[] = [];
+    const ordered = [...this.due.entries()].sort((a, b) => a[1] - b[1]);
+    for (const [id, at] of ordered) {
+      if (at > now || claimed.length >= limit) break;
+      this.due.set(id, leaseUntil);
+      claimed.push(KeySpace.parseSessionId(id));
+    }
+    return Promise.resolve(claimed);
+  }
+
+  nextDueAt(): Promise<number | undefined> {
+    let min: number | undefined;
+    for (const at of this.due.values()) if (min === undefined || at < min) min = at;
+    return Promise.resolve(min);
+  }
+
+  list(tenant: string, after: string, limit: number): Promise<SessionPage> {
+    const prefix = tenant ? `${encodeURIComponent(tenant)}:` : '';
+    const ids = [...this.sessions.keys()]
+      .filter((id) => id.startsWith(prefix) && id > after)
+      .sort()
+      .slice(0, limit + 1);
+    const page = ids.slice(0, limit);
+    return Promise.resolve({
+      sessions: page.map((id) => structuredClone(this.sessions.get(id)!)),
+      next: ids.length > limit ? (page.at(-1) ?? '') : '',
+    });
+  }
+
+  subscribe(onEvent: (event: SessionEvent) => void): Promise<void> {
+    this.listeners.push(onEvent);
+    return Promise.resolve();
+  }
+
+  close(): Promise<void> {
+    this.listeners.length = 0;
+    return Promise.resolve();
+  }
+}

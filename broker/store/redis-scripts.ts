@@ -1,0 +1,86 @@
+/**
+ * Every atomic change of session state is one of these Lua scripts. Each touches one key, so each
+ * runs in one Redis Cluster slot.
+ */
+
+/**
+ * Compare-and-set write of a session, then publish.
+ * KEYS[1] session hash
+ * ARGV[1] expected generation ('' = the session must not exist)
+ * ARGV[2] new generation   ARGV[3] sealed record   ARGV[4] now (epoch ms)
+ * ARGV[5] events channel   ARGV[6] event payload (JSON, no token values)
+ * Returns 1 when written, 0 on a compare-and-set miss.
+ */
+export const WRITE_SESSION = `
+local current = redis.call('HGET', KEYS[1], 'gen')
+if ARGV[1] == '' then
+  if current then return 0 end
+elseif current ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'sealed', ARGV[3])
+redis.call('HDEL', KEYS[1], 'inflight')
+if not current then redis.call('HSET', KEYS[1], 'used', ARGV[4]) end
+if current ~= ARGV[2] then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return 1
+`;
+
+/**
+ * Marks a refresh-token presentation in flight, unless another may still be.
+ * KEYS[1] session hash
+ * ARGV[1] generation the marker is for   ARGV[2] marker JSON   ARGV[3] now (epoch ms)
+ * Returns {1, tookOver (0|1)} when marked, {0, 0} when the generation moved,
+ * {-1, deadline} while an earlier attempt may still be in flight.
+ */
+export const MARK_INFLIGHT = `
+if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[1] then return {0, 0} end
+local earlier = redis.call('HGET', KEYS[1], 'inflight')
+local tookOver = 0
+if earlier then
+  local marker = cjson.decode(earlier)
+  if tostring(marker.generation) == ARGV[1] then
+    if marker.deadline > tonumber(ARGV[3]) then return {-1, marker.deadline} end
+    tookOver = 1
+  end
+end
+redis.call('HSET', KEYS[1], 'inflight', ARGV[2])
+return {1, tookOver}
+`;
+
+/**
+ * Clears the in-flight marker if it still belongs to the given attempt.
+ * KEYS[1] session hash   ARGV[1] attempt id
+ * Returns 1 when cleared, 0 otherwise.
+ */
+export const CLEAR_INFLIGHT = `
+local earlier = redis.call('HGET', KEYS[1], 'inflight')
+if not earlier then return 0 end
+if cjson.decode(earlier).attemptId ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'inflight')
+return 1
+`;
+
+/**
+ * Records a use of an existing session (never creates one).
+ * KEYS[1] session hash   ARGV[1] now (epoch ms)
+ * Returns 1 when recorded, 0 when the session does not exist.
+ */
+export const TOUCH_SESSION = `
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
+if tonumber(ARGV[1]) > used then redis.call('HSET', KEYS[1], 'used', ARGV[1]) end
+return 1
+`;
+
+/**
+ * Claims due sessions with a visibility lease: claimed entries move to the lease's end, so a
+ * claimer that dies gives them back when the lease runs out.
+ * KEYS[1] due sorted set
+ * ARGV[1] now   ARGV[2] limit   ARGV[3] lease end (epoch ms)
+ * Returns the claimed session ids.
+ */
+export const CLAIM_DUE = `
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
+return ids
+`;

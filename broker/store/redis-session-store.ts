@@ -1,0 +1,190 @@
+import { Redis } from 'ioredis';
+import type { Logger } from 'pino';
+import type { Sealer } from '../sealing.js';
+import { KeySpace } from './keys.js';
+import {
+  CLAIM_DUE,
+  CLEAR_INFLIGHT,
+  MARK_INFLIGHT,
+  TOUCH_SESSION,
+  WRITE_SESSION,
+} from './redis-scripts.js';
+import type {
+  InflightMarker,
+  SessionEvent,
+  SessionRecord,
+  SessionRef,
+  StoredSession,
+} from './session-record.js';
+import type { MarkResult, SessionPage, SessionStore } from './session-store.js';
+
+interface ScriptCommands {
+  tbWrite(key: string, ...args: string[]): Promise<number>;
+  tbMark(key: string, ...args: string[]): Promise<[number, number]>;
+  tbClear(key: string, attemptId: string): Promise<number>;
+  tbTouch(key: string, now: string): Promise<number>;
+  tbClaim(key: string, now: string, limit: string, leaseUntil: string): Promise<string[]>;
+}
+
+/** Session state in Redis, records sealed with JWE; see keys.ts and redis-scripts.ts. */
+export class RedisSessionStore implements SessionStore {
+  private readonly redis: Redis & ScriptCommands;
+  private subscriber: Redis | undefined;
+  private readonly keys: KeySpace;
+
+  constructor(
+    url: string,
+    prefix: string,
+    private readonly sealer: Sealer,
+    private readonly log: Logger,
+  ) {
+    this.keys = new KeySpace(prefix);
+    const redis = new Redis(url, { maxRetriesPerRequest: 2, commandTimeout: 5_000 });
+    redis.on('error', (err: Error) => log.warn({ err: err.message }, 'state store error'));
+    redis.defineCommand('tbWrite', { numberOfKeys: 1, lua: WRITE_SESSION });
+    redis.defineCommand('tbMark', { numberOfKeys: 1, lua: MARK_INFLIGHT });
+    redis.defineCommand('tbClear', { numberOfKeys: 1, lua: CLEAR_INFLIGHT });
+    redis.defineCommand('tbTouch', { numberOfKeys: 1, lua: TOUCH_SESSION });
+    redis.defineCommand('tbClaim', { numberOfKeys: 1, lua: CLAIM_DUE });
+    this.redis = redis as Redis & ScriptCommands;
+  }
+
+  async get(ref: SessionRef): Promise<StoredSession | undefined> {
+    const [sealed, used, inflight] = await this.redis.hmget(
+      this.keys.session(ref),
+      'sealed',
+      'used',
+      'inflight',
+    );
+    if (!sealed) return undefined;
+    return this.open(ref, sealed, used, inflight);
+  }
+
+  private async open(
+    ref: SessionRef,
+    sealed: string,
+    used: string | null | undefined,
+    inflight: string | null | undefined,
+  ): Promise<StoredSession> {
+    const record = (await this.sealer.open(sealed, KeySpace.sessionId(ref))) as SessionRecord;
+    return {
+      record,
+      lastUsedAt: Number(used ?? 0),
+      inflight: inflight ? (JSON.parse(inflight) as InflightMarker) : undefined,
+    };
+  }
+
+  async write(
+    record: SessionRecord,
+    expectedGeneration: number | null,
+    now: number,
+  ): Promise<boolean> {
+    const id = KeySpace.sessionId(record);
+    const sealed = await this.sealer.seal(record, id);
+    const event: SessionEvent = {
+      tenant: record.tenant,
+      user: record.user,
+      generation: record.generation,
+    };
+    const written = await this.redis.tbWrite(
+      this.keys.session(record),
+      expectedGeneration === null ? '' : String(expectedGeneration),
+      String(record.generation),
+      sealed,
+      String(now),
+      this.keys.events,
+      JSON.stringify(event),
+    );
+    if (written === 1 && expectedGeneration === null) await this.redis.zadd(this.keys.index, 0, id);
+    return written === 1;
+  }
+
+  async markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult> {
+    const [status, value] = await this.redis.tbMark(
+      this.keys.session(ref),
+      String(marker.generation),
+      JSON.stringify(marker),
+      String(now),
+    );
+    if (status === 1) return { kind: 'marked', tookOver: value === 1 };
+    if (status === -1) return { kind: 'busy', until: value };
+    return { kind: 'stale' };
+  }
+
+  async clearInflight(ref: SessionRef, attemptId: string): Promise<void> {
+    await this.redis.tbClear(this.keys.session(ref), attemptId);
+  }
+
+  async touch(ref: SessionRef, now: number): Promise<void> {
+    await this.redis.tbTouch(this.keys.session(ref), String(now));
+  }
+
+  async schedule(ref: SessionRef, at: number): Promise<void> {
+    await this.redis.zadd(this.keys.due, at, KeySpace.sessionId(ref));
+  }
+
+  async unschedule(ref: SessionRef): Promise<void> {
+    await this.redis.zrem(this.keys.due, KeySpace.sessionId(ref));
+  }
+
+  async claimDue(now: number, limit: number, leaseUntil: number): Promise<SessionRef[]> {
+    const ids = await this.redis.tbClaim(
+      this.keys.due,
+      String(now),
+      String(limit),
+      String(leaseUntil),
+    );
+    return ids.map((id) => KeySpace.parseSessionId(id));
+  }
+
+  async nextDueAt(): Promise<number | undefined> {
+    const first = await this.redis.zrange(this.keys.due, '0', '0', 'WITHSCORES');
+    return first[1] === undefined ? undefined : Number(first[1]);
+  }
+
+  async list(tenant: string, after: string, limit: number): Promise<SessionPage> {
+    const prefix = tenant ? `${encodeURIComponent(tenant)}:` : '';
+    const min = after ? `(${after}` : `[${prefix}`;
+    const max = prefix ? `[${prefix}\xff` : '+';
+    const ids = await this.redis.zrangebylex(this.keys.index, min, max, 'LIMIT', 0, limit + 1);
+    const page = ids.slice(0, limit);
+    const pipeline = this.redis.pipeline();
+    for (const id of page)
+      pipeline.hmget(this.keys.session(KeySpace.parseSessionId(id)), 'sealed', 'used', 'inflight');
+    const rows = (await pipeline.exec()) ?? [];
+    const sessions: StoredSession[] = [];
+    for (const [i, id] of page.entries()) {
+      const [err, fields] = rows[i] ?? [];
+      if (err) throw err;
+      const [sealed, used, inflight] = fields as (string | null)[];
+      if (sealed)
+        sessions.push(await this.open(KeySpace.parseSessionId(id), sealed, used, inflight));
+    }
+    return { sessions, next: ids.length > limit ? (page.at(-1) ?? '') : '' };
+  }
+
+  async subscribe(onEvent: (event: SessionEvent) => void, onResync: () => void): Promise<void> {
+    const subscriber = this.redis.duplicate();
+    this.subscriber = subscriber;
+    subscriber.on('error', (err: Error) => this.log.warn({ err: err.message }, 'events error'));
+    let connectedOnce = false;
+    subscriber.on('ready', () => {
+      // ioredis resubscribes on reconnect; events published meanwhile are lost, so re-read.
+      if (connectedOnce) onResync();
+      connectedOnce = true;
+    });
+    subscriber.on('message', (_channel: string, message: string) => {
+      try {
+        onEvent(JSON.parse(message) as SessionEvent);
+      } catch (err) {
+        this.log.error({ err: String(err) }, 'malformed session event ignored');
+      }
+    });
+    await subscriber.subscribe(this.keys.events);
+  }
+
+  async close(): Promise<void> {
+    await this.subscriber?.quit().catch(() => this.subscriber?.disconnect());
+    await this.redis.quit().catch(() => this.redis.disconnect());
+  }
+}

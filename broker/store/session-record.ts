@@ -1,0 +1,68 @@
+/** A session's identity: one user of one tenant. */
+export interface SessionRef {
+  tenant: string;
+  user: string;
+}
+
+export type SessionStatusName = 'ACTIVE' | 'REAUTH_REQUIRED' | 'REVOKED' | 'IDLE';
+
+/**
+ * Everything the broker knows about one session. Stored sealed (JWE); times are epoch ms, 0 when
+ * unknown. `generation` increases with every published change (rotation or status change).
+ */
+export interface SessionRecord extends SessionRef {
+  idp: string;
+  generation: number;
+  status: SessionStatusName;
+  /** Empty while the session holds no access token (just enrolled, before the first rotation). */
+  accessToken: string;
+  tokenType: string;
+  accessExpiresAt: number;
+  refreshToken: string;
+  refreshExpiresAt: number;
+  /** When the current access token was obtained. */
+  issuedAt: number;
+  /** When the broker plans the next rotation (or retry); 0 when none is planned. */
+  nextRefreshAt: number;
+  /** Stable code of the last failed refresh; empty after a success. */
+  lastErrorCode: string;
+  failedAttempts: number;
+  /** W3C traceparent of the rotation that produced this generation, for watchers. */
+  traceparent: string;
+}
+
+/** A stored record with the fields kept beside it in plain text. */
+export interface StoredSession {
+  record: SessionRecord;
+  /** Last time a reader or watcher used the session (epoch ms). */
+  lastUsedAt: number;
+  /** The presentation in flight for the current generation, if any. */
+  inflight: InflightMarker | undefined;
+}
+
+/**
+ * Written (compare-and-set on the generation) before the refresh token is presented to the IdP.
+ * Until `deadline` the presentation may still be in flight, so no one else may present it.
+ */
+export interface InflightMarker {
+  generation: number;
+  /** Epoch ms after which the attempt cannot still be in flight (its call is aborted by then). */
+  deadline: number;
+  replica: string;
+  attemptId: string;
+}
+
+/** What a publish carries: watchers re-read the record, so no token ever travels in an event. */
+export interface SessionEvent extends SessionRef {
+  generation: number;
+}
+
+/** A metadata view of a record: never token values. */
+export type SessionMetadata = Omit<SessionRecord, 'accessToken' | 'refreshToken'> & {
+  lastUsedAt: number;
+};
+
+export function metadataOf(stored: StoredSession): SessionMetadata {
+  const { accessToken: _a, refreshToken: _r, ...rest } = stored.record;
+  return { ...rest, lastUsedAt: stored.lastUsedAt };
+}

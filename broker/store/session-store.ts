@@ -1,0 +1,59 @@
+import type {
+  InflightMarker,
+  SessionEvent,
+  SessionRecord,
+  SessionRef,
+  StoredSession,
+} from './session-record.js';
+
+/** Result of marking a presentation in flight. */
+export type MarkResult =
+  /** Marked; `tookOver` is true when an earlier attempt's outcome is unknown (it crashed). */
+  | { kind: 'marked'; tookOver: boolean }
+  /** The generation moved on: someone else rotated. */
+  | { kind: 'stale' }
+  /** Another attempt may still be in flight until `until`: do not present now. */
+  | { kind: 'busy'; until: number };
+
+export interface SessionPage {
+  sessions: StoredSession[];
+  /** Continue after this id; empty when the listing is complete. */
+  next: string;
+}
+
+/**
+ * Durable session state. Every multi-field change is atomic; writes are compare-and-set on the
+ * session's generation and publish a SessionEvent in the same step when the generation changes
+ * (persist, then publish).
+ */
+export interface SessionStore {
+  get(ref: SessionRef): Promise<StoredSession | undefined>;
+  /**
+   * Writes `record` if the stored generation equals `expectedGeneration` (null: the session must
+   * not exist). Clears any in-flight marker. Publishes when the generation changed. Returns false
+   * on a compare-and-set miss.
+   */
+  write(record: SessionRecord, expectedGeneration: number | null, now: number): Promise<boolean>;
+  markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult>;
+  /** Clears the marker if it is still `attemptId`'s (the token was surely not presented). */
+  clearInflight(ref: SessionRef, attemptId: string): Promise<void>;
+  /** Records a read or watch, which keeps the session's lease. */
+  touch(ref: SessionRef, now: number): Promise<void>;
+  /** Puts the session in the due queue at `at` (replacing any earlier entry). */
+  schedule(ref: SessionRef, at: number): Promise<void>;
+  unschedule(ref: SessionRef): Promise<void>;
+  /**
+   * Atomically takes up to `limit` sessions due by `now`, hiding them until `leaseUntil`, so a
+   * crashed claimer's work comes back.
+   */
+  claimDue(now: number, limit: number, leaseUntil: number): Promise<SessionRef[]>;
+  /** The earliest due time in the queue, or undefined when it is empty. */
+  nextDueAt(): Promise<number | undefined>;
+  list(tenant: string, after: string, limit: number): Promise<SessionPage>;
+  /**
+   * Calls `onEvent` for every published change from any replica. `onResync` is called when
+   * events may have been missed (the subscription reconnected): re-read what you watch.
+   */
+  subscribe(onEvent: (event: SessionEvent) => void, onResync: () => void): Promise<void>;
+  close(): Promise<void>;
+}

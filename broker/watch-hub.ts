@@ -1,0 +1,160 @@
+import type { Logger } from 'pino';
+import { KeySpace } from './store/keys.js';
+import type { SessionEvent, SessionRecord, SessionRef } from './store/session-record.js';
+import type { SessionStore } from './store/session-store.js';
+
+/** One watcher of sessions (a Watch stream). It keeps only the newest pending state. */
+export interface WatchSink {
+  deliver(record: SessionRecord): void;
+}
+
+interface Watched {
+  ref: SessionRef;
+  /** Each sink with the newest generation it was sent. */
+  sinks: Map<WatchSink, number>;
+  waiters: Set<{ above: number; resolve: (record: SessionRecord | undefined) => void }>;
+  loading: Promise<void> | undefined;
+  dirty: boolean;
+  newest: number;
+}
+
+/**
+ * This replica's watchers, by session. Events from any replica name a session and generation;
+ * the hub re-reads the record once per event burst and hands each sink only generations newer
+ * than it already has, so every sink sees a session's generations in increasing order.
+ */
+export class WatchHub {
+  private readonly watched = new Map<string, Watched>();
+
+  constructor(
+    private readonly store: SessionStore,
+    private readonly log: Logger,
+  ) {}
+
+  /**
+   * Starts delivery of `ref` to `sink`: the current state now (if newer than `afterGeneration`),
+   * then each newer one. Returns false when the session does not exist yet; the subscription
+   * stays, and the first state arrives when the session is enrolled.
+   */
+  async subscribe(ref: SessionRef, sink: WatchSink, afterGeneration: number): Promise<boolean> {
+    const entry = this.entry(ref);
+    if (!entry.sinks.has(sink)) entry.sinks.set(sink, afterGeneration);
+    await this.reload(entry);
+    return entry.newest >= 0;
+  }
+
+  unsubscribe(ref: SessionRef, sink: WatchSink): void {
+    const id = KeySpace.sessionId(ref);
+    const entry = this.watched.get(id);
+    if (!entry) return;
+    entry.sinks.delete(sink);
+    this.dropIfUnused(id, entry);
+  }
+
+  /** Removes `sink` from every session (its stream ended). */
+  detach(sink: WatchSink): void {
+    for (const [id, entry] of this.watched) {
+      entry.sinks.delete(sink);
+      this.dropIfUnused(id, entry);
+    }
+  }
+
+  /** Resolves with the session once its generation exceeds `above`, or undefined on timeout. */
+  waitForGeneration(
+    ref: SessionRef,
+    above: number,
+    timeoutMs: number,
+  ): Promise<SessionRecord | undefined> {
+    const id = KeySpace.sessionId(ref);
+    const entry = this.entry(ref);
+    return new Promise((resolve) => {
+      const waiter = {
+        above,
+        resolve: (record: SessionRecord | undefined) => {
+          clearTimeout(timer);
+          entry.waiters.delete(waiter);
+          this.dropIfUnused(id, entry);
+          resolve(record);
+        },
+      };
+      const timer = setTimeout(() => waiter.resolve(undefined), timeoutMs);
+      entry.waiters.add(waiter);
+      // The generation may have moved before we started waiting.
+      void this.reload(entry);
+    });
+  }
+
+  onEvent(event: SessionEvent): void {
+    const entry = this.watched.get(KeySpace.sessionId(event));
+    if (entry && event.generation > entry.newest) void this.reload(entry);
+  }
+
+  /** Events may have been lost: re-read every watched session. */
+  resync(): void {
+    for (const entry of this.watched.values()) void this.reload(entry);
+  }
+
+  /** Sessions that have at least one watcher here (their lease is kept by this replica). */
+  watchedRefs(): SessionRef[] {
+    return [...this.watched.values()].filter((e) => e.sinks.size > 0).map((e) => e.ref);
+  }
+
+  get watcherCount(): number {
+    let count = 0;
+    for (const entry of this.watched.values()) count += entry.sinks.size;
+    return count;
+  }
+
+  private entry(ref: SessionRef): Watched {
+    const id = KeySpace.sessionId(ref);
+    let entry = this.watched.get(id);
+    if (!entry) {
+      entry = {
+        ref: { tenant: ref.tenant, user: ref.user },
+        sinks: new Map(),
+        waiters: new Set(),
+        loading: undefined,
+        dirty: false,
+        newest: -1,
+      };
+      this.watched.set(id, entry);
+    }
+    return entry;
+  }
+
+  private dropIfUnused(id: string, entry: Watched): void {
+    if (entry.sinks.size === 0 && entry.waiters.size === 0) this.watched.delete(id);
+  }
+
+  /** One read in flight per session; events arriving meanwhile cause one more read after it. */
+  private reload(entry: Watched): Promise<void> {
+    if (entry.loading) {
+      entry.dirty = true;
+      return entry.loading;
+    }
+    entry.loading = (async () => {
+      do {
+        entry.dirty = false;
+        try {
+          const stored = await this.store.get(entry.ref);
+          if (stored) this.fanOut(entry, stored.record);
+        } catch (err) {
+          this.log.warn({ tenant: entry.ref.tenant, err: String(err) }, 'watch reload failed');
+        }
+      } while (entry.dirty);
+      entry.loading = undefined;
+    })();
+    return entry.loading;
+  }
+
+  private fanOut(entry: Watched, record: SessionRecord): void {
+    entry.newest = Math.max(entry.newest, record.generation);
+    for (const [sink, sent] of entry.sinks) {
+      if (record.generation <= sent) continue;
+      entry.sinks.set(sink, record.generation);
+      sink.deliver(record);
+    }
+    for (const waiter of entry.waiters)
+      if (record.generation > waiter.above) waiter.resolve(record);
+  }
+}
