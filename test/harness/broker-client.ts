@@ -1,0 +1,146 @@
+import * as grpc from '@grpc/grpc-js';
+import {
+  TokenBrokerServiceClient,
+  type EnrollResponse,
+  type GetTokenResponse,
+  type ListSessionsResponse,
+  type RefreshResponse,
+  type RevokeResponse,
+  type TokenEvent,
+  type WatchError,
+  type WatchRequest,
+  type WatchResponse,
+} from '../../shared/gen/tokenbroker/v1/token_broker.js';
+
+type Unary<Req, Res> = (
+  req: Req,
+  callback: (err: grpc.ServiceError | null, res: Res) => void,
+) => grpc.ClientUnaryCall;
+
+function call<Req, Res>(fn: Unary<Req, Res>, req: Req): Promise<Res> {
+  return new Promise((resolve, reject) =>
+    fn(req, (err, res) => (err ? reject(err) : resolve(res))),
+  );
+}
+
+/** A promise-based client of one broker replica, for tests. */
+export class BrokerClient {
+  readonly raw: TokenBrokerServiceClient;
+
+  constructor(readonly address: string) {
+    this.raw = new TokenBrokerServiceClient(address, grpc.credentials.createInsecure());
+  }
+
+  enroll(tenant: string, user: string, refreshToken: string): Promise<EnrollResponse> {
+    return call(this.raw.enroll.bind(this.raw), {
+      tenant,
+      user,
+      idp: '',
+      credential: { $case: 'refreshToken', value: refreshToken },
+    });
+  }
+
+  getToken(tenant: string, user: string): Promise<GetTokenResponse> {
+    return call(this.raw.getToken.bind(this.raw), { tenant, user });
+  }
+
+  refresh(tenant: string, user: string, generation: number): Promise<RefreshResponse> {
+    return call(this.raw.refresh.bind(this.raw), { tenant, user, generation });
+  }
+
+  revoke(tenant: string, user: string): Promise<RevokeResponse> {
+    return call(this.raw.revoke.bind(this.raw), { tenant, user });
+  }
+
+  list(tenant = '', pageSize = 0, pageToken = ''): Promise<ListSessionsResponse> {
+    return call(this.raw.listSessions.bind(this.raw), { tenant, pageSize, pageToken });
+  }
+
+  /** Opens a Watch stream that records every event per session. */
+  watch(): Watcher {
+    return new Watcher(this.raw.watch());
+  }
+
+  close(): void {
+    this.raw.close();
+  }
+}
+
+export class Watcher {
+  /** Every token event received, per `tenant/user`, in arrival order. */
+  readonly events = new Map<string, TokenEvent[]>();
+  readonly errors: WatchError[] = [];
+  ended = false;
+  private listeners: (() => void)[] = [];
+
+  constructor(readonly stream: grpc.ClientDuplexStream<WatchRequest, WatchResponse>) {
+    stream.on('data', (response: WatchResponse) => {
+      const event = response.event;
+      if (event?.$case === 'token') {
+        const key = `${event.value.tenant}/${event.value.user}`;
+        const list = this.events.get(key) ?? [];
+        list.push(event.value);
+        this.events.set(key, list);
+      } else if (event?.$case === 'error') this.errors.push(event.value);
+      this.listeners.forEach((l) => l());
+    });
+    const end = () => {
+      this.ended = true;
+      this.listeners.forEach((l) => l());
+    };
+    stream.on('end', end);
+    stream.on('error', end);
+  }
+
+  subscribe(tenant: string, user: string, afterGeneration = 0): void {
+    this.stream.write({ action: { $case: 'subscribe', value: { tenant, user, afterGeneration } } });
+  }
+
+  unsubscribe(tenant: string, user: string): void {
+    this.stream.write({ action: { $case: 'unsubscribe', value: { tenant, user } } });
+  }
+
+  of(tenant: string, user: string): TokenEvent[] {
+    return this.events.get(`${tenant}/${user}`) ?? [];
+  }
+
+  latest(tenant: string, user: string): TokenEvent | undefined {
+    return this.of(tenant, user).at(-1);
+  }
+
+  /** Resolves when `predicate` holds, rejects after `timeoutMs`. */
+  until(predicate: () => boolean, timeoutMs = 10_000, what = 'watch condition'): Promise<void> {
+    if (predicate()) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        if (!predicate()) return;
+        clearTimeout(timer);
+        this.listeners = this.listeners.filter((l) => l !== check);
+        resolve();
+      };
+      const timer = setTimeout(() => {
+        this.listeners = this.listeners.filter((l) => l !== check);
+        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`));
+      }, timeoutMs);
+      this.listeners.push(check);
+    });
+  }
+
+  close(): void {
+    this.stream.cancel();
+  }
+}
+
+/** Polls `predicate` until it holds. */
+export async function eventually(
+  predicate: () => boolean | Promise<boolean>,
+  timeoutMs = 10_000,
+  what = 'condition',
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await predicate())) {
+    if (Date.now() > deadline)
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}

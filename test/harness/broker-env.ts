@@ -1,0 +1,63 @@
+import { randomBytes } from 'node:crypto';
+import { pino, type Logger } from 'pino';
+import { startBroker, type RunningBroker } from '../../broker/broker-app.js';
+import { loadConfig } from '../../broker/config.js';
+import type { OidcProviderHarness } from './oidc-provider.js';
+
+export function sealingKeys(): string {
+  return `k1:${randomBytes(32).toString('base64')}`;
+}
+
+/**
+ * Environment for a broker that refreshes against `oidc`, with timings scaled for short-lived
+ * test tokens. `redis` is `{ state, locks }`; omitted means embedded mode.
+ */
+export function brokerEnv(
+  oidc: OidcProviderHarness,
+  redis?: { state: string; locks: readonly string[]; keys: string; prefix: string },
+  extra: Record<string, string> = {},
+): Record<string, string> {
+  const env: Record<string, string> = {
+    TB_GRPC_ADDRESS: '127.0.0.1:0',
+    TB_IDP_TOKEN_ENDPOINT: oidc.tokenEndpoint,
+    TB_IDP_REVOCATION_ENDPOINT: oidc.revocationEndpoint,
+    TB_IDP_CLIENT_ID: oidc.clients.basic.clientId,
+    TB_IDP_CLIENT_SECRET: oidc.clients.basic.clientSecret,
+    TB_IDP_AUTH_METHOD: 'client_secret_basic',
+    TB_IDP_TIMEOUT_MS: '2000',
+    TB_LOCK_TTL_MS: '4000',
+    TB_LOCK_EXTEND_BEFORE_MS: '1000',
+    TB_LOCK_MARGIN_MS: '500',
+    TB_LOCK_RETRY_COUNT: '20',
+    TB_LOCK_RETRY_DELAY_MS: '50',
+    TB_REFRESH_MIN_LEAD_MS: '500',
+    TB_RETRY_BASE_MS: '200',
+    TB_RETRY_MAX_MS: '2000',
+    TB_CLAIM_POLL_MS: '50',
+    TB_CLAIM_LEASE_MS: '6000',
+    TB_REFRESH_MIN_INTERVAL_MS: '0',
+    TB_SHUTDOWN_GRACE_MS: '2000',
+    TB_LOG_LEVEL: 'warn',
+    ...extra,
+  };
+  if (redis) {
+    env.TB_REDIS_URL = redis.state;
+    env.TB_REDLOCK_URLS = redis.locks.join(',');
+    env.TB_SEALING_KEYS = redis.keys;
+    env.TB_KEY_PREFIX = redis.prefix;
+  }
+  return env;
+}
+
+/** A broker in this process (real gRPC on port 0). */
+export async function startInProcessBroker(
+  env: Record<string, string>,
+  log: Logger = pino({ level: 'silent' }),
+): Promise<RunningBroker & { address: string }> {
+  const broker = await startBroker(loadConfig(env), log);
+  return Object.assign(broker, { address: `127.0.0.1:${broker.port}` });
+}
+
+export function randomPrefix(): string {
+  return `t${randomBytes(4).toString('hex')}:`;
+}
