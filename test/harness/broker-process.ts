@@ -24,7 +24,13 @@ export interface BrokerProcess {
 export function startBrokerProcess(env: Record<string, string>): Promise<BrokerProcess> {
   const child = spawn(process.execPath, ['--import', 'tsx', 'broker/main.ts'], {
     cwd: ROOT,
-    env: { PATH: process.env.PATH ?? '', TB_GRPC_ADDRESS: '127.0.0.1:0', ...env },
+    // Info level at least: the harness learns the bound port from the 'broker serving' line.
+    env: {
+      PATH: process.env.PATH ?? '',
+      TB_GRPC_ADDRESS: '127.0.0.1:0',
+      ...env,
+      TB_LOG_LEVEL: 'info',
+    },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   live.add(child);
