@@ -2,7 +2,7 @@
 export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
 SHELL := /bin/bash
 
-.PHONY: setup deps redis proto proto-check lint format typecheck circular unit test clean
+.PHONY: setup deps redis proto proto-check lint format typecheck circular unit test demo clean
 
 setup: deps redis
 
@@ -47,6 +47,10 @@ unit: setup
 # The one test command (README, .ci/run): static checks, then every test.
 test: setup proto-check lint typecheck circular
 	vitest run
+
+# A short live look at rotations: real OIDC provider, embedded broker (DEMO_SECONDS, default 30).
+demo: deps
+	node --import tsx scripts/demo.ts
 
 clean:
 	rm -rf node_modules .tmp
