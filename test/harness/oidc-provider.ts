@@ -1,0 +1,530 @@
+/**
+ * A real OpenID Provider (panva's oidc-provider v9) running in-process on http://127.0.0.1:PORT,
+ * for tests of refresh-token rotation.
+ *
+ *   const idp = await startOidcProvider({ accessTokenTtlSeconds: 3 });
+ *   const first = await idp.mintTokens('alice');          // client 'basic' unless named
+ *   idp.setFault({ kind: 'status', status: 503, retryAfterSeconds: 1, times: 2 });
+ *   idp.counters.refreshes; idp.presentationsOf(rt);        // assert an RT was presented once
+ *   await idp.stopListening(); await idp.resumeListening(); // ECONNREFUSED, then the same port
+ *   await idp.close();
+ *
+ * Behaviour: every successful refresh rotates the refresh token (rotateRefreshToken: true).
+ * Presenting a consumed refresh token is answered invalid_grant and revokes the whole grant, so
+ * the newest refresh token of that family dies too (oidc-provider's own reuse detection).
+ * Tokens are opaque. Two confidential clients: `basic` (client_secret_basic) and `post`
+ * (client_secret_post); a token belongs to the client that minted it.
+ *
+ * mintTokens() uses the custom grant MINT_GRANT_TYPE with an `account` parameter: it creates a
+ * grant for `openid offline_access` and returns an access and a refresh token, no browser needed.
+ *
+ * Counters (read live from `counters`; resetCounters() zeroes them and the presentations):
+ *   refreshRequests  token-endpoint requests with grant_type=refresh_token, faulted ones included
+ *   refreshes        successful refresh_token grants (each one consumed a refresh token)
+ *   invalidGrants    refresh requests answered invalid_grant
+ *   reuses           consumed refresh tokens presented again (reuse detection fired)
+ *   revokedGrants    grants revoked by the provider (reuse detection, revocation endpoint)
+ *   revocations      requests to the revocation endpoint answered 200
+ *   mints            successful mintTokens() grants
+ *   faultsInjected   requests answered or cut by setFault() instead of by the provider
+ *   serverErrors     provider `server_error` events: a harness or provider bug, expect 0
+ * presentations() counts, per SHA-256 hex of a refresh token, the refresh requests carrying it
+ * that reached the provider (a `status` fault answers before the provider, so it does not count).
+ * Token values themselves are never stored here.
+ *
+ * Faults apply to every token-endpoint request (mints included) until replaced, or for the next
+ * `times` requests. `drop-response` lets the provider process the request (rotating the token)
+ * and then resets the connection without answering: the client never learns the new token.
+ * A request in flight when stopListening() is called may or may not have been processed.
+ */
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+import { exportJWK, generateKeyPair } from 'jose';
+import type { Context as KoaContext, Next } from 'koa';
+import Provider, {
+  errors,
+  type Adapter,
+  type AdapterPayload,
+  type Configuration,
+  type KoaContextWithOIDC,
+  type OIDCContext,
+} from 'oidc-provider';
+
+export const MINT_GRANT_TYPE = 'urn:token-broker:test:mint';
+const MINT_SCOPE = 'openid offline_access';
+const TOKEN_PATH = '/token';
+const REVOCATION_PATH = '/token/revocation';
+const REUSE_DETAIL = 'refresh token already used';
+
+export type ClientKind = 'basic' | 'post';
+
+export interface ClientCredentials {
+  readonly clientId: string;
+  readonly clientSecret: string;
+}
+
+export type Fault =
+  | { kind: 'none' }
+  | { kind: 'status'; status: 503 | 429 | 500; retryAfterSeconds?: number; times?: number }
+  | { kind: 'delay'; ms: number; times?: number }
+  | { kind: 'drop-response'; times?: number };
+
+export interface MintedTokens {
+  access_token: string;
+  refresh_token: string;
+  expires_in: number;
+  token_type: string;
+}
+
+export interface OidcCounters {
+  refreshRequests: number;
+  refreshes: number;
+  invalidGrants: number;
+  reuses: number;
+  revokedGrants: number;
+  revocations: number;
+  mints: number;
+  faultsInjected: number;
+  serverErrors: number;
+}
+
+export interface OidcProviderOptions {
+  /** Access-token lifetime; default 3. */
+  accessTokenTtlSeconds?: number;
+  /** Lifetime of each refresh token (renewed on rotation); default 1 day. */
+  refreshTokenTtlSeconds?: number;
+  /** Fixed credentials; by default ids `tb-basic`/`tb-post` and random secrets. */
+  clients?: Partial<Record<ClientKind, ClientCredentials>>;
+}
+
+export interface OidcProviderHarness {
+  readonly issuer: string;
+  readonly port: number;
+  readonly tokenEndpoint: string;
+  readonly revocationEndpoint: string;
+  readonly clients: Readonly<Record<ClientKind, ClientCredentials>>;
+  /** Live counters; the object is updated in place. */
+  readonly counters: Readonly<OidcCounters>;
+  /** The oidc-provider instance, for what this harness does not wrap. */
+  readonly provider: Provider;
+  mintTokens(accountId: string, client?: ClientKind): Promise<MintedTokens>;
+  /** POSTs a form to the token endpoint, authenticated as `client` with its own method. */
+  postToken(params: Record<string, string>, client?: ClientKind): Promise<Response>;
+  /** Refresh requests that reached the provider, keyed by SHA-256 hex of the refresh token. */
+  presentations(): ReadonlyMap<string, number>;
+  presentationsOf(refreshToken: string): number;
+  resetCounters(): void;
+  setFault(fault: Fault): void;
+  /** Revokes every grant minted for the account: its refresh tokens then get invalid_grant. */
+  revokeGrantOf(accountId: string): Promise<number>;
+  /** Closes the listener and destroys open connections: clients get ECONNREFUSED. */
+  stopListening(): Promise<void>;
+  /** Listens again on the same port. */
+  resumeListening(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export function sha256Hex(value: string): string {
+  return createHash('sha256').update(value).digest('hex');
+}
+
+export async function startOidcProvider(
+  options: OidcProviderOptions = {},
+): Promise<OidcProviderHarness> {
+  const accessTokenTtl = options.accessTokenTtlSeconds ?? 3;
+  const refreshTokenTtl = options.refreshTokenTtlSeconds ?? 24 * 60 * 60;
+  const clients: Record<ClientKind, ClientCredentials> = {
+    basic: options.clients?.basic ?? { clientId: 'tb-basic', clientSecret: randomSecret() },
+    post: options.clients?.post ?? { clientId: 'tb-post', clientSecret: randomSecret() },
+  };
+
+  // The issuer names the port, so bind first and hand requests to the provider once it exists.
+  let handle: (req: IncomingMessage, res: ServerResponse) => void = (_req, res) => {
+    res.statusCode = 503;
+    res.end();
+  };
+  const server = createServer((req, res) => handle(req, res));
+  await listen(server, 0);
+  const address = server.address();
+  if (address === null || typeof address === 'string') throw new Error('no TCP address');
+  const { port } = address;
+  const issuer = `http://127.0.0.1:${port}`;
+
+  const store = new TokenStore();
+  const provider = new Provider(issuer, {
+    adapter: (model: string) => store.adapterFor(model),
+    clients: (['basic', 'post'] as const).map((kind) => ({
+      client_id: clients[kind].clientId,
+      client_secret: clients[kind].clientSecret,
+      token_endpoint_auth_method: kind === 'basic' ? 'client_secret_basic' : 'client_secret_post',
+      grant_types: ['refresh_token', MINT_GRANT_TYPE],
+      response_types: [],
+      redirect_uris: [],
+    })),
+    jwks: { keys: [await signingKey()] },
+    rotateRefreshToken: true,
+    ttl: {
+      AccessToken: accessTokenTtl,
+      RefreshToken: refreshTokenTtl,
+      // The grant outlives any one refresh token: the family dies by reuse or revocation.
+      Grant: Math.max(refreshTokenTtl, 30 * 24 * 60 * 60),
+      IdToken: 3600,
+      ClientCredentials: 600,
+      Interaction: 600,
+      Session: 3600,
+    },
+    routes: { token: TOKEN_PATH, revocation: REVOCATION_PATH },
+    features: {
+      devInteractions: { enabled: false },
+      revocation: {
+        enabled: true,
+        allowedPolicy: (_ctx, client, token) => token.clientId === client.clientId,
+      },
+    },
+    // The defaults of these print development notices.
+    findAccount: (_ctx, sub) => ({ accountId: sub, claims: () => ({ sub }) }),
+    clientBasedCORS: () => false,
+    renderError: (ctx, out) => {
+      ctx.type = 'json';
+      ctx.body = out;
+    },
+  } satisfies Configuration);
+
+  const counters: OidcCounters = zeroCounters();
+  const presented = new Map<string, number>();
+  const grantsByAccount = new Map<string, Set<string>>();
+
+  provider.registerGrantType<{ account?: string }>(
+    MINT_GRANT_TYPE,
+    async (ctx) => {
+      const accountId = ctx.oidc.params.account;
+      if (typeof accountId !== 'string' || accountId === '') {
+        throw new errors.InvalidRequest('missing required parameter: account');
+      }
+      const { client } = ctx.oidc;
+      const grant = new provider.Grant({ accountId, clientId: client.clientId });
+      grant.addOIDCScope(MINT_SCOPE);
+      const grantId = await grant.save();
+      let grants = grantsByAccount.get(accountId);
+      if (!grants) grantsByAccount.set(accountId, (grants = new Set()));
+      grants.add(grantId);
+
+      const common = { accountId, client, grantId, gty: MINT_GRANT_TYPE, scope: MINT_SCOPE };
+      const at = new provider.AccessToken(common);
+      const accessToken = await at.save();
+      const refreshToken = await new provider.RefreshToken(common).save();
+      ctx.body = {
+        access_token: accessToken,
+        token_type: 'Bearer',
+        expires_in: at.expiration,
+        refresh_token: refreshToken,
+        scope: MINT_SCOPE,
+      };
+    },
+    ['account'],
+  );
+
+  const grantTypeOf = (ctx: KoaContextWithOIDC): unknown => oidcOf(ctx)?.params?.['grant_type'];
+  provider.on('grant.success', (ctx) => {
+    const grantType = grantTypeOf(ctx);
+    if (grantType === 'refresh_token') counters.refreshes++;
+    else if (grantType === MINT_GRANT_TYPE) counters.mints++;
+  });
+  provider.on('grant.error', (ctx, err) => {
+    if (grantTypeOf(ctx) !== 'refresh_token') return;
+    if (err.error === 'invalid_grant') counters.invalidGrants++;
+    if (err.error_detail === REUSE_DETAIL) counters.reuses++;
+  });
+  provider.on('grant.revoked', () => {
+    counters.revokedGrants++;
+  });
+  provider.on('server_error', () => {
+    counters.serverErrors++;
+  });
+
+  let fault: Fault = { kind: 'none' };
+  let faultUsesLeft = Infinity;
+  const takeFault = (): Fault => {
+    const current = fault;
+    if (current.kind !== 'none' && --faultUsesLeft <= 0) fault = { kind: 'none' };
+    return current;
+  };
+
+  const recordPresentation = (ctx: KoaContext): void => {
+    const body = oidcOf(ctx)?.body;
+    if (body?.['grant_type'] !== 'refresh_token') return;
+    counters.refreshRequests++;
+    const token = body['refresh_token'];
+    if (typeof token === 'string') {
+      const key = sha256Hex(token);
+      presented.set(key, (presented.get(key) ?? 0) + 1);
+    }
+  };
+
+  provider.use(async (ctx: KoaContext, next: Next) => {
+    if (ctx.method === 'POST' && ctx.path === REVOCATION_PATH) {
+      await next();
+      if (ctx.status === 200) counters.revocations++;
+      return;
+    }
+    if (ctx.method !== 'POST' || ctx.path !== TOKEN_PATH) {
+      await next();
+      return;
+    }
+
+    const active = takeFault();
+    if (active.kind === 'status') {
+      counters.faultsInjected++;
+      const form = await readForm(ctx.req);
+      if (form.get('grant_type') === 'refresh_token') counters.refreshRequests++;
+      ctx.status = active.status;
+      if (active.retryAfterSeconds !== undefined) {
+        ctx.set('Retry-After', String(active.retryAfterSeconds));
+      }
+      ctx.set('Cache-Control', 'no-store');
+      ctx.body = {
+        error: active.status === 500 ? 'server_error' : 'temporarily_unavailable',
+        error_description: `injected fault: HTTP ${active.status}`,
+      };
+      return;
+    }
+    if (active.kind === 'delay') await sleep(active.ms);
+    try {
+      await next();
+    } finally {
+      recordPresentation(ctx);
+    }
+    if (active.kind === 'drop-response') {
+      counters.faultsInjected++;
+      ctx.respond = false;
+      ctx.req.socket.destroy();
+    }
+  });
+
+  handle = provider.callback();
+
+  const tokenEndpoint = `${issuer}${TOKEN_PATH}`;
+  const postToken = async (
+    params: Record<string, string>,
+    client: ClientKind = 'basic',
+  ): Promise<Response> => {
+    const { clientId, clientSecret } = clients[client];
+    const form = new URLSearchParams(params);
+    const headers: Record<string, string> = {
+      'content-type': 'application/x-www-form-urlencoded',
+      accept: 'application/json',
+    };
+    if (client === 'basic') {
+      const pair = `${encodeURIComponent(clientId)}:${encodeURIComponent(clientSecret)}`;
+      headers['authorization'] = `Basic ${Buffer.from(pair).toString('base64')}`;
+    } else {
+      form.set('client_id', clientId);
+      form.set('client_secret', clientSecret);
+    }
+    return fetch(tokenEndpoint, { method: 'POST', headers, body: form });
+  };
+
+  return {
+    issuer,
+    port,
+    tokenEndpoint,
+    revocationEndpoint: `${issuer}${REVOCATION_PATH}`,
+    clients,
+    counters,
+    provider,
+    postToken,
+    async mintTokens(accountId, client = 'basic') {
+      const res = await postToken({ grant_type: MINT_GRANT_TYPE, account: accountId }, client);
+      const body = (await res.json()) as Partial<MintedTokens> & { error?: string };
+      if (
+        !res.ok ||
+        typeof body.access_token !== 'string' ||
+        typeof body.refresh_token !== 'string' ||
+        typeof body.expires_in !== 'number'
+      ) {
+        throw new Error(`minting tokens failed: HTTP ${res.status} ${body.error ?? ''}`.trim());
+      }
+      return {
+        access_token: body.access_token,
+        refresh_token: body.refresh_token,
+        expires_in: body.expires_in,
+        token_type: body.token_type ?? 'Bearer',
+      };
+    },
+    presentations: () => new Map(presented),
+    presentationsOf: (refreshToken) => presented.get(sha256Hex(refreshToken)) ?? 0,
+    resetCounters() {
+      Object.assign(counters, zeroCounters());
+      presented.clear();
+    },
+    setFault(next) {
+      fault = next;
+      faultUsesLeft = next.kind === 'none' ? Infinity : (next.times ?? Infinity);
+    },
+    revokeGrantOf(accountId) {
+      const grants = grantsByAccount.get(accountId) ?? new Set<string>();
+      grantsByAccount.delete(accountId);
+      for (const grantId of grants) store.revokeGrant(grantId);
+      return Promise.resolve(grants.size);
+    },
+    stopListening: () => stopServer(server),
+    async resumeListening() {
+      if (server.listening) return;
+      await listen(server, port);
+    },
+    close: () => stopServer(server),
+  };
+}
+
+function zeroCounters(): OidcCounters {
+  return {
+    refreshRequests: 0,
+    refreshes: 0,
+    invalidGrants: 0,
+    reuses: 0,
+    revokedGrants: 0,
+    revocations: 0,
+    mints: 0,
+    faultsInjected: 0,
+    serverErrors: 0,
+  };
+}
+
+/** ctx.oidc exists only once a provider route has started on the request. */
+function oidcOf(ctx: KoaContext | KoaContextWithOIDC): OIDCContext | undefined {
+  return (ctx as { oidc?: OIDCContext }).oidc;
+}
+
+function randomSecret(): string {
+  return randomBytes(24).toString('base64url');
+}
+
+async function signingKey(): Promise<Record<string, unknown>> {
+  const { privateKey } = await generateKeyPair('RS256', { extractable: true });
+  return { ...(await exportJWK(privateKey)), kid: randomUUID(), alg: 'RS256', use: 'sig' };
+}
+
+async function stopServer(server: Server): Promise<void> {
+  if (!server.listening) return;
+  const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+  server.closeAllConnections();
+  await closed;
+  // Let in-process clients see their pooled connections close, so that their next request
+  // dials anew and is refused, rather than failing on a socket that died a moment ago.
+  await sleep(20);
+}
+
+async function listen(server: Server, port: number): Promise<void> {
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, '127.0.0.1', () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+}
+
+const FORM_LIMIT_BYTES = 64 * 1024;
+
+async function readForm(req: IncomingMessage): Promise<URLSearchParams> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req) {
+    const buf = chunk as Buffer;
+    size += buf.length;
+    if (size > FORM_LIMIT_BYTES) break;
+    chunks.push(buf);
+  }
+  return new URLSearchParams(Buffer.concat(chunks).toString('utf8'));
+}
+
+interface Entry {
+  payload: AdapterPayload;
+  /** Epoch ms; Infinity when the provider gave no lifetime. */
+  expiresAt: number;
+}
+
+/**
+ * Unbounded in-memory storage for the provider. The built-in memory adapter is an LRU of 1000
+ * entries, which a long test would overflow into spurious invalid_grant answers, and it prints a
+ * development warning.
+ */
+class TokenStore {
+  readonly #entries = new Map<string, Entry>();
+  readonly #grantMembers = new Map<string, Set<string>>();
+  #writesSinceSweep = 0;
+
+  adapterFor(model: string): Adapter {
+    const key = (id: string): string => `${model}:${id}`;
+    const done = Promise.resolve();
+    return {
+      upsert: (id, payload, expiresIn) => done.then(() => this.#set(key(id), payload, expiresIn)),
+      find: (id) => Promise.resolve(this.#get(key(id))),
+      findByUid: (uid) => Promise.resolve(this.#findBy(model, (p) => p.uid === uid)),
+      findByUserCode: (code) => Promise.resolve(this.#findBy(model, (p) => p.userCode === code)),
+      consume: (id) =>
+        done.then(() => {
+          const entry = this.#entries.get(key(id));
+          if (entry) entry.payload.consumed = Math.floor(Date.now() / 1000);
+        }),
+      destroy: (id) => done.then(() => this.#delete(key(id))),
+      revokeByGrantId: (grantId) => done.then(() => this.#revokeMembers(grantId)),
+    };
+  }
+
+  /** Deletes the grant and every token issued under it. */
+  revokeGrant(grantId: string): void {
+    this.#revokeMembers(grantId);
+    this.#delete(`Grant:${grantId}`);
+  }
+
+  #set(k: string, payload: AdapterPayload, expiresIn: number | undefined): void {
+    this.#delete(k);
+    const expiresAt = typeof expiresIn === 'number' ? Date.now() + expiresIn * 1000 : Infinity;
+    this.#entries.set(k, { payload: { ...payload }, expiresAt });
+    if (payload.grantId !== undefined && !k.startsWith('Grant:')) {
+      let members = this.#grantMembers.get(payload.grantId);
+      if (!members) this.#grantMembers.set(payload.grantId, (members = new Set()));
+      members.add(k);
+    }
+    if (++this.#writesSinceSweep >= 1000) this.#sweep();
+  }
+
+  #get(k: string): AdapterPayload | undefined {
+    const entry = this.#entries.get(k);
+    if (!entry) return undefined;
+    if (entry.expiresAt <= Date.now()) {
+      this.#delete(k);
+      return undefined;
+    }
+    return { ...entry.payload };
+  }
+
+  #findBy(model: string, match: (p: AdapterPayload) => boolean): AdapterPayload | undefined {
+    for (const [k, entry] of this.#entries) {
+      if (k.startsWith(`${model}:`) && match(entry.payload)) return this.#get(k);
+    }
+    return undefined;
+  }
+
+  #delete(k: string): void {
+    const entry = this.#entries.get(k);
+    if (!entry) return;
+    this.#entries.delete(k);
+    const grantId = entry.payload.grantId;
+    if (grantId !== undefined) this.#grantMembers.get(grantId)?.delete(k);
+  }
+
+  #revokeMembers(grantId: string): void {
+    for (const k of this.#grantMembers.get(grantId) ?? []) this.#entries.delete(k);
+    this.#grantMembers.delete(grantId);
+  }
+
+  #sweep(): void {
+    this.#writesSinceSweep = 0;
+    const now = Date.now();
+    for (const [k, entry] of this.#entries) if (entry.expiresAt <= now) this.#delete(k);
+  }
+}
