@@ -130,7 +130,9 @@ export class Rotator {
       return { outcome: 'not-needed', record };
     if (demand.kind === 'due') {
       if (stored.lastUsedAt + this.options.idleTimeoutMs < now) return this.goIdle(record, now);
-      if (record.nextRefreshAt > now) {
+      // An attempt that started and never finished (its replica died) must be resolved now.
+      const unfinished = stored.inflight?.generation === record.generation;
+      if (record.nextRefreshAt > now && !unfinished) {
         await store.schedule(ref, record.nextRefreshAt);
         return { outcome: 'not-needed', record };
       }
@@ -153,6 +155,9 @@ export class Rotator {
       await store.schedule(ref, mark.until + this.options.busyRetryMs);
       return { outcome: 'busy', record };
     }
+    // If this replica dies mid-call, the session comes back to the due queue as soon as
+    // another replica could take the lock, instead of waiting for its next due time.
+    await store.schedule(ref, lock.validUntil() + this.options.busyRetryMs);
     if (mark.tookOver) {
       this.deps.stats.takeovers += 1;
       log.warn(

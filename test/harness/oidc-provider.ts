@@ -115,6 +115,10 @@ export interface OidcProviderHarness {
   /** Refresh requests that reached the provider, keyed by SHA-256 hex of the refresh token. */
   presentations(): ReadonlyMap<string, number>;
   presentationsOf(refreshToken: string): number;
+  /** When each presentation arrived (epoch ms, before any injected delay), by token hash. */
+  presentationTimes(): ReadonlyMap<string, readonly number[]>;
+  /** Token-endpoint POSTs that arrived, counted before any fault or delay applies. */
+  tokenRequestsArrived(): number;
   resetCounters(): void;
   setFault(fault: Fault): void;
   /** Revokes every grant minted for the account: its refresh tokens then get invalid_grant. */
@@ -194,6 +198,8 @@ export async function startOidcProvider(
 
   const counters: OidcCounters = zeroCounters();
   const presented = new Map<string, number>();
+  const presentedAt = new Map<string, number[]>();
+  let arrived = 0;
   const grantsByAccount = new Map<string, Set<string>>();
 
   provider.registerGrantType<{ account?: string }>(
@@ -252,7 +258,7 @@ export async function startOidcProvider(
     return current;
   };
 
-  const recordPresentation = (ctx: KoaContext): void => {
+  const recordPresentation = (ctx: KoaContext, arrivedAt: number): void => {
     const body = oidcOf(ctx)?.body;
     if (body?.['grant_type'] !== 'refresh_token') return;
     counters.refreshRequests++;
@@ -260,6 +266,7 @@ export async function startOidcProvider(
     if (typeof token === 'string') {
       const key = sha256Hex(token);
       presented.set(key, (presented.get(key) ?? 0) + 1);
+      presentedAt.set(key, [...(presentedAt.get(key) ?? []), arrivedAt]);
     }
   };
 
@@ -274,6 +281,8 @@ export async function startOidcProvider(
       return;
     }
 
+    const arrivedAt = Date.now();
+    arrived++;
     const active = takeFault();
     if (active.kind === 'status') {
       counters.faultsInjected++;
@@ -294,7 +303,7 @@ export async function startOidcProvider(
     try {
       await next();
     } finally {
-      recordPresentation(ctx);
+      recordPresentation(ctx, arrivedAt);
     }
     if (active.kind === 'drop-response') {
       counters.faultsInjected++;
@@ -354,10 +363,13 @@ export async function startOidcProvider(
       };
     },
     presentations: () => new Map(presented),
+    presentationTimes: () => new Map(presentedAt),
+    tokenRequestsArrived: () => arrived,
     presentationsOf: (refreshToken) => presented.get(sha256Hex(refreshToken)) ?? 0,
     resetCounters() {
       Object.assign(counters, zeroCounters());
       presented.clear();
+      presentedAt.clear();
     },
     setFault(next) {
       fault = next;

@@ -1,3 +1,7 @@
+import { createRequire } from 'node:module';
+import * as grpc from '@grpc/grpc-js';
+import { loadSync } from '@grpc/proto-loader';
+import { service as healthService } from 'grpc-health-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SessionStatus } from '../../shared/gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient } from '../harness/broker-client.js';
@@ -58,6 +62,98 @@ describe('broker on Redis', () => {
     } finally {
       client.close();
       await broker.stop();
+    }
+  });
+});
+
+describe('standard gRPC services', () => {
+  it('answers health checks and lists the service by reflection', async () => {
+    const broker = await startInProcessBroker(brokerEnv(oidc, redisTopology()));
+    const address = broker.address;
+    try {
+      const Health = grpc.makeGenericClientConstructor(healthService, 'Health');
+      const health = new Health(
+        address,
+        grpc.credentials.createInsecure(),
+      ) as unknown as grpc.Client & {
+        check: (
+          req: { service: string },
+          cb: (err: grpc.ServiceError | null, res: { status: string }) => void,
+        ) => void;
+      };
+      const status = await new Promise<string>((resolve, reject) =>
+        health.check({ service: 'tokenbroker.v1.TokenBrokerService' }, (err, res) =>
+          err ? reject(err) : resolve(res.status),
+        ),
+      );
+      expect(status).toBe('SERVING');
+      health.close();
+
+      const require = createRequire(import.meta.url);
+      const reflectionProto =
+        require.resolve('@grpc/reflection/build/proto/grpc/reflection/v1/reflection.proto');
+      const definition = grpc.loadPackageDefinition(loadSync(reflectionProto)) as unknown as {
+        grpc: { reflection: { v1: { ServerReflection: typeof grpc.Client } } };
+      };
+      const reflection = new definition.grpc.reflection.v1.ServerReflection(
+        address,
+        grpc.credentials.createInsecure(),
+      );
+      const stream = (
+        reflection as unknown as {
+          serverReflectionInfo: () => grpc.ClientDuplexStream<object, unknown>;
+        }
+      ).serverReflectionInfo();
+      const services = await new Promise<string[]>((resolve, reject) => {
+        stream.on('data', (res: { listServicesResponse?: { service: { name: string }[] } }) => {
+          resolve((res.listServicesResponse?.service ?? []).map((s) => s.name));
+          stream.end();
+        });
+        stream.on('error', reject);
+        stream.write({ listServices: '' });
+      });
+      expect(services).toContain('tokenbroker.v1.TokenBrokerService');
+      reflection.close();
+    } finally {
+      await broker.stop();
+    }
+  });
+});
+
+describe('sealing keys', () => {
+  it('opens records sealed with an older key after a new key is put first', async () => {
+    const topology = redisTopology();
+    const first = await startInProcessBroker(brokerEnv(oidc, topology));
+    const client = new BrokerClient(first.address);
+    const minted = await oidc.mintTokens('bob');
+    await client.enroll('diku', 'bob', minted.refresh_token);
+    const before = await client.getToken('diku', 'bob');
+    client.close();
+    await first.stop();
+
+    const rotated = `k2:${Buffer.alloc(32, 7).toString('base64')},${topology.keys}`;
+    const second = await startInProcessBroker(brokerEnv(oidc, { ...topology, keys: rotated }));
+    const again = new BrokerClient(second.address);
+    try {
+      const after = await again.getToken('diku', 'bob');
+      expect(after.token!.generation).toBeGreaterThanOrEqual(before.token!.generation);
+      expect(after.token!.accessToken.length).toBeGreaterThan(0);
+    } finally {
+      again.close();
+      await second.stop();
+    }
+    // Without the old key the record cannot be opened: the broker says so instead of guessing.
+    const third = await startInProcessBroker(
+      brokerEnv(oidc, { ...topology, keys: `k3:${Buffer.alloc(32, 9).toString('base64')}` }),
+    );
+    const blind = new BrokerClient(third.address);
+    try {
+      await expect(blind.getToken('diku', 'bob')).rejects.toMatchObject({
+        code: grpc.status.INTERNAL,
+      });
+    } finally {
+      blind.close();
+      await third.stop();
     }
   });
 });
