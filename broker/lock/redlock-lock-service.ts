@@ -49,6 +49,22 @@ export class RedlockLockService implements LockService {
     });
   }
 
+  /**
+   * Waits until a quorum of lock nodes is connected (commands fail fast rather than queue, so the
+   * first rotations after start-up would otherwise fail). Returns how many nodes are ready.
+   */
+  async waitForQuorum(timeoutMs: number): Promise<number> {
+    const quorum = Math.floor(this.clients.length / 2) + 1;
+    const deadline = Date.now() + timeoutMs;
+    let ready = 0;
+    while (Date.now() < deadline) {
+      ready = this.clients.filter((c) => c.status === 'ready').length;
+      if (ready >= quorum) break;
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+    return ready;
+  }
+
   async withLock<T>(resource: string, fn: (lock: HeldLock) => Promise<T>): Promise<T> {
     let lock: Lock;
     try {

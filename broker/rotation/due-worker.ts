@@ -40,9 +40,13 @@ export class DueWorker {
           for (const ref of claimed) {
             const job = this.rotator
               .rotate(ref, { kind: 'due' })
-              .catch((err: unknown) => {
-                // Lock busy or store down: the claim lease brings the session back.
+              .catch(async (err: unknown) => {
+                // Lock busy (another replica is on it) or lock quorum lost: look again soon. If the
+                // store is down too, the claim lease brings the session back.
                 this.log.debug({ tenant: ref.tenant, err: String(err) }, 'due rotation deferred');
+                const retryAt =
+                  this.clock() + this.options.pollIntervalMs * (4 + 4 * Math.random());
+                await this.store.schedule(ref, Math.round(retryAt)).catch(() => undefined);
               })
               .finally(() => this.running.delete(job));
             this.running.add(job);
