@@ -185,9 +185,12 @@ function checkUrl(setting: string, value: string, protocols: string[]): void {
     throw new ConfigError(setting, `must be a ${protocols.join(' or ')} URL, got ${url.protocol}`);
 }
 
-/** Hides a password in a URL-ish string before it goes into an error. */
+/**
+ * Hides a password in a URL-ish string before it goes into an error. Everything up to the last
+ * '@' goes: an unparseable URL often holds a password with an unencoded '/' or '@'.
+ */
 function redactUrl(value: string): string {
-  return value.replace(/\/\/([^@/]*)@/, '//***@');
+  return value.replace(/\/\/[^]*@/, '//***@');
 }
 
 class EnvReader {
