@@ -129,7 +129,7 @@ export async function startBroker(
       defaultIdp: config.idp.name,
       refreshMinIntervalMs: config.refreshMinIntervalMs,
       refreshWaitMs: config.refreshWaitMs,
-      touchIntervalMs: Math.max(1_000, Math.min(60_000, config.sessionIdleTimeoutMs / 10)),
+      touchIntervalMs: Math.max(100, Math.min(60_000, config.sessionIdleTimeoutMs / 10)),
     },
     { store, locks, keys, idps, rotator, hub, log, clock },
   );

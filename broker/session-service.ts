@@ -51,7 +51,7 @@ export function validateRef(ref: { tenant?: string; user?: string }): SessionRef
     if (value === '') throw new InvalidArgumentError(field, 'is required');
     if (value.length > MAX_ID_LENGTH)
       throw new InvalidArgumentError(field, `must be at most ${MAX_ID_LENGTH} characters`);
-     
+
     if (/[\u0000-\u001f\u007f]/.test(value))
       throw new InvalidArgumentError(field, 'must not contain control characters');
   }
@@ -69,6 +69,11 @@ export class SessionService {
     private readonly deps: SessionServiceDeps,
   ) {
     this.clock = deps.clock ?? Date.now;
+  }
+
+  /** How often a use is recorded; a Watch stream renews its sessions' lease this often. */
+  get touchIntervalMs(): number {
+    return this.options.touchIntervalMs;
   }
 
   /** Stop taking new work (graceful shutdown). */

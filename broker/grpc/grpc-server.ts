@@ -250,9 +250,10 @@ export class BrokerGrpcServer {
     const { hub, sessions, log } = this.deps;
     this.streams.set(call, sink);
     const subscribed = new Map<string, ReturnType<typeof validateRef>>();
+    // Renewed as often as touches count, so a short idle timeout cannot expire a watched session.
     const keepLease = setInterval(() => {
       for (const ref of subscribed.values()) void sessions.touch(ref).catch(() => undefined);
-    }, 5_000);
+    }, sessions.touchIntervalMs);
     const done = () => {
       clearInterval(keepLease);
       this.streams.delete(call);
