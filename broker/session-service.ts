@@ -221,6 +221,13 @@ export class SessionService {
     };
   }
 
+  /** A Watch subscribed to the session: a use, and like a read it makes an idle session active. */
+  async watchStarted(ref: SessionRef): Promise<void> {
+    await this.touch(ref);
+    const stored = await this.deps.store.get(ref);
+    if (stored?.record.status === 'IDLE') await this.reactivate(stored);
+  }
+
   /** Records a use of the session (at most once per touch interval per session). */
   async touch(ref: SessionRef): Promise<void> {
     const id = KeySpace.sessionId(ref);

@@ -284,7 +284,7 @@ export class BrokerGrpcServer {
         return;
       }
       subscribed.set(id, ref);
-      void sessions.touch(ref).catch(() => undefined);
+      void sessions.watchStarted(ref).catch(() => undefined);
       hub.subscribe(ref, sink, action.value.afterGeneration).then(
         (exists) => {
           if (!exists)
