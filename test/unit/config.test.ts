@@ -1,0 +1,159 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { afterAll, describe, expect, it } from 'vitest';
+
+import { loadConfig } from '../../broker/config.js';
+import { ConfigError } from '../../broker/errors.js';
+
+/** The least an embedded-mode broker needs. */
+const MINIMAL = {
+  TB_IDP_TOKEN_ENDPOINT: 'https://idp.example/token',
+  TB_IDP_CLIENT_ID: 'token-broker',
+  TB_IDP_CLIENT_SECRET: 'client-secret',
+} as const;
+
+const SEALING = 'k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=';
+
+function configError(env: Record<string, string>): ConfigError {
+  try {
+    loadConfig(env);
+  } catch (error) {
+    expect(error).toBeInstanceOf(ConfigError);
+    return error as ConfigError;
+  }
+  throw new Error(`expected a ConfigError for ${Object.keys(env).join(', ')}`);
+}
+
+const dir = mkdtempSync(join(tmpdir(), 'tb-config-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+describe('loadConfig', () => {
+  it('accepts a minimal environment: embedded mode with documented defaults', () => {
+    const config = loadConfig({ ...MINIMAL });
+    expect(config.redisUrl).toBeUndefined();
+    expect(config.redlockUrls).toEqual([]);
+    expect(config.idp.tokenEndpoint).toBe(MINIMAL.TB_IDP_TOKEN_ENDPOINT);
+    expect(config.idp.clientId).toBe('token-broker');
+    expect(config.idp.authMethod).toBe('client_secret_basic');
+    expect(config.idp.timeoutMs).toBe(5_000);
+    expect(config.lock.ttlMs).toBe(15_000);
+    expect(config.lock.extendBeforeMs).toBe(5_000);
+    expect(config.rotation.ratio).toBe(0.75);
+    expect(config.worker.claimLeaseMs).toBe(30_000);
+    expect(config.sessionIdleTimeoutMs).toBe(3_600_000);
+    expect(config.keyPrefix).toBe('tb:');
+  });
+
+  it('uses the state store as the only lock node when TB_REDLOCK_URLS is unset', () => {
+    const config = loadConfig({
+      ...MINIMAL,
+      TB_REDIS_URL: 'redis://127.0.0.1:6379',
+      TB_SEALING_KEYS: SEALING,
+    });
+    expect(config.redlockUrls).toEqual(['redis://127.0.0.1:6379']);
+    expect(config.sealingKeysSetting).toBe('TB_SEALING_KEYS');
+  });
+
+  it('reads the sealing keys and the client secret from files', () => {
+    const keys = join(dir, 'keys');
+    const secret = join(dir, 'secret');
+    writeFileSync(keys, SEALING);
+    writeFileSync(secret, 'from-file\n');
+    const config = loadConfig({
+      TB_IDP_TOKEN_ENDPOINT: MINIMAL.TB_IDP_TOKEN_ENDPOINT,
+      TB_IDP_CLIENT_ID: 'token-broker',
+      TB_IDP_CLIENT_SECRET_FILE: secret,
+      TB_REDIS_URL: 'rediss://cache.example:6380',
+      TB_SEALING_KEYS_FILE: keys,
+    });
+    expect(config.sealingKeysText).toBe(SEALING);
+    expect(config.sealingKeysSetting).toBe('TB_SEALING_KEYS_FILE');
+    expect(config.idp.clientSecret === 'from-file').toBe(true);
+  });
+
+  // Each case: the variable the message must start with, and the environment on top of MINIMAL.
+  const bad: [string, Record<string, string>][] = [
+    ['TB_LOCK_TTL_MS', { TB_LOCK_TTL_MS: 'fifteen' }],
+    ['TB_LOCK_TTL_MS', { TB_LOCK_TTL_MS: '-5' }],
+    ['TB_LOCK_TTL_MS', { TB_LOCK_TTL_MS: '500' }],
+    ['TB_REFRESH_RATIO', { TB_REFRESH_RATIO: 'most' }],
+    ['TB_REDIS_URL', { TB_REDIS_URL: 'http://cache.example:6379', TB_SEALING_KEYS: SEALING }],
+    ['TB_REDIS_URL', { TB_REDIS_URL: 'cache.example:6379', TB_SEALING_KEYS: SEALING }],
+    ['TB_SEALING_KEYS', { TB_REDIS_URL: 'redis://cache.example:6379' }],
+    [
+      'TB_SEALING_KEYS_FILE',
+      {
+        TB_REDIS_URL: 'redis://cache.example:6379',
+        TB_SEALING_KEYS: SEALING,
+        TB_SEALING_KEYS_FILE: '/nonexistent',
+      },
+    ],
+    ['TB_SEALING_KEYS_FILE', { TB_SEALING_KEYS_FILE: join(dir, 'missing') }],
+    ['TB_REDLOCK_URLS', { TB_REDLOCK_URLS: 'redis://a:1,redis://b:1,redis://c:1' }],
+    [
+      'TB_REDLOCK_URLS[1]',
+      {
+        TB_REDIS_URL: 'redis://cache.example:6379',
+        TB_SEALING_KEYS: SEALING,
+        TB_REDLOCK_URLS: 'redis://a:1,https://b:1,redis://c:1',
+      },
+    ],
+    ['TB_IDP_TIMEOUT_MS', { TB_LOCK_TTL_MS: '3000', TB_IDP_TIMEOUT_MS: '5000' }],
+    ['TB_IDP_TIMEOUT_MS', { TB_IDP_TIMEOUT_MS: '9500' }],
+    ['TB_IDP_TIMEOUT_MS', { TB_IDP_TIMEOUT_MS: '50' }],
+    ['TB_LOCK_EXTEND_BEFORE_MS', { TB_LOCK_TTL_MS: '2000', TB_LOCK_EXTEND_BEFORE_MS: '1950' }],
+    ['TB_CLAIM_LEASE_MS', { TB_CLAIM_LEASE_MS: '15000' }],
+    ['TB_IDP_CLIENT_ID', { TB_IDP_CLIENT_ID: '' }],
+    ['TB_IDP_CLIENT_ID', { TB_IDP_CLIENT_ID: '   ' }],
+    ['TB_IDP_CLIENT_SECRET', { TB_IDP_CLIENT_SECRET: '' }],
+    ['TB_IDP_CLIENT_SECRET_FILE', { TB_IDP_CLIENT_SECRET_FILE: join(dir, 'missing') }],
+    ['TB_IDP_AUTH_METHOD', { TB_IDP_AUTH_METHOD: 'private_key_jwt_please' }],
+    ['TB_IDP_TOKEN_ENDPOINT', { TB_IDP_TOKEN_ENDPOINT: '' }],
+    ['TB_IDP_TOKEN_ENDPOINT', { TB_IDP_TOKEN_ENDPOINT: 'ftp://idp.example/token' }],
+    ['TB_IDP_ISSUER', { TB_IDP_ISSUER: 'idp.example' }],
+    ['TB_IDP_REVOCATION_ENDPOINT', { TB_IDP_REVOCATION_ENDPOINT: 'redis://idp.example' }],
+    ['TB_LOG_LEVEL', { TB_LOG_LEVEL: 'loud' }],
+    ['TB_SESSION_IDLE_TIMEOUT_MS', { TB_SESSION_IDLE_TIMEOUT_MS: '10' }],
+    ['TB_ROTATION_CONCURRENCY', { TB_ROTATION_CONCURRENCY: '0' }],
+  ];
+  it.each(bad)('rejects a bad %s with a message that starts with its name', (setting, extra) => {
+    const error = configError({ ...MINIMAL, ...extra });
+    expect(error.setting).toBe(setting);
+    expect(error.message.startsWith(`${setting} `)).toBe(true);
+    expect(error.code).toBe('CONFIG_INVALID');
+  });
+
+  it('requires the client secret only for authentication methods that use one', () => {
+    const config = loadConfig({
+      ...MINIMAL,
+      TB_IDP_CLIENT_SECRET: '',
+      TB_IDP_AUTH_METHOD: 'none',
+    });
+    expect(config.idp.authMethod).toBe('none');
+  });
+
+  // Unencoded '/', '@' or spaces in a password make a URL unparseable: exactly when it is echoed.
+  const secretUrls = [
+    'redis://user:Hunter2Secret@cache.example:notaport',
+    'redis://user:Hunter2/Secret@cache.example:6379',
+    'redis://user:Hunter2@Secret@cache.example:x',
+    'redis://:Hunter2 Secret@cache.example:1:2',
+    'redis://user:Hunter2Secret@[::1',
+    'https://user:Hunter2Secret@cache.example:6379',
+  ];
+  it.each(secretUrls)('never echoes the password of a bad URL (%#)', (url) => {
+    for (const setting of ['TB_REDIS_URL', 'TB_REDLOCK_URLS'] as const) {
+      const env: Record<string, string> = {
+        ...MINIMAL,
+        TB_REDIS_URL: 'redis://cache.example:6379',
+        TB_SEALING_KEYS: SEALING,
+        [setting]: url,
+      };
+      const error = configError(env);
+      expect(error.message.startsWith(setting)).toBe(true);
+      for (const part of ['Hunter2', 'Secret']) expect(error.message).not.toContain(part);
+    }
+  });
+});
