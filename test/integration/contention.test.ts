@@ -92,9 +92,11 @@ async function runContention(options: { killLockNodeAt?: number }) {
   cleanup.push(() => Promise.resolve(clients.forEach((c) => c.close())));
 
   const users = Array.from({ length: USERS }, (_, i) => `user-${i}`);
+  const mintedRefreshTokens: string[] = [];
   await Promise.all(
     users.map(async (user, i) => {
       const minted = await oidc.mintTokens(user);
+      mintedRefreshTokens.push(minted.refresh_token);
       await clients[i % clients.length]!.enroll(TENANT, user, minted.refresh_token);
     }),
   );
@@ -140,6 +142,15 @@ async function runContention(options: { killLockNodeAt?: number }) {
   const generations = [...finals.values()].reduce((a, b) => a + b, 0);
 
   const exitCodes = await Promise.all(brokers.map((b) => b.stop()));
+  // Promise 5: no token value in any log line of any replica.
+  const tokens = new Set(mintedRefreshTokens);
+  for (const watcher of watchers)
+    for (const events of watcher.events.values())
+      for (const e of events) if (e.accessToken) tokens.add(e.accessToken);
+  const logText = brokers.map((b) => b.logs.map((l) => JSON.stringify(l)).join('\n')).join('\n');
+  expect(logText.length).toBeGreaterThan(0);
+  const leaked = [...tokens].filter((t) => logText.includes(t)).length;
+  expect(leaked, 'token values found in broker logs').toBe(0);
   return { oidc, stats, watchers, finals, generations, generationsAtKill, exitCodes };
 }
 
