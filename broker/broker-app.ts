@@ -45,7 +45,7 @@ export async function startBroker(
       parseSealingKeys(config.sealingKeysText ?? '', config.sealingKeysSetting),
     );
     store = new RedisSessionStore(config.redisUrl, config.keyPrefix, sealer, log);
-    locks = new RedlockLockService(
+    const redlock = new RedlockLockService(
       {
         urls: config.redlockUrls,
         ttlMs: config.lock.ttlMs,
@@ -56,6 +56,13 @@ export async function startBroker(
       },
       log,
     );
+    locks = redlock;
+    const ready = await redlock.waitForQuorum(5_000);
+    if (ready <= config.redlockUrls.length / 2)
+      log.error(
+        { ready, nodes: config.redlockUrls.length },
+        'no quorum of Redlock nodes reachable yet: rotations wait until one is (TB_REDLOCK_URLS)',
+      );
     if (config.redlockUrls.length < 3)
       log.warn(
         { nodes: config.redlockUrls.length },
