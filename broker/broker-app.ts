@@ -123,6 +123,7 @@ export async function startBroker(
       lockMarginMs: config.lock.marginMs,
       idleTimeoutMs: config.sessionIdleTimeoutMs,
       busyRetryMs: 250,
+      persistRetryMs: config.persistRetryMs,
     },
     { store, locks, keys, idps, policy, stats, log, clock },
   );

@@ -47,6 +47,7 @@ export interface BrokerConfig {
   sessionIdleTimeoutMs: number;
   refreshMinIntervalMs: number;
   refreshWaitMs: number;
+  persistRetryMs: number;
   shutdownGraceMs: number;
 }
 
@@ -167,6 +168,7 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
     sessionIdleTimeoutMs: read.int('TB_SESSION_IDLE_TIMEOUT_MS', 3_600_000, 1_000),
     refreshMinIntervalMs: read.int('TB_REFRESH_MIN_INTERVAL_MS', 1_000, 0),
     refreshWaitMs: read.int('TB_REFRESH_WAIT_MS', 10_000, 100),
+    persistRetryMs: read.int('TB_PERSIST_RETRY_MS', 30_000, 0),
     shutdownGraceMs: read.int('TB_SHUTDOWN_GRACE_MS', 20_000, 0),
   };
   if (config.worker.claimLeaseMs <= lockTtlMs)

@@ -55,6 +55,11 @@ export interface RotatorOptions {
   idleTimeoutMs: number;
   /** Delay before retrying a session whose lock was busy. */
   busyRetryMs: number;
+  /**
+   * How long to keep retrying the store after the IdP answered (default 30 s). The lock is held
+   * and extended meanwhile, so no one else presents the now-consumed refresh token.
+   */
+  persistRetryMs?: number;
 }
 
 export interface RotatorDeps {
@@ -197,12 +202,21 @@ export class Rotator {
       lastErrorCode: '',
       failedAttempts: 0,
     };
-    return this.persist(next, record.generation);
+    return this.persist(next, record.generation, lock);
   }
 
-  /** Compare-and-set, retried briefly while the store is unreachable. */
-  private async persist(next: SessionRecord, expected: number): Promise<RotationResult> {
+  /**
+   * Compare-and-set of the new pair. While the store is unreachable it retries, holding the lock,
+   * until `persistRetryMs` passes or the lock is lost: the old refresh token is consumed, so the
+   * new pair is the session's only future.
+   */
+  private async persist(
+    next: SessionRecord,
+    expected: number,
+    lock: HeldLock,
+  ): Promise<RotationResult> {
     const { store, log, stats } = this.deps;
+    const giveUpAt = this.clock() + (this.options.persistRetryMs ?? 30_000);
     for (let attempt = 1; ; attempt++) {
       try {
         const written = await store.write(next, expected, this.clock());
@@ -217,7 +231,8 @@ export class Rotator {
         }
         break;
       } catch (err) {
-        if (attempt >= 3) {
+        const wait = Math.min(2_000, 100 * 2 ** (attempt - 1));
+        if (lock.signal.aborted || this.clock() + wait > giveUpAt) {
           stats.persistFailures += 1;
           log.error(
             { tenant: next.tenant, generation: next.generation, err: String(err) },
@@ -225,7 +240,11 @@ export class Rotator {
           );
           return { outcome: 'persist-failed', record: undefined, errorCode: 'PERSIST_FAILED' };
         }
-        await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+        log.warn(
+          { tenant: next.tenant, attempt, err: String(err) },
+          'storing the new token pair failed; retrying while the lock is held',
+        );
+        await new Promise((resolve) => setTimeout(resolve, wait));
       }
     }
     stats.rotations += 1;

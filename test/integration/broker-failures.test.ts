@@ -656,6 +656,7 @@ describe('persist, then publish (promise 3)', () => {
         lockMarginMs: 500,
         idleTimeoutMs: 3_600_000,
         busyRetryMs: 250,
+        persistRetryMs: 300,
       },
       { store, locks, keys, idps, policy, stats, log: silent },
     );

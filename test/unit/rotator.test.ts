@@ -26,6 +26,7 @@ const OPTIONS: RotatorOptions = {
   lockMarginMs: 500,
   idleTimeoutMs: 60_000,
   busyRetryMs: 250,
+  persistRetryMs: 300,
 };
 
 type Step = () => Promise<TokenSet>;
@@ -352,6 +353,26 @@ describe('Rotator', () => {
     await rotator().rotate(REF, { kind: 'generation', generation: 2 });
     expect(idp.presented[1] === 'rt-1').toBe(true);
     expect((await stored()).record.refreshToken === 'rt-3').toBe(true);
+  });
+
+  it('keeps retrying the store under the lock, and stores the pair once it is back', async () => {
+    await seed();
+    const write = store.write.bind(store);
+    let failures = 0;
+    store.write = (record, expected, at) => {
+      if (record.generation === 2 && failures < 2) {
+        failures++;
+        return Promise.reject(new Error('store down'));
+      }
+      return write(record, expected, at);
+    };
+    idp.next(tokens(2));
+    const result = await rotator().rotate(REF, { kind: 'generation', generation: 1 });
+    expect(result.outcome).toBe('rotated');
+    expect(failures).toBe(2);
+    expect(stats.persistFailures).toBe(0);
+    expect((await stored()).record.generation).toBe(2);
+    expect(idp.presented.length).toBe(1);
   });
 
   it('never publishes a generation it could not store', async () => {
