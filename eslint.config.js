@@ -22,6 +22,7 @@ export default tseslint.config(
       'no-console': 'error',
     },
   },
+  { files: ['**/*.js'], ...tseslint.configs.disableTypeChecked },
   {
     files: ['test/**', 'bench/**', 'scripts/**'],
     rules: {
