@@ -85,7 +85,11 @@ function unary<Res>(
   });
 }
 
-export async function main(argv: string[], out = process.stdout, err = process.stderr) {
+export async function main(
+  argv: string[],
+  out: NodeJS.WritableStream = process.stdout,
+  err: NodeJS.WritableStream = process.stderr,
+) {
   const print = (line: string) => out.write(`${line}\n`);
   let parsed;
   try {

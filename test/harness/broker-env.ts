@@ -58,6 +58,19 @@ export async function startInProcessBroker(
   return Object.assign(broker, { address: `127.0.0.1:${broker.port}` });
 }
 
+/**
+ * The test topology over started Redis nodes: node 0 holds state, the others are the Redlock
+ * nodes; fresh sealing keys and key prefix per call, so tests never see each other's keys.
+ */
+export function redisTopology(urls: readonly string[]) {
+  return {
+    state: urls[0]!,
+    locks: urls.slice(1),
+    keys: sealingKeys(),
+    prefix: randomPrefix(),
+  };
+}
+
 export function randomPrefix(): string {
   return `t${randomBytes(4).toString('hex')}:`;
 }

@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startBroker, type RunningBroker } from '../../broker/broker-app.js';
 import { loadConfig } from '../../broker/config.js';
 import { BrokerGrpcServer } from '../../broker/grpc/grpc-server.js';
-import type { IdpAdapter, TokenSet } from '../../broker/idp/idp-adapter.js';
+import type { IdpAdapter, IdpContext, TokenSet } from '../../broker/idp/idp-adapter.js';
 import { OAuth2Adapter } from '../../broker/idp/oauth2-adapter.js';
 import { MemoryLockService } from '../../broker/lock/memory-lock-service.js';
 import { RotationPolicy } from '../../broker/rotation-policy.js';
@@ -19,7 +19,7 @@ import type { SessionRecord } from '../../broker/store/session-record.js';
 import { WatchHub } from '../../broker/watch-hub.js';
 import { SessionStatus, type TokenEvent } from '../../shared/gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient, eventually } from '../harness/broker-client.js';
-import { brokerEnv, randomPrefix, sealingKeys } from '../harness/broker-env.js';
+import { brokerEnv, redisTopology } from '../harness/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
 
@@ -43,14 +43,7 @@ afterAll(async () => {
 });
 
 /** Node 0 holds state, nodes 1-3 are the Redlock nodes; a fresh key prefix per call. */
-function redisTopology() {
-  return {
-    state: redis.urls[0]!,
-    locks: redis.urls.slice(1),
-    keys: sealingKeys(),
-    prefix: randomPrefix(),
-  };
-}
+const freshTopology = () => redisTopology(redis.urls);
 
 interface IdpCall {
   at: number;
@@ -71,11 +64,15 @@ class RecordingIdp implements IdpAdapter {
     this.name = inner.name;
   }
 
-  async refresh(refreshToken: string, signal: AbortSignal): Promise<TokenSet> {
+  async refresh(
+    refreshToken: string,
+    signal: AbortSignal,
+    context: IdpContext,
+  ): Promise<TokenSet> {
     const call: IdpCall = { at: Date.now(), presented: refreshToken, outcome: 'pending' };
     this.calls.push(call);
     try {
-      call.tokens = await this.inner.refresh(refreshToken, signal);
+      call.tokens = await this.inner.refresh(refreshToken, signal, context);
       call.outcome = 'ok';
       return call.tokens;
     } catch (err) {
@@ -85,8 +82,8 @@ class RecordingIdp implements IdpAdapter {
     }
   }
 
-  revoke(refreshToken: string, signal: AbortSignal): Promise<void> {
-    return this.inner.revoke(refreshToken, signal);
+  revoke(refreshToken: string, signal: AbortSignal, context: IdpContext): Promise<void> {
+    return this.inner.revoke(refreshToken, signal, context);
   }
 
   /** Calls that presented a refresh token of the family that started with `first`. */
@@ -223,7 +220,7 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
   it('rides out an IdP outage past the due time on the current token, with backoff', async () => {
     const oidc = await startOidcProvider({ accessTokenTtlSeconds: 8 });
     try {
-      const broker = await startTestBroker(oidc, redisTopology(), { TB_REFRESH_RATIO: '0.5' });
+      const broker = await startTestBroker(oidc, freshTopology(), { TB_REFRESH_RATIO: '0.5' });
       const { client } = broker;
       const minted = await oidc.mintTokens('outage');
       const session = (await client.enroll('diku', 'outage', minted.refresh_token)).session!;
@@ -293,7 +290,7 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
   });
 
   it('turns invalid_grant into REAUTH_REQUIRED for every watcher, without retrying', async () => {
-    const broker = await startTestBroker(steady, redisTopology());
+    const broker = await startTestBroker(steady, freshTopology());
     const { client } = broker;
     const minted = await steady.mintTokens('reauth');
     const session = (await client.enroll('diku', 'reauth', minted.refresh_token)).session!;
@@ -334,7 +331,7 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
   });
 
   it('keeps no token in plain text, base64 or base64url anywhere in Redis', async () => {
-    const topology = redisTopology();
+    const topology = freshTopology();
     const broker = await startTestBroker(fast, topology, { TB_REFRESH_RATIO: '0.5' });
     const { client } = broker;
     const published: string[] = [];
@@ -400,7 +397,7 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
   });
 
   it('revokes at once: REVOKED to watchers, IdP revocation, no refresh afterwards', async () => {
-    const broker = await startTestBroker(fast, redisTopology(), { TB_REFRESH_RATIO: '0.5' });
+    const broker = await startTestBroker(fast, freshTopology(), { TB_REFRESH_RATIO: '0.5' });
     const { client } = broker;
     const minted = await fast.mintTokens('revoke-me');
     await client.enroll('diku', 'revoke-me', minted.refresh_token);
@@ -438,7 +435,7 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
   });
 
   it('lets an unused session go IDLE and keeps a watched one ACTIVE; a read reactivates', async () => {
-    const broker = await startTestBroker(fast, redisTopology(), {
+    const broker = await startTestBroker(fast, freshTopology(), {
       TB_REFRESH_RATIO: '0.5',
       TB_SESSION_IDLE_TIMEOUT_MS: '1500',
     });
@@ -504,7 +501,7 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
   });
 
   it('coalesces Refresh(generation) into one rotation on one replica and across two', async () => {
-    const topology = redisTopology();
+    const topology = freshTopology();
     const a = await startTestBroker(steady, topology);
     const b = await startTestBroker(steady, topology);
     const minted = await steady.mintTokens('coalesce');
@@ -546,7 +543,7 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
   });
 
   it('rejects bad input with precise codes and pages sessions without token values', async () => {
-    const broker = await startTestBroker(steady, redisTopology());
+    const broker = await startTestBroker(steady, freshTopology());
     const { client } = broker;
     const minted = await steady.mintTokens('input');
 

@@ -5,12 +5,7 @@ import { service as healthService } from 'grpc-health-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SessionStatus } from '../../shared/gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient } from '../harness/broker-client.js';
-import {
-  brokerEnv,
-  randomPrefix,
-  sealingKeys,
-  startInProcessBroker,
-} from '../harness/broker-env.js';
+import { brokerEnv, redisTopology, startInProcessBroker } from '../harness/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
 
@@ -27,18 +22,12 @@ afterAll(async () => {
   await Promise.all([oidc?.close(), redis?.stopAll()]);
 });
 
-function redisTopology() {
-  return {
-    state: redis.urls[0]!,
-    locks: redis.urls.slice(1),
-    keys: sealingKeys(),
-    prefix: randomPrefix(),
-  };
-}
+/** Node 0 holds state, nodes 1-3 are the Redlock nodes; a fresh key prefix per call. */
+const freshTopology = () => redisTopology(redis.urls);
 
 describe('broker on Redis', () => {
   it('enrolls, rotates the caller copy dead, streams each generation in order', async () => {
-    const broker = await startInProcessBroker(brokerEnv(oidc, redisTopology()));
+    const broker = await startInProcessBroker(brokerEnv(oidc, freshTopology()));
     const client = new BrokerClient(broker.address);
     try {
       const minted = await oidc.mintTokens('alice');
@@ -68,7 +57,7 @@ describe('broker on Redis', () => {
 
 describe('standard gRPC services', () => {
   it('answers health checks and lists the service by reflection', async () => {
-    const broker = await startInProcessBroker(brokerEnv(oidc, redisTopology()));
+    const broker = await startInProcessBroker(brokerEnv(oidc, freshTopology()));
     const address = broker.address;
     try {
       const Health = grpc.makeGenericClientConstructor(healthService, 'Health');
@@ -122,7 +111,7 @@ describe('standard gRPC services', () => {
 
 describe('sealing keys', () => {
   it('opens records sealed with an older key after a new key is put first', async () => {
-    const topology = redisTopology();
+    const topology = freshTopology();
     const first = await startInProcessBroker(brokerEnv(oidc, topology));
     const client = new BrokerClient(first.address);
     const minted = await oidc.mintTokens('bob');

@@ -2,7 +2,7 @@ import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import { afterEach, describe, expect, it } from 'vitest';
 import { SessionStatus } from '../../shared/gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient, type Watcher } from '../harness/broker-client.js';
-import { brokerEnv, randomPrefix, sealingKeys } from '../harness/broker-env.js';
+import { brokerEnv, redisTopology } from '../harness/broker-env.js';
 import { startBrokerProcess, type BrokerProcess } from '../harness/broker-process.js';
 import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
@@ -74,16 +74,10 @@ async function runContention(options: { killLockNodeAt?: number }) {
     () => oidc.close(),
     () => redis.stopAll(),
   );
-  const env = brokerEnv(
-    oidc,
-    {
-      state: redis.urls[0]!,
-      locks: redis.urls.slice(1),
-      keys: sealingKeys(),
-      prefix: randomPrefix(),
-    },
-    { TB_REFRESH_MIN_INTERVAL_MS: '1000', TB_LOG_LEVEL: 'error' },
-  );
+  const env = brokerEnv(oidc, redisTopology(redis.urls), {
+    TB_REFRESH_MIN_INTERVAL_MS: '1000',
+    TB_LOG_LEVEL: 'error',
+  });
   const brokers: BrokerProcess[] = await Promise.all([1, 2, 3].map(() => startBrokerProcess(env)));
   cleanup.push(async () => {
     await Promise.all(brokers.map((b) => b.kill()));

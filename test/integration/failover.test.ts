@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { SessionStatus } from '../../shared/gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient, eventually } from '../harness/broker-client.js';
-import { brokerEnv, randomPrefix, sealingKeys } from '../harness/broker-env.js';
+import { brokerEnv, redisTopology } from '../harness/broker-env.js';
 import { startBrokerProcess, type BrokerProcess } from '../harness/broker-process.js';
 import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
@@ -22,16 +22,7 @@ async function cluster(accessTokenTtlSeconds: number, extra: Record<string, stri
     () => oidc.close(),
     () => redis.stopAll(),
   );
-  const env = brokerEnv(
-    oidc,
-    {
-      state: redis.urls[0]!,
-      locks: redis.urls.slice(1),
-      keys: sealingKeys(),
-      prefix: randomPrefix(),
-    },
-    extra,
-  );
+  const env = brokerEnv(oidc, redisTopology(redis.urls), extra);
   const brokers: BrokerProcess[] = [];
   const start = async () => {
     const broker = await startBrokerProcess(env);

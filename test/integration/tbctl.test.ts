@@ -33,8 +33,8 @@ async function tbctl(...args: string[]) {
     });
   const code = await main(
     ['--broker', broker.address, ...args],
-    sink((s) => (stdout += s)) as unknown as NodeJS.WriteStream,
-    sink((s) => (stderr += s)) as unknown as NodeJS.WriteStream,
+    sink((s) => (stdout += s)),
+    sink((s) => (stderr += s)),
   );
   return { code, stdout, stderr };
 }
