@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import {
+  BrokerError,
   InvalidArgumentError,
   ReauthRequiredError,
   SessionInactiveError,
@@ -7,7 +8,13 @@ import {
   ShuttingDownError,
   UnavailableError,
 } from './errors.js';
-import type { IdpAdapter } from './idp/idp-adapter.js';
+import {
+  IdpInvalidGrantError,
+  IdpTransientError,
+  type IdpAdapter,
+  type TokenSet,
+} from './idp/idp-adapter.js';
+import type { LoginSecrets } from './idp/login-secrets.js';
 import { LockUnavailableError, type LockService } from './lock/lock-service.js';
 import type { Rotator, RotationResult } from './rotation/rotator.js';
 import { KeySpace } from './store/keys.js';
@@ -16,6 +23,7 @@ import {
   type SessionMetadata,
   type SessionRecord,
   type SessionRef,
+  type StoredLogin,
   type StoredSession,
 } from './store/session-record.js';
 import type { SessionStore } from './store/session-store.js';
@@ -29,6 +37,24 @@ export interface SessionServiceOptions {
   refreshWaitMs: number;
   /** Reads and watches record a use at most this often per session (lease keeping). */
   touchIntervalMs: number;
+  /** The longest IdP call (a token exchange at enrollment). */
+  idpTimeoutMs?: number;
+}
+
+/** What a caller hands over at Enroll (the proto's `credential` oneof). */
+export type EnrollCredential =
+  /** A refresh token dedicated to the broker: rotated at once, the caller's copy dies. */
+  | { kind: 'refresh_token'; refreshToken: string }
+  /** A system user: the broker logs in now, and again whenever the family ends. */
+  | { kind: 'login'; username: string; password?: string; passwordFile?: string }
+  /** RFC 8693: the user's token is exchanged for a family only the broker holds. */
+  | { kind: 'token_exchange'; subjectToken: string; subjectTokenType?: string };
+
+export interface EnrollInput extends Partial<SessionRef> {
+  idp?: string;
+  credential?: EnrollCredential | undefined;
+  /** Shorthand for `credential: { kind: 'refresh_token', refreshToken }`. */
+  refreshToken?: string | undefined;
 }
 
 export interface SessionServiceDeps {
@@ -40,6 +66,8 @@ export interface SessionServiceDeps {
   hub: WatchHub;
   log: Logger;
   clock?: () => number;
+  /** Password files of system users (TB_SECRETS_DIR); absent when none is configured. */
+  secrets?: LoginSecrets | undefined;
 }
 
 const MAX_ID_LENGTH = 256;
@@ -82,60 +110,171 @@ export class SessionService {
   }
 
   /**
-   * Takes ownership of a dedicated refresh token and rotates it at once, so the caller's copy is
-   * dead. Re-enrolling an existing session replaces its family and keeps its generation rising.
+   * Takes ownership of a credential for `(tenant, user)`: a dedicated refresh token (rotated at
+   * once, so the caller's copy is dead), a system user's login (the broker logs in at once), or a
+   * token exchange (a new family issued to the broker). Re-enrolling an existing session replaces
+   * its family and keeps its generation rising.
    */
-  async enroll(
-    input: Partial<SessionRef> & { idp?: string; refreshToken?: string },
-  ): Promise<SessionMetadata> {
+  async enroll(input: EnrollInput): Promise<SessionMetadata> {
     this.checkOpen();
     const ref = validateRef(input);
-    const idp = input.idp || this.options.defaultIdp;
-    if (!this.deps.idps.has(idp))
+    const idpName = input.idp || this.options.defaultIdp;
+    const idp = this.deps.idps.get(idpName);
+    if (!idp)
       throw new InvalidArgumentError(
         'idp',
         `names no configured identity provider (known: ${[...this.deps.idps.keys()].join(', ')})`,
       );
-    if (!input.refreshToken) throw new InvalidArgumentError('refresh_token', 'is required');
-    const refreshToken = input.refreshToken;
-    const now = this.clock();
-    const generation = await this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
+    const credential =
+      input.credential ??
+      (input.refreshToken
+        ? { kind: 'refresh_token', refreshToken: input.refreshToken }
+        : undefined);
+    if (!credential)
+      throw new InvalidArgumentError(
+        'credential',
+        'is required: refresh_token, login or token_exchange',
+      );
+    if (credential.kind === 'token_exchange')
+      return this.enrollByExchange(ref, idpName, idp, credential);
+
+    let seed: Pick<SessionRecord, 'refreshToken' | 'login'>;
+    if (credential.kind === 'refresh_token') {
+      if (!credential.refreshToken) throw new InvalidArgumentError('refresh_token', 'is required');
+      seed = { refreshToken: credential.refreshToken, login: undefined };
+    } else {
+      seed = { refreshToken: '', login: await this.checkLogin(idp, credential) };
+    }
+    const generation = await this.replaceFamily(ref, idpName, seed, this.clock());
+    await this.deps.store.touch(ref, this.clock());
+    // The first rotation presents the dedicated refresh token, or logs in.
+    const result = await this.deps.rotator.rotate(ref, { kind: 'generation', generation });
+    if (result.outcome === 'reauth-required')
+      throw new ReauthRequiredError(
+        credential.kind === 'login'
+          ? 'the identity provider refused the login'
+          : 'the identity provider rejected the refresh token (invalid_grant)',
+      );
+    return metadataOf(await this.mustGet(ref));
+  }
+
+  private async checkLogin(
+    idp: IdpAdapter,
+    login: Extract<EnrollCredential, { kind: 'login' }>,
+  ): Promise<StoredLogin> {
+    if (!idp.login)
+      throw new InvalidArgumentError(
+        'login',
+        `is not supported by identity provider ${JSON.stringify(idp.name)}`,
+      );
+    if (!login.username) throw new InvalidArgumentError('login.username', 'is required');
+    if (login.password) return { username: login.username, password: login.password };
+    if (!login.passwordFile)
+      throw new InvalidArgumentError('login.password', 'or login.password_file is required');
+    if (!this.deps.secrets)
+      throw new InvalidArgumentError(
+        'login.password_file',
+        'needs TB_SECRETS_DIR to be set on the broker',
+      );
+    await this.deps.secrets.check(login.passwordFile, 'login.password_file');
+    return { username: login.username, passwordFile: login.passwordFile };
+  }
+
+  /**
+   * The exchange needs no lock: it presents no refresh token, and the user's own family is left
+   * alone. Only storing the new family is serialised with rotations.
+   */
+  private async enrollByExchange(
+    ref: SessionRef,
+    idpName: string,
+    idp: IdpAdapter,
+    exchange: Extract<EnrollCredential, { kind: 'token_exchange' }>,
+  ): Promise<SessionMetadata> {
+    if (!idp.exchange)
+      throw new InvalidArgumentError(
+        'token_exchange',
+        `is not supported by identity provider ${JSON.stringify(idp.name)}`,
+      );
+    if (!exchange.subjectToken)
+      throw new InvalidArgumentError('token_exchange.subject_token', 'is required');
+    const issuedAt = this.clock();
+    let tokens: TokenSet;
+    try {
+      tokens = await idp.exchange(
+        { token: exchange.subjectToken, tokenType: exchange.subjectTokenType ?? '' },
+        AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000),
+        ref,
+      );
+    } catch (err) {
+      throw enrollmentFailure(err, 'token exchange');
+    }
+    const generation = await this.replaceFamily(
+      ref,
+      idpName,
+      { refreshToken: tokens.refreshToken ?? '', login: undefined },
+      issuedAt,
+      tokens,
+    );
+    await this.deps.store.touch(ref, this.clock());
+    this.deps.log.info({ tenant: ref.tenant, generation }, 'enrolled by token exchange');
+    return metadataOf(await this.mustGet(ref));
+  }
+
+  /**
+   * Writes the session's new family under its lock. Without `tokens` the family still has to be
+   * rotated (or logged into): it is due now, and the due queue is the safety net if this replica
+   * dies before doing so. With `tokens` (an exchange) it is a new generation, published at once.
+   */
+  private replaceFamily(
+    ref: SessionRef,
+    idp: string,
+    seed: Pick<SessionRecord, 'refreshToken' | 'login'>,
+    now: number,
+    tokens?: TokenSet,
+  ): Promise<number> {
+    return this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
       const existing = await this.deps.store.get(ref);
-      const record: SessionRecord = {
+      const previous = existing?.record;
+      const base: SessionRecord = {
         tenant: ref.tenant,
         user: ref.user,
         idp,
-        generation: existing?.record.generation ?? 0,
+        generation: previous?.generation ?? 0,
         status: 'ACTIVE',
-        accessToken: existing?.record.accessToken ?? '',
-        tokenType: existing?.record.tokenType ?? 'Bearer',
-        accessExpiresAt: existing?.record.accessExpiresAt ?? 0,
-        refreshToken,
+        accessToken: previous?.accessToken ?? '',
+        tokenType: previous?.tokenType ?? 'Bearer',
+        accessExpiresAt: previous?.accessExpiresAt ?? 0,
+        refreshToken: seed.refreshToken,
         refreshExpiresAt: 0,
-        issuedAt: existing?.record.issuedAt ?? 0,
+        issuedAt: previous?.issuedAt ?? 0,
         nextRefreshAt: now,
         lastErrorCode: '',
         failedAttempts: 0,
         traceparent: '',
+        login: seed.login,
+        reloginStreak: 0,
       };
+      const record: SessionRecord = tokens
+        ? {
+            ...base,
+            generation: base.generation + 1,
+            accessToken: tokens.accessToken,
+            tokenType: tokens.tokenType,
+            accessExpiresAt: tokens.accessExpiresAt,
+            refreshExpiresAt: tokens.refreshExpiresAt ?? 0,
+            issuedAt: now,
+            nextRefreshAt: this.deps.rotator.nextRefreshAt(now, tokens.accessExpiresAt),
+          }
+        : base;
       const written = await this.deps.store.write(
         record,
-        existing ? existing.record.generation : null,
+        previous ? previous.generation : null,
         now,
       );
       if (!written) throw new UnavailableError('session changed during enrollment; retry');
-      // The due queue is the safety net if this replica dies before the rotation below.
-      await this.deps.store.schedule(ref, now);
+      await this.deps.store.schedule(ref, record.nextRefreshAt);
       return record.generation;
     });
-    await this.deps.store.touch(ref, now);
-    const result = await this.deps.rotator.rotate(ref, { kind: 'generation', generation });
-    if (result.outcome === 'reauth-required')
-      throw new ReauthRequiredError(
-        'the identity provider rejected the refresh token (invalid_grant)',
-      );
-    const stored = await this.mustGet(ref);
-    return metadataOf(stored);
   }
 
   /** The current access token; reactivates an idle session, rotates one that has none valid. */
@@ -187,7 +326,8 @@ export class SessionService {
       await this.deps.store.unschedule(ref);
       const idp = this.deps.idps.get(record.idp);
       if (idp && record.refreshToken) {
-        await idp.revoke(record.refreshToken, AbortSignal.timeout(5_000)).catch((err: unknown) => {
+        const signal = AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000);
+        await idp.revoke(record.refreshToken, signal, ref).catch((err: unknown) => {
           this.deps.log.warn(
             { tenant: ref.tenant, err: err instanceof Error ? err.message : String(err) },
             'IdP revocation failed; the broker no longer holds the token either way',
@@ -313,4 +453,29 @@ export class SessionService {
     if (this.closing)
       throw new ShuttingDownError('the broker is shutting down; use another replica');
   }
+}
+
+/** An IdP failure during enrollment, as the caller sees it; the IdP's own message stays in detail. */
+function enrollmentFailure(err: unknown, what: string): unknown {
+  if (err instanceof IdpInvalidGrantError)
+    return new ReauthRequiredError(`the identity provider rejected the ${what} (invalid_grant)`, {
+      detail: err.message,
+    });
+  if (err instanceof IdpTransientError)
+    return new UnavailableError(
+      `the identity provider is unavailable for the ${what}; retry`,
+      err.retryAfterMs,
+      {
+        detail: err.message,
+      },
+    );
+  if (err instanceof BrokerError)
+    return new UnavailableError(
+      `the ${what} failed at the identity provider (${err.code})`,
+      undefined,
+      {
+        detail: `${err.message}${err.detail ? `: ${err.detail}` : ''}`,
+      },
+    );
+  return err;
 }

@@ -7,6 +7,7 @@ import type { Logger } from 'pino';
 import {
   SessionStatus,
   TokenBrokerServiceService,
+  type EnrollRequest,
   type Session,
   type TokenBrokerServiceServer,
   type TokenEvent,
@@ -15,7 +16,7 @@ import {
 } from '../../shared/gen/tokenbroker/v1/token_broker.js';
 import { BrokerError, InvalidArgumentError } from '../errors.js';
 import { LockUnavailableError } from '../lock/lock-service.js';
-import { validateRef, type SessionService } from '../session-service.js';
+import { validateRef, type EnrollCredential, type SessionService } from '../session-service.js';
 import { KeySpace } from '../store/keys.js';
 import type { SessionMetadata, SessionRecord, SessionStatusName } from '../store/session-record.js';
 import type { WatchHub, WatchSink } from '../watch-hub.js';
@@ -225,9 +226,12 @@ export class BrokerGrpcServer {
     const { sessions } = this.deps;
     return {
       enroll: this.unary(async (req) => {
-        const refreshToken =
-          req.credential?.$case === 'refreshToken' ? req.credential.value : undefined;
-        const meta = await sessions.enroll({ ...req, refreshToken });
+        const meta = await sessions.enroll({
+          tenant: req.tenant,
+          user: req.user,
+          idp: req.idp,
+          credential: enrollCredential(req),
+        });
         return { session: toSession(meta) };
       }),
       getToken: this.unary(async (req) => ({
@@ -305,6 +309,29 @@ export class BrokerGrpcServer {
         },
       );
     });
+  }
+}
+
+/** The request's credential oneof, as the session service takes it. */
+function enrollCredential(req: EnrollRequest): EnrollCredential | undefined {
+  const credential = req.credential;
+  switch (credential?.$case) {
+    case 'refreshToken':
+      return { kind: 'refresh_token', refreshToken: credential.value };
+    case 'login': {
+      const { username, secret } = credential.value;
+      return secret?.$case === 'passwordFile'
+        ? { kind: 'login', username, passwordFile: secret.value }
+        : { kind: 'login', username, password: secret?.value ?? '' };
+    }
+    case 'tokenExchange':
+      return {
+        kind: 'token_exchange',
+        subjectToken: credential.value.subjectToken,
+        subjectTokenType: credential.value.subjectTokenType,
+      };
+    default:
+      return undefined;
   }
 }
 

@@ -12,21 +12,59 @@ export interface TokenSet {
   refreshExpiresAt?: number | undefined;
 }
 
+/** The session a call is made for: FOLIO names the tenant in a header (`x-okapi-tenant`). */
+export interface IdpContext {
+  tenant: string;
+  user: string;
+}
+
+/** A system user's credentials, resolved just before a login; never stored by an adapter. */
+export interface LoginCredentials {
+  username: string;
+  password: string;
+}
+
+/** The token an RFC 8693 exchange starts from (the user's access token, by default). */
+export interface SubjectToken {
+  token: string;
+  /** An RFC 8693 token type URI, e.g. urn:ietf:params:oauth:token-type:access_token. */
+  tokenType: string;
+}
+
 /**
  * One identity provider. Implementations classify every failure into the IdP error classes below;
- * they never put a token value into an error, log line or span.
+ * they never put a token value or a password into an error, log line or span.
  */
 export interface IdpAdapter {
   readonly name: string;
   /** Presents the refresh token once. `signal` aborts the call (lock about to lapse, shutdown). */
-  refresh(refreshToken: string, signal: AbortSignal): Promise<TokenSet>;
-  /** Revokes the refresh token (RFC 7009) when the IdP supports it; a no-op otherwise. */
-  revoke(refreshToken: string, signal: AbortSignal): Promise<void>;
+  refresh(refreshToken: string, signal: AbortSignal, context: IdpContext): Promise<TokenSet>;
+  /** Revokes the refresh token (RFC 7009, FOLIO logout) when the IdP supports it; else a no-op. */
+  revoke(refreshToken: string, signal: AbortSignal, context: IdpContext): Promise<void>;
+  /**
+   * Logs a system user in, starting a new token family (FOLIO `login-with-expiry`). Absent when
+   * the IdP offers no such login. A refusal of the credentials is IdpLoginRejectedError.
+   */
+  login?(
+    credentials: LoginCredentials,
+    signal: AbortSignal,
+    context: IdpContext,
+  ): Promise<TokenSet>;
+  /**
+   * Exchanges a subject token for a new token family the broker owns (RFC 8693). Absent when the
+   * IdP offers no exchange. The result always carries a refresh token.
+   */
+  exchange?(subject: SubjectToken, signal: AbortSignal, context: IdpContext): Promise<TokenSet>;
 }
 
 /** The refresh token is dead (invalid_grant): terminal, the session needs a new enrollment. */
 export class IdpInvalidGrantError extends BrokerError {
   readonly code = 'IDP_INVALID_GRANT';
+}
+
+/** The IdP refused a system user's login (wrong password, unknown or blocked user): terminal. */
+export class IdpLoginRejectedError extends BrokerError {
+  readonly code = 'IDP_LOGIN_REJECTED';
 }
 
 /** The IdP rejected the broker's client credentials: a configuration error, loud and alerting. */

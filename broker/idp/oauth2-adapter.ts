@@ -5,8 +5,20 @@ import {
   IdpProtocolError,
   IdpTransientError,
   type IdpAdapter,
+  type IdpContext,
+  type SubjectToken,
   type TokenSet,
 } from './idp-adapter.js';
+import {
+  displayUrl,
+  errorChain,
+  isHttpUrl,
+  parseJsonObject,
+  parseRetryAfter,
+  postOnce,
+  type HttpAnswer,
+  type JsonObject,
+} from './idp-http.js';
 
 export type ClientAuthMethod = 'client_secret_basic' | 'client_secret_post' | 'none';
 
@@ -21,6 +33,11 @@ export interface OAuth2AdapterOptions {
   clientSecret?: string;
   authMethod: ClientAuthMethod;
   scope?: string;
+  /**
+   * RFC 8693 `requested_token_type` of an exchange enrollment; default the refresh-token type,
+   * since the broker needs a family of its own.
+   */
+  exchangeTokenType?: string;
   timeoutMs: number;
   now?: () => number;
   fetch?: typeof fetch;
@@ -40,13 +57,9 @@ const AUTH_METHODS: readonly ClientAuthMethod[] = [
 const DEFAULT_EXPIRES_IN_S = 300;
 const MAX_DESCRIPTION_CHARS = 200;
 
-/** Failures that happen before a single byte of the request leaves: the token was not presented. */
-const NOT_PRESENTED_CODES = new Set([
-  'ECONNREFUSED',
-  'ENOTFOUND',
-  'EAI_AGAIN',
-  'UND_ERR_CONNECT_TIMEOUT',
-]);
+export const TOKEN_EXCHANGE_GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
+export const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
+export const REFRESH_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:refresh_token';
 
 const CLIENT_CONFIG_ERRORS = new Set([
   'invalid_client',
@@ -59,6 +72,7 @@ const TRANSIENT_ERRORS = new Set(['server_error', 'temporarily_unavailable']);
 const KNOWN_ERRORS = new Set([
   'invalid_grant',
   'invalid_request',
+  'invalid_target',
   'unsupported_token_type',
   ...CLIENT_CONFIG_ERRORS,
   ...TRANSIENT_ERRORS,
@@ -69,15 +83,10 @@ interface Discovered {
   revocationEndpoint: string | undefined;
 }
 
-interface HttpAnswer {
-  status: number;
-  headers: Headers;
-  text: string;
-}
-
-type JsonObject = Record<string, unknown>;
-
-/** A generic OAuth2 client for the refresh grant (RFC 6749 §6) and revocation (RFC 7009). */
+/**
+ * A generic OAuth2 client for the refresh grant (RFC 6749 §6), revocation (RFC 7009) and token
+ * exchange (RFC 8693) as an enrollment.
+ */
 export class OAuth2Adapter implements IdpAdapter {
   readonly name: string;
   private readonly tokenEndpoint: string | undefined;
@@ -87,6 +96,7 @@ export class OAuth2Adapter implements IdpAdapter {
   private readonly clientSecret: string | undefined;
   private readonly authMethod: ClientAuthMethod;
   private readonly scope: string | undefined;
+  private readonly exchangeTokenType: string;
   private readonly timeoutMs: number;
   private readonly now: () => number;
   private readonly fetch: typeof fetch;
@@ -124,6 +134,10 @@ export class OAuth2Adapter implements IdpAdapter {
       );
     }
     this.scope = options.scope === undefined ? undefined : requireText(options.scope, 'scope');
+    this.exchangeTokenType =
+      options.exchangeTokenType === undefined
+        ? REFRESH_TOKEN_TYPE
+        : requireText(options.exchangeTokenType, 'exchangeTokenType');
     if (!Number.isInteger(options.timeoutMs) || options.timeoutMs <= 0) {
       throw new ConfigError(`${SETTING}.timeoutMs`, 'must be a positive integer');
     }
@@ -133,16 +147,56 @@ export class OAuth2Adapter implements IdpAdapter {
     this.label = `IdP ${JSON.stringify(this.name)}`;
   }
 
-  async refresh(refreshToken: string, signal: AbortSignal): Promise<TokenSet> {
+  /** The session context is unused: an OAuth2 refresh token names its user and client itself. */
+  async refresh(
+    refreshToken: string,
+    signal: AbortSignal,
+    _context?: IdpContext,
+  ): Promise<TokenSet> {
+    const form = new URLSearchParams({ grant_type: 'refresh_token', refresh_token: refreshToken });
+    return this.requestTokens(form, refreshToken, signal);
+  }
+
+  /**
+   * RFC 8693: trades the user's token for a new family issued to the broker's client, so the
+   * user's own refresh token is never presented. An answer without a refresh token is refused:
+   * the broker could not keep the session alive.
+   */
+  async exchange(
+    subject: SubjectToken,
+    signal: AbortSignal,
+    _context?: IdpContext,
+  ): Promise<TokenSet> {
+    const form = new URLSearchParams({
+      grant_type: TOKEN_EXCHANGE_GRANT,
+      subject_token: subject.token,
+      subject_token_type: subject.tokenType || ACCESS_TOKEN_TYPE,
+      requested_token_type: this.exchangeTokenType,
+    });
+    const tokens = await this.requestTokens(form, subject.token, signal);
+    if (tokens.refreshToken === undefined) {
+      throw new IdpProtocolError(
+        `${this.label}: token exchange answered without a refresh_token; the broker needs one ` +
+          `(requested_token_type ${this.exchangeTokenType})`,
+      );
+    }
+    return tokens;
+  }
+
+  /** One grant at the token endpoint; `sentToken` is masked out of any error detail. */
+  private async requestTokens(
+    form: URLSearchParams,
+    sentToken: string,
+    signal: AbortSignal,
+  ): Promise<TokenSet> {
     const endpoint = this.tokenEndpoint ?? (await this.discover(signal)).tokenEndpoint;
     const where = `${this.label}: token endpoint ${displayUrl(endpoint)}`;
-    const form = new URLSearchParams({ grant_type: 'refresh_token', refresh_token: refreshToken });
     if (this.scope !== undefined) form.set('scope', this.scope);
 
     // Read before sending, so every expiry we compute errs early.
     const sentAt = this.now();
     const answer = await this.post(endpoint, form, where, signal);
-    if (answer.status !== 200) throw this.errorAnswer(answer, where, refreshToken);
+    if (answer.status !== 200) throw this.errorAnswer(answer, where, sentToken);
 
     const body = parseJsonObject(answer.text);
     if (body === undefined) {
@@ -152,12 +206,12 @@ export class OAuth2Adapter implements IdpAdapter {
     }
     // Some IdPs (GitHub among them) report errors with status 200.
     if (body.access_token === undefined && typeof body.error === 'string') {
-      throw this.errorAnswer(answer, where, refreshToken);
+      throw this.errorAnswer(answer, where, sentToken);
     }
     return readTokenSet(body, sentAt, where);
   }
 
-  async revoke(refreshToken: string, signal: AbortSignal): Promise<void> {
+  async revoke(refreshToken: string, signal: AbortSignal, _context?: IdpContext): Promise<void> {
     const endpoint =
       this.revocationEndpoint ??
       (this.issuer === undefined ? undefined : (await this.discover(signal)).revocationEndpoint);
@@ -176,19 +230,12 @@ export class OAuth2Adapter implements IdpAdapter {
   }
 
   /** Sends one form POST with client authentication; every network failure becomes transient. */
-  private async post(
+  private post(
     endpoint: string,
     form: URLSearchParams,
     where: string,
     signal: AbortSignal,
   ): Promise<HttpAnswer> {
-    if (signal.aborted) {
-      throw new IdpTransientError(
-        `${where}: aborted before the request was sent`,
-        undefined,
-        false,
-      );
-    }
     const headers: Record<string, string> = {
       accept: 'application/json',
       'content-type': 'application/x-www-form-urlencoded',
@@ -202,41 +249,12 @@ export class OAuth2Adapter implements IdpAdapter {
       if (this.authMethod === 'client_secret_post')
         form.set('client_secret', this.clientSecret ?? '');
     }
-
-    const timeout = AbortSignal.timeout(this.timeoutMs);
-    try {
-      const response = await this.fetch(endpoint, {
-        method: 'POST',
-        headers,
-        body: form.toString(),
-        // A followed 307/308 would resend the token to wherever the redirect points.
-        redirect: 'manual',
-        signal: AbortSignal.any([signal, timeout]),
-      });
-      return { status: response.status, headers: response.headers, text: await response.text() };
-    } catch (err) {
-      if (signal.aborted) {
-        throw new IdpTransientError(
-          `${where}: aborted by the caller after the request was sent`,
-          undefined,
-          true,
-        );
-      }
-      if (timeout.aborted) {
-        throw new IdpTransientError(
-          `${where}: no answer within ${this.timeoutMs} ms`,
-          undefined,
-          true,
-        );
-      }
-      const codes = errorCodes(err);
-      const presented = codes.length === 0 || !codes.every((code) => NOT_PRESENTED_CODES.has(code));
-      const reason = codes.length === 0 ? 'request failed' : `request failed (${codes.join(', ')})`;
-      throw new IdpTransientError(`${where}: ${reason}`, undefined, presented, {
-        detail: errorChain(err),
-        cause: err,
-      });
-    }
+    return postOnce(endpoint, headers, form.toString(), {
+      where,
+      timeoutMs: this.timeoutMs,
+      signal,
+      fetch: this.fetch,
+    });
   }
 
   /** Classifies a non-success answer. Only known error codes and the truncated description leave. */
@@ -373,15 +391,6 @@ function readSeconds(value: unknown): number | undefined | null {
   return Number.isFinite(seconds) && seconds >= 0 ? seconds : null;
 }
 
-/** Retry-After as delta-seconds or an HTTP-date, measured against the injected clock. */
-function parseRetryAfter(value: string | null, now: number): number | undefined {
-  if (value === null) return undefined;
-  const trimmed = value.trim();
-  if (/^\d+$/.test(trimmed)) return Number(trimmed) * 1000;
-  const at = Date.parse(trimmed);
-  return Number.isNaN(at) ? undefined : Math.max(0, at - now);
-}
-
 /** The description (and an unknown error code) for logs: truncated, with the sent token masked. */
 function describeError(
   body: JsonObject | undefined,
@@ -402,54 +411,8 @@ function describeError(
   return parts.length === 0 ? undefined : parts.join('; ');
 }
 
-/** Never surfaces the parser's message: V8 quotes the start of the input, which may be a token. */
-function parseJsonObject(text: string): JsonObject | undefined {
-  try {
-    const value: unknown = JSON.parse(text);
-    return typeof value === 'object' && value !== null && !Array.isArray(value)
-      ? (value as JsonObject)
-      : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-/** Every `code` in the cause chain, including each branch of an AggregateError (happy eyeballs). */
-function errorCodes(err: unknown, depth = 0): string[] {
-  if (typeof err !== 'object' || err === null || depth > 8) return [];
-  const codes: string[] = [];
-  const { code, cause } = err as { code?: unknown; cause?: unknown };
-  if (typeof code === 'string') codes.push(code);
-  if (err instanceof AggregateError) {
-    for (const inner of err.errors) codes.push(...errorCodes(inner, depth + 1));
-  }
-  codes.push(...errorCodes(cause, depth + 1));
-  return [...new Set(codes)];
-}
-
-/** Network error messages (addresses, codes) for logs; these never carry request content. */
-function errorChain(err: unknown): string {
-  const messages: string[] = [];
-  for (let at = err, depth = 0; at instanceof Error && depth < 8; at = at.cause, depth += 1) {
-    messages.push(at.message);
-  }
-  return messages.join(' <- ');
-}
-
 function formEncode(value: string): string {
   return new URLSearchParams({ v: value }).toString().slice('v='.length);
-}
-
-/** Origin and path only: the query may carry secrets and credentials in the authority. */
-function displayUrl(url: string): string {
-  const parsed = new URL(url);
-  return `${parsed.origin}${parsed.pathname}`;
-}
-
-function isHttpUrl(value: string): boolean {
-  if (!URL.canParse(value)) return false;
-  const { protocol } = new URL(value);
-  return protocol === 'https:' || protocol === 'http:';
 }
 
 function optionalHttpUrl(value: unknown, option: string): string | undefined {

@@ -3,10 +3,13 @@ import type { Logger } from 'pino';
 import {
   IdpInvalidClientError,
   IdpInvalidGrantError,
+  IdpLoginRejectedError,
   IdpTransientError,
   type IdpAdapter,
+  type IdpContext,
   type TokenSet,
 } from '../idp/idp-adapter.js';
+import { LoginSecretError, type LoginSecrets } from '../idp/login-secrets.js';
 import type { LockService, HeldLock } from '../lock/lock-service.js';
 import type { RotationPolicy } from '../rotation-policy.js';
 import { KeySpace } from '../store/keys.js';
@@ -60,6 +63,11 @@ export interface RotatorOptions {
    * and extended meanwhile, so no one else presents the now-consumed refresh token.
    */
   persistRetryMs?: number;
+  /**
+   * For sessions enrolled with a login: how many times in a row the broker logs in again after
+   * invalid_grant without a successful refresh in between (default 3). Past it: REAUTH_REQUIRED.
+   */
+  maxRelogins?: number;
 }
 
 export interface RotatorDeps {
@@ -71,6 +79,8 @@ export interface RotatorDeps {
   stats: RotationStats;
   log: Logger;
   clock?: () => number;
+  /** Password files of system users (TB_SECRETS_DIR); absent when none is configured. */
+  secrets?: LoginSecrets | undefined;
 }
 
 /**
@@ -92,6 +102,11 @@ export class Rotator {
   /** Rotations running in this process (for graceful shutdown). */
   get inFlight(): number {
     return this.pending.size;
+  }
+
+  /** When a pair issued at `issuedAt` is due (the rotation policy's answer, for enrollments). */
+  nextRefreshAt(issuedAt: number, accessExpiresAt: number): number {
+    return this.deps.policy.nextRefreshAt(issuedAt, accessExpiresAt);
   }
 
   async drain(): Promise<void> {
@@ -177,16 +192,28 @@ export class Rotator {
       return this.failTransient(record, now, 'IDP_UNKNOWN', undefined);
     }
     const signal = AbortSignal.any([lock.signal, AbortSignal.timeout(deadline - now)]);
+    const context: IdpContext = { tenant: record.tenant, user: record.user };
+    // No refresh token: a login session that has not logged in yet, or whose family ended.
+    const loggingIn = record.refreshToken === '';
     let tokens: TokenSet;
     const callStart = this.clock();
     try {
       this.deps.stats.idpCalls += 1;
-      tokens = await idp.refresh(record.refreshToken, signal);
+      tokens = loggingIn
+        ? await this.logIn(idp, record, signal, context)
+        : await idp.refresh(record.refreshToken, signal, context);
     } catch (err) {
       this.deps.stats.idpLatencyMs.push(this.clock() - callStart);
+      if (!loggingIn && this.mayLogInAgain(record, err))
+        return this.logInAgain(ref, stored, record, lock, err as IdpInvalidGrantError);
       return this.onIdpFailure(record, err);
     }
     this.deps.stats.idpLatencyMs.push(this.clock() - callStart);
+    if (loggingIn)
+      log.info(
+        { tenant: ref.tenant, generation: record.generation + 1 },
+        'logged in: a new token family',
+      );
     const next: SessionRecord = {
       ...record,
       generation: record.generation + 1,
@@ -201,8 +228,76 @@ export class Rotator {
       nextRefreshAt: this.deps.policy.nextRefreshAt(callStart, tokens.accessExpiresAt),
       lastErrorCode: '',
       failedAttempts: 0,
+      // Only a refresh that worked proves the family lives; a login alone does not.
+      reloginStreak: loggingIn ? record.reloginStreak : 0,
     };
     return this.persist(next, record.generation, lock);
+  }
+
+  private async logIn(
+    idp: IdpAdapter,
+    record: SessionRecord,
+    signal: AbortSignal,
+    context: IdpContext,
+  ): Promise<TokenSet> {
+    const login = record.login;
+    if (!login)
+      throw new IdpInvalidGrantError('the session holds neither a refresh token nor a login');
+    if (!idp.login)
+      throw new IdpLoginRejectedError(`IdP ${JSON.stringify(idp.name)} offers no login`);
+    let password = login.password;
+    if (password === undefined) {
+      if (!this.deps.secrets || login.passwordFile === undefined)
+        throw new LoginSecretError('the login names a password file but TB_SECRETS_DIR is not set');
+      password = await this.deps.secrets.read(login.passwordFile);
+    }
+    return idp.login({ username: login.username, password }, signal, context);
+  }
+
+  private mayLogInAgain(record: SessionRecord, err: unknown): boolean {
+    return (
+      err instanceof IdpInvalidGrantError &&
+      record.login !== undefined &&
+      (record.reloginStreak ?? 0) < (this.options.maxRelogins ?? 3)
+    );
+  }
+
+  /**
+   * The family ended (invalid_grant) but the session has a login: forget the dead refresh token
+   * first (so no one presents it again, even if this replica dies), then log in under the same
+   * lock. A login that is refused ends in REAUTH_REQUIRED, and `reloginStreak` bounds the loop.
+   */
+  private async logInAgain(
+    ref: SessionRef,
+    stored: StoredSession,
+    record: SessionRecord,
+    lock: HeldLock,
+    err: IdpInvalidGrantError,
+  ): Promise<RotationResult> {
+    const { store, log } = this.deps;
+    const now = this.clock();
+    const next: SessionRecord = {
+      ...record,
+      refreshToken: '',
+      refreshExpiresAt: 0,
+      reloginStreak: (record.reloginStreak ?? 0) + 1,
+      nextRefreshAt: now,
+      lastErrorCode: err.code,
+    };
+    log.warn(
+      { tenant: ref.tenant, generation: record.generation, relogins: next.reloginStreak },
+      'token family ended (invalid_grant): logging in again with the enrolled login',
+    );
+    // Same generation: nothing to publish; the write also clears the in-flight marker.
+    if (!(await store.write(next, record.generation, now)))
+      return { outcome: 'not-needed', record: undefined };
+    await store.schedule(ref, now);
+    return this.rotateHeld(
+      ref,
+      { kind: 'generation', generation: record.generation },
+      { ...stored, record: next, inflight: undefined },
+      lock,
+    );
   }
 
   /**
@@ -255,11 +350,13 @@ export class Rotator {
   private async onIdpFailure(record: SessionRecord, err: unknown): Promise<RotationResult> {
     const { store, log } = this.deps;
     const now = this.clock();
-    if (err instanceof IdpInvalidGrantError) {
+    if (err instanceof IdpInvalidGrantError || err instanceof IdpLoginRejectedError) {
       this.deps.stats.reauth += 1;
       log.warn(
-        { tenant: record.tenant, generation: record.generation },
-        'refresh token rejected (invalid_grant): session needs re-authentication',
+        { tenant: record.tenant, generation: record.generation, code: err.code },
+        err instanceof IdpLoginRejectedError
+          ? 'login refused by the IdP: session needs re-enrollment'
+          : 'refresh token rejected (invalid_grant): session needs re-authentication',
       );
       const next: SessionRecord = {
         ...record,
@@ -281,6 +378,11 @@ export class Rotator {
       log.error(
         { idp: record.idp, detail: err.detail },
         'IdP rejected the broker client credentials (invalid_client): fix the IdP configuration',
+      );
+    } else if (err instanceof LoginSecretError) {
+      log.error(
+        { tenant: record.tenant, err: err.message },
+        'cannot log in: the password file is unreadable (TB_SECRETS_DIR)',
       );
     } else {
       log.warn(

@@ -7,6 +7,17 @@ export interface SessionRef {
 export type SessionStatusName = 'ACTIVE' | 'REAUTH_REQUIRED' | 'REVOKED' | 'IDLE';
 
 /**
+ * A system user's login, kept so the broker can log in again when the token family ends. The
+ * password is either here (sealed at rest with the whole record) or a file name under
+ * TB_SECRETS_DIR that is read at each login.
+ */
+export interface StoredLogin {
+  username: string;
+  password?: string | undefined;
+  passwordFile?: string | undefined;
+}
+
+/**
  * Everything the broker knows about one session. Stored sealed (JWE); times are epoch ms, 0 when
  * unknown. `generation` increases with every published change (rotation or status change).
  */
@@ -29,6 +40,13 @@ export interface SessionRecord extends SessionRef {
   failedAttempts: number;
   /** W3C traceparent of the rotation that produced this generation, for watchers. */
   traceparent: string;
+  /**
+   * Set for a session enrolled with a login. An empty `refreshToken` then means "log in next":
+   * at enrollment, and after the family ended (invalid_grant).
+   */
+  login?: StoredLogin | undefined;
+  /** Logins since the last successful refresh; bounds logging in again when refreshes keep failing. */
+  reloginStreak?: number | undefined;
 }
 
 /** A stored record with the fields kept beside it in plain text. */
@@ -57,12 +75,12 @@ export interface SessionEvent extends SessionRef {
   generation: number;
 }
 
-/** A metadata view of a record: never token values. */
-export type SessionMetadata = Omit<SessionRecord, 'accessToken' | 'refreshToken'> & {
+/** A metadata view of a record: never token values, never login credentials. */
+export type SessionMetadata = Omit<SessionRecord, 'accessToken' | 'refreshToken' | 'login'> & {
   lastUsedAt: number;
 };
 
 export function metadataOf(stored: StoredSession): SessionMetadata {
-  const { accessToken: _a, refreshToken: _r, ...rest } = stored.record;
+  const { accessToken: _a, refreshToken: _r, login: _l, ...rest } = stored.record;
   return { ...rest, lastUsedAt: stored.lastUsedAt };
 }

@@ -141,7 +141,42 @@ export interface EnrollRequest {
     | //
     /** A refresh token dedicated to the broker. The caller must not use it again. */
     { $case: "refreshToken"; value: string }
+    | //
+    /**
+     * A system user's login (FOLIO login-with-expiry). The broker logs in now
+     * and again whenever the token family ends (invalid_grant); a refused
+     * login makes the session REAUTH_REQUIRED.
+     */
+    { $case: "login"; value: LoginCredential }
+    | //
+    /** An RFC 8693 token exchange into a family issued to the broker's client. */
+    { $case: "tokenExchange"; value: TokenExchangeCredential }
     | undefined;
+}
+
+/**
+ * LoginCredential is a system user's username and password. The password is
+ * never logged; given inline it is kept sealed at rest with the session.
+ */
+export interface LoginCredential {
+  username: string;
+  secret?: { $case: "password"; value: string } | //
+  /**
+   * A file name relative to the broker's TB_SECRETS_DIR holding the
+   * password (for example a mounted Secret), read at each login.
+   */
+  { $case: "passwordFile"; value: string } | undefined;
+}
+
+/** TokenExchangeCredential is the token an RFC 8693 exchange starts from. */
+export interface TokenExchangeCredential {
+  /** The user's token, usually the access token. The broker never stores it. */
+  subjectToken: string;
+  /**
+   * Its RFC 8693 type URI; empty means
+   * urn:ietf:params:oauth:token-type:access_token.
+   */
+  subjectTokenType: string;
 }
 
 export interface EnrollResponse {
@@ -856,6 +891,12 @@ export const EnrollRequest: MessageFns<EnrollRequest> = {
       case "refreshToken":
         writer.uint32(34).string(message.credential.value);
         break;
+      case "login":
+        LoginCredential.encode(message.credential.value, writer.uint32(42).fork()).join();
+        break;
+      case "tokenExchange":
+        TokenExchangeCredential.encode(message.credential.value, writer.uint32(50).fork()).join();
+        break;
     }
     return writer;
   },
@@ -905,6 +946,25 @@ export const EnrollRequest: MessageFns<EnrollRequest> = {
             message.credential = { $case: "refreshToken", value: reader.string() };
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.credential = { $case: "login", value: LoginCredential.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.credential = {
+              $case: "tokenExchange",
+              value: TokenExchangeCredential.decode(reader, reader.uint32()),
+            };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -926,6 +986,12 @@ export const EnrollRequest: MessageFns<EnrollRequest> = {
         ? { $case: "refreshToken", value: globalThis.String(object.refreshToken) }
         : isSet(object.refresh_token)
         ? { $case: "refreshToken", value: globalThis.String(object.refresh_token) }
+        : isSet(object.login)
+        ? { $case: "login", value: LoginCredential.fromJSON(object.login) }
+        : isSet(object.tokenExchange)
+        ? { $case: "tokenExchange", value: TokenExchangeCredential.fromJSON(object.tokenExchange) }
+        : isSet(object.token_exchange)
+        ? { $case: "tokenExchange", value: TokenExchangeCredential.fromJSON(object.token_exchange) }
         : undefined,
     };
   },
@@ -943,6 +1009,10 @@ export const EnrollRequest: MessageFns<EnrollRequest> = {
     }
     if (message.credential?.$case === "refreshToken") {
       obj.refreshToken = message.credential.value;
+    } else if (message.credential?.$case === "login") {
+      obj.login = LoginCredential.toJSON(message.credential.value);
+    } else if (message.credential?.$case === "tokenExchange") {
+      obj.tokenExchange = TokenExchangeCredential.toJSON(message.credential.value);
     }
     return obj;
   },
@@ -962,7 +1032,234 @@ export const EnrollRequest: MessageFns<EnrollRequest> = {
         }
         break;
       }
+      case "login": {
+        if (object.credential?.value !== undefined && object.credential?.value !== null) {
+          message.credential = { $case: "login", value: LoginCredential.fromPartial(object.credential.value) };
+        }
+        break;
+      }
+      case "tokenExchange": {
+        if (object.credential?.value !== undefined && object.credential?.value !== null) {
+          message.credential = {
+            $case: "tokenExchange",
+            value: TokenExchangeCredential.fromPartial(object.credential.value),
+          };
+        }
+        break;
+      }
     }
+    return message;
+  },
+};
+
+function createBaseLoginCredential(): LoginCredential {
+  return { username: "", secret: undefined };
+}
+
+export const LoginCredential: MessageFns<LoginCredential> = {
+  encode(message: LoginCredential, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.username !== "") {
+      writer.uint32(10).string(message.username);
+    }
+    switch (message.secret?.$case) {
+      case "password":
+        writer.uint32(18).string(message.secret.value);
+        break;
+      case "passwordFile":
+        writer.uint32(26).string(message.secret.value);
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoginCredential {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoginCredential();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.username = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.secret = { $case: "password", value: reader.string() };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.secret = { $case: "passwordFile", value: reader.string() };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoginCredential {
+    return {
+      username: isSet(object.username) ? globalThis.String(object.username) : "",
+      secret: isSet(object.password)
+        ? { $case: "password", value: globalThis.String(object.password) }
+        : isSet(object.passwordFile)
+        ? { $case: "passwordFile", value: globalThis.String(object.passwordFile) }
+        : isSet(object.password_file)
+        ? { $case: "passwordFile", value: globalThis.String(object.password_file) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: LoginCredential): unknown {
+    const obj: any = {};
+    if (message.username !== "") {
+      obj.username = message.username;
+    }
+    if (message.secret?.$case === "password") {
+      obj.password = message.secret.value;
+    } else if (message.secret?.$case === "passwordFile") {
+      obj.passwordFile = message.secret.value;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LoginCredential>, I>>(base?: I): LoginCredential {
+    return LoginCredential.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LoginCredential>, I>>(object: I): LoginCredential {
+    const message = createBaseLoginCredential();
+    message.username = object.username ?? "";
+    switch (object.secret?.$case) {
+      case "password": {
+        if (object.secret?.value !== undefined && object.secret?.value !== null) {
+          message.secret = { $case: "password", value: object.secret.value };
+        }
+        break;
+      }
+      case "passwordFile": {
+        if (object.secret?.value !== undefined && object.secret?.value !== null) {
+          message.secret = { $case: "passwordFile", value: object.secret.value };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseTokenExchangeCredential(): TokenExchangeCredential {
+  return { subjectToken: "", subjectTokenType: "" };
+}
+
+export const TokenExchangeCredential: MessageFns<TokenExchangeCredential> = {
+  encode(message: TokenExchangeCredential, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.subjectToken !== "") {
+      writer.uint32(10).string(message.subjectToken);
+    }
+    if (message.subjectTokenType !== "") {
+      writer.uint32(18).string(message.subjectTokenType);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TokenExchangeCredential {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTokenExchangeCredential();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.subjectToken = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.subjectTokenType = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TokenExchangeCredential {
+    return {
+      subjectToken: isSet(object.subjectToken)
+        ? globalThis.String(object.subjectToken)
+        : isSet(object.subject_token)
+        ? globalThis.String(object.subject_token)
+        : "",
+      subjectTokenType: isSet(object.subjectTokenType)
+        ? globalThis.String(object.subjectTokenType)
+        : isSet(object.subject_token_type)
+        ? globalThis.String(object.subject_token_type)
+        : "",
+    };
+  },
+
+  toJSON(message: TokenExchangeCredential): unknown {
+    const obj: any = {};
+    if (message.subjectToken !== "") {
+      obj.subjectToken = message.subjectToken;
+    }
+    if (message.subjectTokenType !== "") {
+      obj.subjectTokenType = message.subjectTokenType;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<TokenExchangeCredential>, I>>(base?: I): TokenExchangeCredential {
+    return TokenExchangeCredential.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<TokenExchangeCredential>, I>>(object: I): TokenExchangeCredential {
+    const message = createBaseTokenExchangeCredential();
+    message.subjectToken = object.subjectToken ?? "";
+    message.subjectTokenType = object.subjectTokenType ?? "";
     return message;
   },
 };
@@ -2231,7 +2528,10 @@ export const TokenBrokerServiceService = {
   /**
    * Enroll hands the broker a credential for (tenant, user). A dedicated
    * refresh token is rotated at once into a family only the broker holds, so
-   * the caller's copy is dead. Returns metadata only, never token values.
+   * the caller's copy is dead. A system user's login is used at once and again
+   * whenever the family ends. A token exchange (RFC 8693) trades the user's
+   * token for a new family, leaving the user's own refresh token untouched.
+   * Returns metadata only, never token values.
    */
   enroll: {
     path: "/tokenbroker.v1.TokenBrokerService/Enroll" as const,
@@ -2310,7 +2610,10 @@ export interface TokenBrokerServiceServer extends UntypedServiceImplementation {
   /**
    * Enroll hands the broker a credential for (tenant, user). A dedicated
    * refresh token is rotated at once into a family only the broker holds, so
-   * the caller's copy is dead. Returns metadata only, never token values.
+   * the caller's copy is dead. A system user's login is used at once and again
+   * whenever the family ends. A token exchange (RFC 8693) trades the user's
+   * token for a new family, leaving the user's own refresh token untouched.
+   * Returns metadata only, never token values.
    */
   enroll: handleUnaryCall<EnrollRequest, EnrollResponse>;
   /**
@@ -2340,7 +2643,10 @@ export interface TokenBrokerServiceClient extends Client {
   /**
    * Enroll hands the broker a credential for (tenant, user). A dedicated
    * refresh token is rotated at once into a family only the broker holds, so
-   * the caller's copy is dead. Returns metadata only, never token values.
+   * the caller's copy is dead. A system user's login is used at once and again
+   * whenever the family ends. A token exchange (RFC 8693) trades the user's
+   * token for a new family, leaving the user's own refresh token untouched.
+   * Returns metadata only, never token values.
    */
   enroll(
     request: EnrollRequest,
