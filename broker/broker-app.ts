@@ -2,7 +2,8 @@ import type { Logger } from 'pino';
 import type { BrokerConfig } from './config.js';
 import { BrokerGrpcServer } from './grpc/grpc-server.js';
 import type { IdpAdapter } from './idp/idp-adapter.js';
-import { OAuth2Adapter } from './idp/oauth2-adapter.js';
+import { createIdpAdapter } from './idp/idp-factory.js';
+import { LoginSecrets } from './idp/login-secrets.js';
 import type { LockService } from './lock/lock-service.js';
 import { MemoryLockService } from './lock/memory-lock-service.js';
 import { RedlockLockService } from './lock/redlock-lock-service.js';
@@ -81,22 +82,10 @@ export async function startBroker(
 
   const idps =
     overrides.idps ??
-    new Map<string, IdpAdapter>([
-      [
-        config.idp.name,
-        new OAuth2Adapter({
-          name: config.idp.name,
-          issuer: config.idp.issuer,
-          tokenEndpoint: config.idp.tokenEndpoint,
-          revocationEndpoint: config.idp.revocationEndpoint,
-          clientId: config.idp.clientId,
-          clientSecret: config.idp.clientSecret,
-          authMethod: config.idp.authMethod,
-          scope: config.idp.scope,
-          timeoutMs: config.idp.timeoutMs,
-        }),
-      ],
-    ]);
+    new Map<string, IdpAdapter>(config.idps.map((idp) => [idp.name, createIdpAdapter(idp)]));
+  // The rotation's lock arithmetic must hold for the slowest IdP.
+  const idpTimeoutMs = Math.max(...config.idps.map((idp) => idp.timeoutMs));
+  const secrets = config.secretsDir ? new LoginSecrets(config.secretsDir) : undefined;
   const policy = new RotationPolicy(
     {
       ratio: config.rotation.ratio,
@@ -119,13 +108,13 @@ export async function startBroker(
   const rotator = new Rotator(
     {
       replica: config.replicaId,
-      idpTimeoutMs: config.idp.timeoutMs,
+      idpTimeoutMs,
       lockMarginMs: config.lock.marginMs,
       idleTimeoutMs: config.sessionIdleTimeoutMs,
       busyRetryMs: 250,
       persistRetryMs: config.persistRetryMs,
     },
-    { store, locks, keys, idps, policy, stats, log, clock },
+    { store, locks, keys, idps, policy, stats, log, clock, secrets },
   );
   const hub = new WatchHub(store, log);
   await store.subscribe(
@@ -138,8 +127,9 @@ export async function startBroker(
       refreshMinIntervalMs: config.refreshMinIntervalMs,
       refreshWaitMs: config.refreshWaitMs,
       touchIntervalMs: Math.max(100, Math.min(60_000, config.sessionIdleTimeoutMs / 10)),
+      idpTimeoutMs,
     },
-    { store, locks, keys, idps, rotator, hub, log, clock },
+    { store, locks, keys, idps, rotator, hub, log, clock, secrets },
   );
   const worker = new DueWorker(config.worker, store, rotator, log, clock);
   const grpcServer = new BrokerGrpcServer({ sessions: service, hub, log });

@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { ConfigError } from './errors.js';
 
@@ -6,8 +6,18 @@ import { ConfigError } from './errors.js';
  * The broker's configuration, read once from environment variables and validated at start-up.
  * Every error names the exact variable. README.md lists each variable with its default.
  */
+export type IdpType = 'oauth2' | 'folio';
+export const IDP_TYPES: readonly IdpType[] = ['oauth2', 'folio'];
+
+/**
+ * One identity provider. `oauth2` uses the endpoint and client fields; `folio` only `folioUrl`
+ * (its client fields stay empty).
+ */
 export interface IdpConfig {
   name: string;
+  type: IdpType;
+  /** folio: the Okapi or Kong gateway's base URL. */
+  folioUrl: string | undefined;
   issuer: string | undefined;
   tokenEndpoint: string | undefined;
   revocationEndpoint: string | undefined;
@@ -15,6 +25,8 @@ export interface IdpConfig {
   clientSecret: string | undefined;
   authMethod: 'client_secret_basic' | 'client_secret_post' | 'none';
   scope: string | undefined;
+  /** oauth2: RFC 8693 requested_token_type of exchange enrollments; undefined: refresh token. */
+  exchangeTokenType: string | undefined;
   timeoutMs: number;
 }
 
@@ -28,7 +40,12 @@ export interface BrokerConfig {
   keyPrefix: string;
   sealingKeysText: string | undefined;
   sealingKeysSetting: string;
+  /** The default IdP (sessions enrolled without naming one use it). */
   idp: IdpConfig;
+  /** Every configured IdP, the default first. */
+  idps: IdpConfig[];
+  /** Where system users' password files live (Enroll login.password_file); none: not accepted. */
+  secretsDir: string | undefined;
   rotation: {
     ratio: number;
     jitterRatio: number;
@@ -81,33 +98,13 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
       'is required with TB_REDIS_URL: state at rest is sealed (format kid:base64-32-bytes)',
     );
 
-  const issuer = read.url('TB_IDP_ISSUER', ['http:', 'https:']);
-  const tokenEndpoint = read.url('TB_IDP_TOKEN_ENDPOINT', ['http:', 'https:']);
-  if (!issuer && !tokenEndpoint)
-    throw new ConfigError('TB_IDP_TOKEN_ENDPOINT', 'or TB_IDP_ISSUER (OIDC discovery) is required');
-  const secretFile = read.string('TB_IDP_CLIENT_SECRET_FILE');
-  let clientSecret = read.string('TB_IDP_CLIENT_SECRET');
-  if (secretFile) {
-    try {
-      clientSecret = readFileSync(secretFile, 'utf8').trim();
-    } catch (err) {
-      throw new ConfigError(
-        'TB_IDP_CLIENT_SECRET_FILE',
-        `cannot be read: ${(err as Error).message}`,
-      );
-    }
-  }
-  const authMethod = read.oneOf(
-    'TB_IDP_AUTH_METHOD',
-    ['client_secret_basic', 'client_secret_post', 'none'] as const,
-    'client_secret_basic',
-  );
-  if (authMethod !== 'none' && !clientSecret)
-    throw new ConfigError(
-      'TB_IDP_CLIENT_SECRET',
-      `is required with TB_IDP_AUTH_METHOD=${authMethod} (or set TB_IDP_CLIENT_SECRET_FILE)`,
-    );
-  const idpTimeoutMs = read.int('TB_IDP_TIMEOUT_MS', 5_000, 100);
+  const idps = readIdps(read);
+  const idp = idps[0]!;
+  const idpTimeoutMs = Math.max(...idps.map((i) => i.timeoutMs));
+  const timeoutSetting = idps.find((i) => i.timeoutMs === idpTimeoutMs)!.timeoutSetting;
+  const secretsDir = read.string('TB_SECRETS_DIR');
+  if (secretsDir && !isDirectory(secretsDir))
+    throw new ConfigError('TB_SECRETS_DIR', 'must name an existing directory');
 
   const lockTtlMs = read.int('TB_LOCK_TTL_MS', 15_000, 1_000);
   const extendBeforeMs = read.int('TB_LOCK_EXTEND_BEFORE_MS', Math.round(lockTtlMs / 3), 100);
@@ -117,7 +114,7 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
   // The IdP call must end, or be aborted, before the lock could lapse even without extension.
   if (idpTimeoutMs + marginMs > lockTtlMs - extendBeforeMs)
     throw new ConfigError(
-      'TB_IDP_TIMEOUT_MS',
+      timeoutSetting,
       `(${idpTimeoutMs}) plus TB_LOCK_MARGIN_MS (${marginMs}) must fit in TB_LOCK_TTL_MS - TB_LOCK_EXTEND_BEFORE_MS (${lockTtlMs - extendBeforeMs})`,
     );
 
@@ -134,17 +131,9 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
     keyPrefix: read.string('TB_KEY_PREFIX') ?? 'tb:',
     sealingKeysText,
     sealingKeysSetting,
-    idp: {
-      name: read.string('TB_IDP_NAME') ?? 'default',
-      issuer,
-      tokenEndpoint,
-      revocationEndpoint: read.url('TB_IDP_REVOCATION_ENDPOINT', ['http:', 'https:']),
-      clientId: read.required('TB_IDP_CLIENT_ID'),
-      clientSecret,
-      authMethod,
-      scope: read.string('TB_IDP_SCOPE'),
-      timeoutMs: idpTimeoutMs,
-    },
+    idp: withoutSetting(idp),
+    idps: idps.map(withoutSetting),
+    secretsDir,
     rotation: {
       ratio: read.number('TB_REFRESH_RATIO', 0.75),
       jitterRatio: read.number('TB_REFRESH_JITTER_RATIO', 0.05),
@@ -174,6 +163,206 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
   if (config.worker.claimLeaseMs <= lockTtlMs)
     throw new ConfigError('TB_CLAIM_LEASE_MS', `must exceed TB_LOCK_TTL_MS (${lockTtlMs})`);
   return config;
+}
+
+/** Where an IdP's fields come from: TB_IDP_* variables, or one entry of TB_IDPS_FILE. */
+interface IdpSource {
+  get: (field: IdpField) => string | undefined;
+  setting: (field: IdpField) => string;
+}
+
+type IdpField = keyof typeof IDP_VARIABLES;
+
+/** The single-IdP variables, by the field name TB_IDPS_FILE entries use. */
+const IDP_VARIABLES = {
+  name: 'TB_IDP_NAME',
+  type: 'TB_IDP_TYPE',
+  folioUrl: 'TB_IDP_FOLIO_URL',
+  issuer: 'TB_IDP_ISSUER',
+  tokenEndpoint: 'TB_IDP_TOKEN_ENDPOINT',
+  revocationEndpoint: 'TB_IDP_REVOCATION_ENDPOINT',
+  clientId: 'TB_IDP_CLIENT_ID',
+  clientSecret: 'TB_IDP_CLIENT_SECRET',
+  clientSecretFile: 'TB_IDP_CLIENT_SECRET_FILE',
+  authMethod: 'TB_IDP_AUTH_METHOD',
+  scope: 'TB_IDP_SCOPE',
+  exchangeTokenType: 'TB_IDP_EXCHANGE_TOKEN_TYPE',
+  timeoutMs: 'TB_IDP_TIMEOUT_MS',
+} as const;
+
+const OAUTH2_ONLY: readonly IdpField[] = [
+  'issuer',
+  'tokenEndpoint',
+  'revocationEndpoint',
+  'clientId',
+  'clientSecret',
+  'clientSecretFile',
+  'authMethod',
+  'scope',
+  'exchangeTokenType',
+];
+
+type IdpWithSetting = IdpConfig & { timeoutSetting: string };
+
+function withoutSetting({ timeoutSetting: _t, ...idp }: IdpWithSetting): IdpConfig {
+  return idp;
+}
+
+/** TB_IDPS_FILE when set (several IdPs), else the single IdP of the TB_IDP_* variables. */
+function readIdps(read: EnvReader): IdpWithSetting[] {
+  const file = read.string('TB_IDPS_FILE');
+  if (!file) {
+    const source: IdpSource = {
+      get: (field) => read.string(IDP_VARIABLES[field]),
+      setting: (field) => IDP_VARIABLES[field],
+    };
+    return [buildIdp(source, 'default', 5_000)];
+  }
+  for (const [field, variable] of Object.entries(IDP_VARIABLES)) {
+    if (field !== 'name' && field !== 'timeoutMs' && read.string(variable))
+      throw new ConfigError(
+        variable,
+        'cannot be combined with TB_IDPS_FILE: describe every IdP in that file',
+      );
+  }
+  let entries: unknown;
+  try {
+    entries = JSON.parse(readFileSync(file, 'utf8'));
+  } catch (err) {
+    // V8's JSON message quotes the input, which may hold a client secret.
+    if (err instanceof SyntaxError) throw new ConfigError('TB_IDPS_FILE', 'is not valid JSON');
+    throw new ConfigError('TB_IDPS_FILE', `cannot be read: ${(err as Error).message}`);
+  }
+  if (!Array.isArray(entries) || entries.length === 0)
+    throw new ConfigError('TB_IDPS_FILE', 'must hold a non-empty JSON array of IdP objects');
+  const defaultTimeout = read.int('TB_IDP_TIMEOUT_MS', 5_000, 100);
+  const idps = entries.map((entry: unknown, i) => {
+    const at = `TB_IDPS_FILE[${i}]`;
+    if (typeof entry !== 'object' || entry === null || Array.isArray(entry))
+      throw new ConfigError(at, 'must be a JSON object');
+    const fields = entry as Record<string, unknown>;
+    for (const key of Object.keys(fields))
+      if (!(key in IDP_VARIABLES))
+        throw new ConfigError(
+          `${at}.${key}`,
+          `is not an IdP setting (known: ${Object.keys(IDP_VARIABLES).join(', ')})`,
+        );
+    const source: IdpSource = {
+      get: (field) => {
+        const value = fields[field];
+        if (value === undefined || value === null) return undefined;
+        if (field === 'timeoutMs' && typeof value === 'number') return String(value);
+        if (typeof value !== 'string') throw new ConfigError(`${at}.${field}`, 'must be a string');
+        return value.trim() || undefined;
+      },
+      setting: (field) => `${at}.${field}`,
+    };
+    if (source.get('name') === undefined)
+      throw new ConfigError(`${at}.name`, 'is required with TB_IDPS_FILE');
+    return buildIdp(source, '', defaultTimeout);
+  });
+  const seen = new Set<string>();
+  for (const [i, idp] of idps.entries()) {
+    if (seen.has(idp.name))
+      throw new ConfigError(`TB_IDPS_FILE[${i}].name`, `repeats ${JSON.stringify(idp.name)}`);
+    seen.add(idp.name);
+  }
+  const wanted = read.string('TB_IDP_NAME');
+  if (wanted === undefined) return idps;
+  const chosen = idps.find((idp) => idp.name === wanted);
+  if (!chosen)
+    throw new ConfigError(
+      'TB_IDP_NAME',
+      `names no IdP of TB_IDPS_FILE (known: ${[...seen].join(', ')})`,
+    );
+  return [chosen, ...idps.filter((idp) => idp !== chosen)];
+}
+
+function buildIdp(source: IdpSource, defaultName: string, defaultTimeout: number): IdpWithSetting {
+  const { setting } = source;
+  const field = new EnvReader(
+    Object.fromEntries(
+      Object.keys(IDP_VARIABLES).map((f) => [setting(f as IdpField), source.get(f as IdpField)]),
+    ),
+  );
+  const name = source.get('name') ?? defaultName;
+  const type = field.oneOf(setting('type'), IDP_TYPES, 'oauth2');
+  const timeoutMs = field.int(setting('timeoutMs'), defaultTimeout, 100);
+  const common = { name, type, timeoutMs, timeoutSetting: setting('timeoutMs') };
+  if (type === 'folio') {
+    for (const other of OAUTH2_ONLY)
+      if (source.get(other) !== undefined)
+        throw new ConfigError(setting(other), `does not apply to ${setting('type')}=folio`);
+    const folioUrl = field.url(setting('folioUrl'), ['http:', 'https:']);
+    if (!folioUrl)
+      throw new ConfigError(
+        setting('folioUrl'),
+        `is required with ${setting('type')}=folio (the Okapi or Kong gateway base URL)`,
+      );
+    return {
+      ...common,
+      folioUrl,
+      issuer: undefined,
+      tokenEndpoint: undefined,
+      revocationEndpoint: undefined,
+      clientId: '',
+      clientSecret: undefined,
+      authMethod: 'none',
+      scope: undefined,
+      exchangeTokenType: undefined,
+    };
+  }
+  if (source.get('folioUrl') !== undefined)
+    throw new ConfigError(setting('folioUrl'), `applies only to ${setting('type')}=folio`);
+  const issuer = field.url(setting('issuer'), ['http:', 'https:']);
+  const tokenEndpoint = field.url(setting('tokenEndpoint'), ['http:', 'https:']);
+  if (!issuer && !tokenEndpoint)
+    throw new ConfigError(
+      setting('tokenEndpoint'),
+      `or ${setting('issuer')} (OIDC discovery) is required`,
+    );
+  const secretFile = source.get('clientSecretFile');
+  let clientSecret = source.get('clientSecret');
+  if (secretFile) {
+    try {
+      clientSecret = readFileSync(secretFile, 'utf8').trim();
+    } catch (err) {
+      throw new ConfigError(
+        setting('clientSecretFile'),
+        `cannot be read: ${(err as Error).message}`,
+      );
+    }
+  }
+  const authMethod = field.oneOf(
+    setting('authMethod'),
+    ['client_secret_basic', 'client_secret_post', 'none'] as const,
+    'client_secret_basic',
+  );
+  if (authMethod !== 'none' && !clientSecret)
+    throw new ConfigError(
+      setting('clientSecret'),
+      `is required with ${setting('authMethod')}=${authMethod} (or set ${setting('clientSecretFile')})`,
+    );
+  return {
+    ...common,
+    folioUrl: undefined,
+    issuer,
+    tokenEndpoint,
+    revocationEndpoint: field.url(setting('revocationEndpoint'), ['http:', 'https:']),
+    clientId: field.required(setting('clientId')),
+    clientSecret,
+    authMethod,
+    scope: source.get('scope'),
+    exchangeTokenType: source.get('exchangeTokenType'),
+  };
+}
+
+function isDirectory(path: string): boolean {
+  try {
+    return statSync(path).isDirectory();
+  } catch {
+    return false;
+  }
 }
 
 function checkUrl(setting: string, value: string, protocols: string[]): void {
