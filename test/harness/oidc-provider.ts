@@ -12,7 +12,9 @@
  * Behaviour: every successful refresh rotates the refresh token (rotateRefreshToken: true).
  * Presenting a consumed refresh token is answered invalid_grant and revokes the whole grant, so
  * the newest refresh token of that family dies too (oidc-provider's own reuse detection).
- * Tokens are opaque. Two confidential clients: `basic` (client_secret_basic) and `post`
+ * Tokens are opaque unless `jwtAccessTokens` names an audience: then every access token (minted
+ * or refreshed) is an RS256 JWT for that audience, verifiable against `jwksUri`, with `exp` = `iat`
+ * + the access-token TTL. Two confidential clients: `basic` (client_secret_basic) and `post`
  * (client_secret_post); a token belongs to the client that minted it.
  *
  * mintTokens() uses the custom grant MINT_GRANT_TYPE with an `account` parameter: it creates a
@@ -57,6 +59,8 @@ const MINT_SCOPE = 'openid offline_access';
 const TOKEN_PATH = '/token';
 const REVOCATION_PATH = '/token/revocation';
 const REUSE_DETAIL = 'refresh token already used';
+/** The scope a JWT access token's resource server grants (see `jwtAccessTokens`). */
+const RESOURCE_SCOPE = 'api';
 
 export type ClientKind = 'basic' | 'post';
 
@@ -97,6 +101,11 @@ export interface OidcProviderOptions {
   refreshTokenTtlSeconds?: number;
   /** Fixed credentials; by default ids `tb-basic`/`tb-post` and random secrets. */
   clients?: Partial<Record<ClientKind, ClientCredentials>>;
+  /**
+   * Issue access tokens as JWTs for this resource (RFC 8707 resource indicator, also the `aud`),
+   * so a resource server can verify them offline. Default: opaque access tokens.
+   */
+  jwtAccessTokens?: { audience: string };
 }
 
 export interface OidcProviderHarness {
@@ -104,6 +113,8 @@ export interface OidcProviderHarness {
   readonly port: number;
   readonly tokenEndpoint: string;
   readonly revocationEndpoint: string;
+  /** The provider's public signing keys (JWKS), for verifying JWT access tokens. */
+  readonly jwksUri: string;
   readonly clients: Readonly<Record<ClientKind, ClientCredentials>>;
   /** Live counters; the object is updated in place. */
   readonly counters: Readonly<OidcCounters>;
@@ -157,6 +168,13 @@ export async function startOidcProvider(
   const issuer = `http://127.0.0.1:${port}`;
 
   const store = new TokenStore();
+  const jwtAudience = options.jwtAccessTokens?.audience;
+  const resourceServer = {
+    scope: RESOURCE_SCOPE,
+    audience: jwtAudience,
+    accessTokenFormat: 'jwt' as const,
+    accessTokenTTL: accessTokenTtl,
+  };
   const provider = new Provider(issuer, {
     adapter: (model: string) => store.adapterFor(model),
     clients: (['basic', 'post'] as const).map((kind) => ({
@@ -186,6 +204,20 @@ export async function startOidcProvider(
         enabled: true,
         allowedPolicy: (_ctx, client, token) => token.clientId === client.clientId,
       },
+      ...(jwtAudience === undefined
+        ? {}
+        : {
+            // Refreshes keep the resource the grant was minted for, so each new AT is a JWT too.
+            resourceIndicators: {
+              enabled: true,
+              defaultResource: () => jwtAudience,
+              useGrantedResource: () => true,
+              getResourceServerInfo: (_ctx, resource) => {
+                if (resource !== jwtAudience) throw new errors.InvalidTarget();
+                return resourceServer;
+              },
+            },
+          }),
     },
     // The defaults of these print development notices.
     findAccount: (_ctx, sub) => ({ accountId: sub, claims: () => ({ sub }) }),
@@ -212,13 +244,23 @@ export async function startOidcProvider(
       const { client } = ctx.oidc;
       const grant = new provider.Grant({ accountId, clientId: client.clientId });
       grant.addOIDCScope(MINT_SCOPE);
+      if (jwtAudience !== undefined) grant.addResourceScope(jwtAudience, RESOURCE_SCOPE);
       const grantId = await grant.save();
       let grants = grantsByAccount.get(accountId);
       if (!grants) grantsByAccount.set(accountId, (grants = new Set()));
       grants.add(grantId);
 
-      const common = { accountId, client, grantId, gty: MINT_GRANT_TYPE, scope: MINT_SCOPE };
+      const common = {
+        accountId,
+        client,
+        grantId,
+        gty: MINT_GRANT_TYPE,
+        scope: MINT_SCOPE,
+        ...(jwtAudience === undefined ? {} : { resource: jwtAudience }),
+      };
       const at = new provider.AccessToken(common);
+      if (jwtAudience !== undefined)
+        at.resourceServer = new provider.ResourceServer(jwtAudience, resourceServer);
       const accessToken = await at.save();
       const refreshToken = await new provider.RefreshToken(common).save();
       ctx.body = {
@@ -340,6 +382,7 @@ export async function startOidcProvider(
     port,
     tokenEndpoint,
     revocationEndpoint: `${issuer}${REVOCATION_PATH}`,
+    jwksUri: `${issuer}/jwks`,
     clients,
     counters,
     provider,
