@@ -1,0 +1,246 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
+import { performance } from 'node:perf_hooks';
+import type { Logger } from 'pino';
+import {
+  ForwardedRequestError,
+  InternalError,
+  MethodNotAllowedError,
+  MissingHeaderError,
+  RouteNotFoundError,
+  SidecarError,
+} from './errors.js';
+import type { SidecarMetrics } from './metrics.js';
+import { decideRead, type ReadDecision } from './read-policy.js';
+import type { SessionRef } from './session-ref.js';
+import { parseTokenRequest, TOKEN_PATH_PREFIX, type TokenRequest } from './token-request.js';
+import type { TokenStore, UserEntry } from './token-store.js';
+
+/** While a module waits for a newer generation, a refused or lost Refresh is retried this often. */
+const REFRESH_RECHECK_MS = 1_000;
+
+/** What the HTTP API needs from the rest of the sidecar. */
+export interface TokenSessions {
+  /** The user's entry, subscribing on first use; records the read for the idle timeout. */
+  read(ref: SessionRef): UserEntry;
+  /** The module reported `generation` as rejected: have the broker rotate (coalesced). */
+  requestRefresh(entry: UserEntry, generation: number): void;
+}
+
+export interface Readiness {
+  ready: boolean;
+  body: Record<string, unknown>;
+}
+
+export interface HttpApiDeps {
+  store: TokenStore;
+  sessions: TokenSessions;
+  readiness: () => Readiness;
+  metrics: SidecarMetrics;
+  log: Logger;
+  maxWaitMs: number;
+  clock?: () => number;
+}
+
+const JSON_TYPE = 'application/json';
+
+/**
+ * The localhost API. A read of a fresh token is answered synchronously from memory; only reads
+ * that must wait (first token, newer generation) take the slower async path.
+ */
+export class SidecarHttpApi {
+  private closing = false;
+  private readonly clock: () => number;
+
+  constructor(private readonly deps: HttpApiDeps) {
+    this.clock = deps.clock ?? Date.now;
+  }
+
+  /** Shutdown: waiting reads answer now with what they have. */
+  close(): void {
+    this.closing = true;
+    this.deps.store.wakeAll();
+  }
+
+  readonly handle = (req: IncomingMessage, res: ServerResponse): void => {
+    const url = req.url ?? '/';
+    const q = url.indexOf('?');
+    const path = q < 0 ? url : url.slice(0, q);
+    if (path.startsWith(TOKEN_PATH_PREFIX)) {
+      this.tokenRead(req, res, path.slice(TOKEN_PATH_PREFIX.length), q < 0 ? '' : url.slice(q + 1));
+      return;
+    }
+    try {
+      if (path !== '/healthz' && path !== '/readyz' && path !== '/metrics')
+        throw new RouteNotFoundError(path);
+      if (req.method !== 'GET') throw new MethodNotAllowedError(req.method ?? '');
+      if (path === '/healthz') return sendJson(res, 200, { status: 'ok' });
+      if (path === '/readyz') {
+        const readiness = this.deps.readiness();
+        return sendJson(res, readiness.ready ? 200 : 503, readiness.body);
+      }
+      const text = this.deps.metrics.exposition();
+      if (!text) throw new RouteNotFoundError(path);
+      res.writeHead(200, { 'content-type': text.contentType });
+      res.end(text.body);
+    } catch (err) {
+      this.sendError(res, err);
+    }
+  };
+
+  /** Answers malformed HTTP (as an oversized request line) with JSON instead of a bare status. */
+  readonly clientError = (err: Error & { code?: string }, socket: Socket): void => {
+    if (!socket.writable || err.code === 'ECONNRESET') {
+      socket.destroy();
+      return;
+    }
+    const tooLarge = err.code === 'HPE_HEADER_OVERFLOW';
+    const body = JSON.stringify({
+      error: tooLarge
+        ? { code: 'REQUEST_TOO_LARGE', message: 'the request line and headers exceed 16 KiB' }
+        : { code: 'BAD_REQUEST', message: 'the request is not valid HTTP/1.1' },
+    });
+    socket.end(
+      `HTTP/1.1 ${tooLarge ? '431 Request Header Fields Too Large' : '400 Bad Request'}\r\n` +
+        `content-type: ${JSON_TYPE}\r\ncontent-length: ${Buffer.byteLength(body)}\r\n` +
+        `connection: close\r\n\r\n${body}`,
+    );
+  };
+
+  private tokenRead(req: IncomingMessage, res: ServerResponse, rest: string, query: string): void {
+    const started = performance.now();
+    let request: TokenRequest;
+    let entry: UserEntry;
+    let decision: ReadDecision;
+    try {
+      if (req.method !== 'GET') throw new MethodNotAllowedError(req.method ?? '');
+      const headers = req.headers;
+      const flag = headers['x-token-broker'];
+      if (typeof flag !== 'string' || flag.toLowerCase() !== 'true') throw new MissingHeaderError();
+      if (headers['x-forwarded-for'] !== undefined || headers.forwarded !== undefined)
+        throw new ForwardedRequestError();
+      request = parseTokenRequest(rest, query, this.deps.maxWaitMs);
+      entry = this.deps.sessions.read(request);
+      decision = decideRead(
+        this.deps.store,
+        entry,
+        request.minGeneration,
+        request.waitMs === 0 || this.closing,
+        0,
+      );
+    } catch (err) {
+      this.sendError(res, err, started);
+      return;
+    }
+    if (decision.kind === 'serve') this.sendToken(req, res, entry, started);
+    else if (decision.kind === 'fail') this.sendError(res, decision.error, started);
+    else void this.waitAndAnswer(req, res, request, entry, decision, started);
+  }
+
+  private async waitAndAnswer(
+    req: IncomingMessage,
+    res: ServerResponse,
+    request: TokenRequest,
+    entry: UserEntry,
+    first: ReadDecision,
+    started: number,
+  ): Promise<void> {
+    let gone = false;
+    res.once('close', () => (gone = true));
+    const deadline = started + request.waitMs;
+    let decision = first;
+    while (decision.kind === 'wait') {
+      if (decision.refresh) this.deps.sessions.requestRefresh(entry, request.minGeneration - 1);
+      const remaining = deadline - performance.now();
+      await this.deps.store.waitForChange(
+        entry,
+        decision.refresh ? Math.min(remaining, REFRESH_RECHECK_MS) : remaining,
+      );
+      if (gone) {
+        this.deps.metrics.tokenRead('CLIENT_CLOSED', (performance.now() - started) / 1000);
+        return;
+      }
+      const waited = performance.now() - started;
+      entry.lastReadAt = this.clock();
+      decision = decideRead(
+        this.deps.store,
+        entry,
+        request.minGeneration,
+        waited >= request.waitMs || this.closing,
+        Math.round(waited),
+      );
+    }
+    if (decision.kind === 'serve') this.sendToken(req, res, entry, started);
+    else this.sendError(res, decision.error, started);
+  }
+
+  private sendToken(
+    req: IncomingMessage,
+    res: ServerResponse,
+    entry: UserEntry,
+    started: number,
+  ): void {
+    const state = entry.state!;
+    if (req.headers.accept?.startsWith('text/plain')) {
+      res.writeHead(200, {
+        'content-type': 'text/plain; charset=utf-8',
+        'cache-control': 'no-store',
+        'x-token-generation': String(state.generation),
+        'x-token-expires-at': entry.expiresAtIso,
+        'content-length': Buffer.byteLength(state.accessToken),
+      });
+      res.end(state.accessToken);
+    } else {
+      const body = JSON.stringify({
+        access_token: state.accessToken,
+        token_type: state.tokenType,
+        expires_at: entry.expiresAtIso,
+        expires_in: Math.floor((state.expiresAtMs - this.clock()) / 1000),
+        generation: state.generation,
+      });
+      res.writeHead(200, {
+        'content-type': JSON_TYPE,
+        'cache-control': 'no-store',
+        'content-length': Buffer.byteLength(body),
+      });
+      res.end(body);
+    }
+    this.deps.metrics.tokenRead('OK', (performance.now() - started) / 1000);
+  }
+
+  private sendError(res: ServerResponse, err: unknown, started?: number): void {
+    let error: SidecarError;
+    if (err instanceof SidecarError) error = err;
+    else {
+      this.deps.log.error(
+        { err: err instanceof Error ? err.message : String(err) },
+        'internal error in a request',
+      );
+      error = new InternalError();
+    }
+    if (started !== undefined)
+      this.deps.metrics.tokenRead(error.code, (performance.now() - started) / 1000);
+    sendJson(
+      res,
+      error.status,
+      { error: { code: error.code, message: error.message } },
+      error.headers(),
+    );
+  }
+}
+
+function sendJson(
+  res: ServerResponse,
+  status: number,
+  value: unknown,
+  headers: Record<string, string> = {},
+): void {
+  const body = JSON.stringify(value);
+  res.writeHead(status, {
+    ...headers,
+    'content-type': JSON_TYPE,
+    'cache-control': 'no-store',
+    'content-length': Buffer.byteLength(body),
+  });
+  res.end(body);
+}

@@ -1,0 +1,47 @@
+import { pino } from 'pino';
+import { loadSidecarConfig, LOG_LEVELS, type LogLevel } from './config.js';
+import { ConfigError } from './errors.js';
+import { startSidecar } from './sidecar-app.js';
+
+const requested = process.env.TB_SIDECAR_LOG_LEVEL?.trim() ?? '';
+// A bad level is reported by the config check below, through a logger that works.
+const level: LogLevel = (LOG_LEVELS as readonly string[]).includes(requested)
+  ? (requested as LogLevel)
+  : 'info';
+const log = pino({ name: 'token-broker-sidecar', level });
+
+try {
+  const config = loadSidecarConfig();
+  const sidecar = await startSidecar(config, log);
+  log.info(
+    {
+      port: sidecar.port,
+      socket: sidecar.socketPath,
+      broker: config.brokerAddress,
+      users: config.users.length,
+      tokenDir: config.tokenDir,
+    },
+    'sidecar serving',
+  );
+  let signals = 0;
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (++signals > 1) process.exit(1);
+    log.info({ signal }, 'shutting down');
+    sidecar.stop().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        log.error({ err: String(err) }, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+} catch (err) {
+  if (err instanceof ConfigError) {
+    log.fatal({ setting: err.setting }, `configuration error: ${err.message}`);
+    process.exit(2);
+  }
+  log.fatal({ err: err instanceof Error ? err.message : String(err) }, 'sidecar failed to start');
+  process.exit(1);
+}

@@ -1,0 +1,80 @@
+import { InvalidParameterError } from './errors.js';
+import { idProblem, type SessionRef } from './session-ref.js';
+
+export const TOKEN_PATH_PREFIX = '/v1/tokens/';
+
+/** Without a `wait` parameter a read waits this long (capped by the configured maximum). */
+export const DEFAULT_WAIT_MS = 5_000;
+/** The largest `wait` accepted before capping (setTimeout's limit); larger is an error. */
+export const MAX_WAIT_PARAMETER_MS = 2_147_483_647;
+
+export interface TokenRequest extends SessionRef {
+  /** Milliseconds, already capped. */
+  waitMs: number;
+  /** Serve only this generation or newer; 0 for any. */
+  minGeneration: number;
+}
+
+/**
+ * Parses `/v1/tokens/{tenant}/{user}?wait=&min_generation=` (path after the prefix, and the raw
+ * query). Every problem names the parameter, so a module author sees what to fix.
+ */
+export function parseTokenRequest(rest: string, query: string, maxWaitMs: number): TokenRequest {
+  const slash = rest.indexOf('/');
+  if (slash < 0 || rest.indexOf('/', slash + 1) >= 0)
+    throw new InvalidParameterError('path', 'must be /v1/tokens/{tenant}/{user}');
+  const tenant = pathSegment('tenant', rest.slice(0, slash));
+  const user = pathSegment('user', rest.slice(slash + 1));
+
+  let waitMs = Math.min(DEFAULT_WAIT_MS, maxWaitMs);
+  let minGeneration = 0;
+  const seen = new Set<string>();
+  for (const pair of query === '' ? [] : query.split('&')) {
+    if (pair === '') continue;
+    const eq = pair.indexOf('=');
+    const name = eq < 0 ? pair : pair.slice(0, eq);
+    const value = eq < 0 ? '' : pair.slice(eq + 1);
+    if (seen.has(name))
+      throw new InvalidParameterError(shortName(name), 'must be given at most once');
+    seen.add(name);
+    if (name === 'wait') {
+      if (!/^\d{1,10}$/.test(value) || Number(value) > MAX_WAIT_PARAMETER_MS)
+        throw new InvalidParameterError(
+          'wait',
+          `must be a whole number of milliseconds from 0 to ${MAX_WAIT_PARAMETER_MS} (values above ${maxWaitMs} are capped), got ${JSON.stringify(value.slice(0, 40))}`,
+        );
+      waitMs = Math.min(Number(value), maxWaitMs);
+    } else if (name === 'min_generation') {
+      if (!/^\d{1,15}$/.test(value))
+        throw new InvalidParameterError(
+          'min_generation',
+          `must be a whole number (a generation), got ${JSON.stringify(value.slice(0, 40))}`,
+        );
+      minGeneration = Number(value);
+    } else {
+      throw new InvalidParameterError(
+        shortName(name),
+        'is not a parameter of this route (known: wait, min_generation)',
+      );
+    }
+  }
+  return { tenant, user, waitMs, minGeneration };
+}
+
+function pathSegment(name: 'tenant' | 'user', raw: string): string {
+  // Checked before decoding too, so a huge segment is not decoded just to be refused.
+  if (raw.length > 3 * 256) throw new InvalidParameterError(name, 'must be at most 256 characters');
+  let value: string;
+  try {
+    value = decodeURIComponent(raw);
+  } catch {
+    throw new InvalidParameterError(name, 'is not valid percent-encoding');
+  }
+  const problem = idProblem(value);
+  if (problem) throw new InvalidParameterError(name, problem);
+  return value;
+}
+
+function shortName(name: string): string {
+  return `query parameter ${JSON.stringify(name.slice(0, 40))}`;
+}
