@@ -181,6 +181,8 @@ export class SidecarHttpApi {
     started: number,
   ): void {
     const state = entry.state!;
+    // While shutting down, close each connection after its answer so the server can stop.
+    if (this.closing) res.setHeader('connection', 'close');
     if (req.headers.accept?.startsWith('text/plain')) {
       res.writeHead(200, {
         'content-type': 'text/plain; charset=utf-8',
@@ -220,6 +222,7 @@ export class SidecarHttpApi {
     }
     if (started !== undefined)
       this.deps.metrics.tokenRead(error.code, (performance.now() - started) / 1000);
+    if (this.closing) res.setHeader('connection', 'close');
     sendJson(
       res,
       error.status,
