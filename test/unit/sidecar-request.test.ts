@@ -1,0 +1,110 @@
+import { describe, expect, it } from 'vitest';
+import { InvalidParameterError } from '../../sidecar/errors.js';
+import { PrometheusTextMetrics } from '../../sidecar/metrics.js';
+import { reconnectDelayMs } from '../../sidecar/reconnect-backoff.js';
+import { DEFAULT_WAIT_MS, parseTokenRequest } from '../../sidecar/token-request.js';
+
+describe('parseTokenRequest', () => {
+  it('decodes tenant and user, and defaults and caps the wait', () => {
+    expect(parseTokenRequest('diku/alice', '', 30_000)).toEqual({
+      tenant: 'diku',
+      user: 'alice',
+      waitMs: DEFAULT_WAIT_MS,
+      minGeneration: 0,
+    });
+    expect(parseTokenRequest('di%2Fku/a%40b', 'wait=250&min_generation=7', 30_000)).toEqual({
+      tenant: 'di/ku',
+      user: 'a@b',
+      waitMs: 250,
+      minGeneration: 7,
+    });
+    expect(parseTokenRequest('d/u', 'wait=2000000000', 30_000).waitMs).toBe(30_000);
+    expect(parseTokenRequest('d/u', '', 1_000).waitMs).toBe(1_000);
+    expect(parseTokenRequest('d/u', 'wait=0&', 1_000).waitMs).toBe(0);
+  });
+
+  it.each<[string, string, string]>([
+    ['diku', '', 'path'],
+    ['diku/alice/x', '', 'path'],
+    [`diku/${'u'.repeat(257)}`, '', 'user'],
+    [`${'%41'.repeat(257)}/alice`, '', 'tenant'],
+    ['diku/%E0%A4%A', '', 'user'],
+    ['diku/a%0Ab', '', 'user'],
+    ['diku/alice', 'wait=12.5', 'wait'],
+    ['diku/alice', 'wait=2147483648', 'wait'],
+    ['diku/alice', 'wait', 'wait'],
+    ['diku/alice', 'min_generation=1e3', 'min_generation'],
+    ['diku/alice', 'min_generation=1234567890123456', 'min_generation'],
+    ['diku/alice', 'min_generation=1&min_generation=2', 'query parameter "min_generation"'],
+    ['diku/alice', 'generation=1', 'query parameter "generation"'],
+  ])('refuses %s ? %s, naming %s', (rest, query, parameter) => {
+    let error: unknown;
+    try {
+      parseTokenRequest(rest, query, 30_000);
+    } catch (err) {
+      error = err;
+    }
+    expect(error).toBeInstanceOf(InvalidParameterError);
+    expect((error as InvalidParameterError).parameter).toBe(parameter);
+    expect((error as InvalidParameterError).status).toBe(400);
+  });
+});
+
+describe('reconnectDelayMs', () => {
+  const options = { baseMs: 200, maxMs: 10_000 };
+
+  it('doubles per attempt with up to half of each step random, capped at the maximum', () => {
+    expect(reconnectDelayMs(0, options, () => 0)).toBe(100);
+    expect(reconnectDelayMs(0, options, () => 1)).toBe(200);
+    expect(reconnectDelayMs(3, options, () => 0)).toBe(800);
+    expect(reconnectDelayMs(3, options, () => 0.999)).toBeLessThanOrEqual(1_600);
+    expect(reconnectDelayMs(50, options, () => 1)).toBe(10_000);
+    expect(reconnectDelayMs(50, options, () => 0)).toBe(5_000);
+  });
+});
+
+describe('PrometheusTextMetrics', () => {
+  it('renders counters, gauges and a cumulative histogram in text format 0.0.4', () => {
+    const metrics = new PrometheusTextMetrics({
+      streamUp: () => true,
+      watchedUsers: () => 3,
+      freshUsers: () => 2,
+    });
+    metrics.tokenRead('OK', 0.0002);
+    metrics.tokenRead('OK', 0.003);
+    metrics.tokenRead('TOKEN_UNAVAILABLE', 2);
+    metrics.tokenEvent('applied');
+    metrics.tokenEvent('stale');
+    metrics.refreshCall('ok');
+    metrics.brokerReconnect();
+    const { contentType, body } = metrics.exposition();
+    expect(contentType).toBe('text/plain; version=0.0.4; charset=utf-8');
+    expect(body.endsWith('\n')).toBe(true);
+    const lines = body.split('\n');
+    for (const line of [
+      '# TYPE tb_sidecar_token_reads_total counter',
+      'tb_sidecar_token_reads_total{code="OK"} 2',
+      'tb_sidecar_token_reads_total{code="TOKEN_UNAVAILABLE"} 1',
+      'tb_sidecar_token_read_duration_seconds_bucket{le="0.0005"} 1',
+      'tb_sidecar_token_read_duration_seconds_bucket{le="0.005"} 2',
+      'tb_sidecar_token_read_duration_seconds_bucket{le="1"} 2',
+      'tb_sidecar_token_read_duration_seconds_bucket{le="5"} 3',
+      'tb_sidecar_token_read_duration_seconds_bucket{le="+Inf"} 3',
+      'tb_sidecar_token_read_duration_seconds_count 3',
+      'tb_sidecar_broker_stream_up 1',
+      'tb_sidecar_broker_reconnects_total 1',
+      'tb_sidecar_token_events_total{outcome="stale"} 1',
+      'tb_sidecar_refresh_requests_total{outcome="ok"} 1',
+      'tb_sidecar_watched_users 3',
+      'tb_sidecar_fresh_users 2',
+    ])
+      expect(lines).toContain(line);
+    // Every sample belongs to a family declared with HELP and TYPE before it.
+    const declared = new Set<string>();
+    for (const line of lines) {
+      if (line.startsWith('# TYPE ')) declared.add(line.split(' ')[2]!);
+      else if (line && !line.startsWith('#'))
+        expect(declared.has(line.split(/[{ ]/)[0]!.replace(/_(bucket|sum|count)$/, ''))).toBe(true);
+    }
+  });
+});
