@@ -9,6 +9,7 @@ import {
   UnavailableError,
 } from './errors.js';
 import {
+  IdpInvalidClientError,
   IdpInvalidGrantError,
   IdpTransientError,
   type IdpAdapter,
@@ -206,6 +207,15 @@ export class SessionService {
         ref,
       );
     } catch (err) {
+      this.deps.log.warn(
+        {
+          tenant: ref.tenant,
+          code: (err as { code?: unknown }).code,
+          err: err instanceof Error ? err.message : String(err),
+          detail: (err as { detail?: unknown }).detail,
+        },
+        'token exchange failed',
+      );
       throw enrollmentFailure(err, 'token exchange');
     }
     const generation = await this.replaceFamily(
@@ -457,25 +467,27 @@ export class SessionService {
 
 /** An IdP failure during enrollment, as the caller sees it; the IdP's own message stays in detail. */
 function enrollmentFailure(err: unknown, what: string): unknown {
+  if (!(err instanceof BrokerError)) return err;
+  const options = { detail: `${err.message}${err.detail ? `: ${err.detail}` : ''}` };
   if (err instanceof IdpInvalidGrantError)
-    return new ReauthRequiredError(`the identity provider rejected the ${what} (invalid_grant)`, {
-      detail: err.message,
-    });
+    return new ReauthRequiredError(
+      `the identity provider rejected the ${what} (invalid_grant)`,
+      options,
+    );
   if (err instanceof IdpTransientError)
     return new UnavailableError(
       `the identity provider is unavailable for the ${what}; retry`,
       err.retryAfterMs,
-      {
-        detail: err.message,
-      },
+      options,
     );
-  if (err instanceof BrokerError)
-    return new UnavailableError(
-      `the ${what} failed at the identity provider (${err.code})`,
-      undefined,
-      {
-        detail: `${err.message}${err.detail ? `: ${err.detail}` : ''}`,
-      },
+  if (err instanceof IdpInvalidClientError)
+    return new InvalidArgumentError(
+      'token_exchange',
+      "is refused for the broker's client by the identity provider (invalid_client, unauthorized_client or unsupported_grant_type)",
     );
-  return err;
+  return new UnavailableError(
+    `the ${what} failed at the identity provider (${err.code})`,
+    undefined,
+    options,
+  );
 }

@@ -34,6 +34,14 @@
  * that reached the provider (a `status` fault answers before the provider, so it does not count).
  * Token values themselves are never stored here.
  *
+ * `tokenExchange: true` registers the RFC 8693 grant TOKEN_EXCHANGE_GRANT_TYPE for both clients:
+ * a valid access token of this provider (`subject_token`, type access_token) is exchanged for a
+ * new grant of the same account, issued to the calling client. With `requested_token_type`
+ * refresh_token the answer carries an access and a refresh token (as Keycloak's standard token
+ * exchange does), otherwise only an access token. The new grant is independent: revoking the
+ * subject's grant (a browser logout) leaves it alive, and revokeGrantOf() does not touch it.
+ * Counted in `exchanges`.
+ *
  * Faults apply to every token-endpoint request (mints included) until replaced, or for the next
  * `times` requests. `drop-response` lets the provider process the request (rotating the token)
  * and then resets the connection without answering: the client never learns the new token.
@@ -55,6 +63,9 @@ import Provider, {
 } from 'oidc-provider';
 
 export const MINT_GRANT_TYPE = 'urn:token-broker:test:mint';
+export const TOKEN_EXCHANGE_GRANT_TYPE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
+const REFRESH_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:refresh_token';
 const MINT_SCOPE = 'openid offline_access';
 const TOKEN_PATH = '/token';
 const REVOCATION_PATH = '/token/revocation';
@@ -90,6 +101,8 @@ export interface OidcCounters {
   revokedGrants: number;
   revocations: number;
   mints: number;
+  /** Successful token exchanges (with `tokenExchange`). */
+  exchanges: number;
   faultsInjected: number;
   serverErrors: number;
 }
@@ -106,6 +119,8 @@ export interface OidcProviderOptions {
    * so a resource server can verify them offline. Default: opaque access tokens.
    */
   jwtAccessTokens?: { audience: string };
+  /** Register the RFC 8693 token-exchange grant for both clients; default off. */
+  tokenExchange?: boolean;
 }
 
 export interface OidcProviderHarness {
@@ -181,7 +196,11 @@ export async function startOidcProvider(
       client_id: clients[kind].clientId,
       client_secret: clients[kind].clientSecret,
       token_endpoint_auth_method: kind === 'basic' ? 'client_secret_basic' : 'client_secret_post',
-      grant_types: ['refresh_token', MINT_GRANT_TYPE],
+      grant_types: [
+        'refresh_token',
+        MINT_GRANT_TYPE,
+        ...(options.tokenExchange ? [TOKEN_EXCHANGE_GRANT_TYPE] : []),
+      ],
       response_types: [],
       redirect_uris: [],
     })),
@@ -274,11 +293,67 @@ export async function startOidcProvider(
     ['account'],
   );
 
+  if (options.tokenExchange) {
+    provider.registerGrantType<{
+      subject_token?: string;
+      subject_token_type?: string;
+      requested_token_type?: string;
+    }>(
+      TOKEN_EXCHANGE_GRANT_TYPE,
+      async (ctx) => {
+        const { subject_token, subject_token_type, requested_token_type } = ctx.oidc.params;
+        if (typeof subject_token !== 'string' || subject_token === '')
+          throw new errors.InvalidRequest('missing required parameter: subject_token');
+        if (subject_token_type !== ACCESS_TOKEN_TYPE)
+          throw new errors.InvalidRequest('subject_token_type must be the access_token type');
+        const requested = requested_token_type || ACCESS_TOKEN_TYPE;
+        if (requested !== ACCESS_TOKEN_TYPE && requested !== REFRESH_TOKEN_TYPE)
+          throw new errors.InvalidRequest('unsupported requested_token_type');
+        const subject = await provider.AccessToken.find(subject_token);
+        if (!subject || subject.isExpired)
+          throw new errors.InvalidGrant('subject_token is invalid or expired');
+
+        const { client } = ctx.oidc;
+        const accountId = subject.accountId;
+        const grant = new provider.Grant({ accountId, clientId: client.clientId });
+        grant.addOIDCScope(MINT_SCOPE);
+        if (jwtAudience !== undefined) grant.addResourceScope(jwtAudience, RESOURCE_SCOPE);
+        const grantId = await grant.save();
+        const common = {
+          accountId,
+          client,
+          grantId,
+          gty: TOKEN_EXCHANGE_GRANT_TYPE,
+          scope: MINT_SCOPE,
+          ...(jwtAudience === undefined ? {} : { resource: jwtAudience }),
+        };
+        const at = new provider.AccessToken(common);
+        if (jwtAudience !== undefined)
+          at.resourceServer = new provider.ResourceServer(jwtAudience, resourceServer);
+        const accessToken = await at.save();
+        const refreshToken =
+          requested === REFRESH_TOKEN_TYPE
+            ? await new provider.RefreshToken(common).save()
+            : undefined;
+        ctx.body = {
+          access_token: accessToken,
+          issued_token_type: requested,
+          token_type: 'Bearer',
+          expires_in: at.expiration,
+          ...(refreshToken === undefined ? {} : { refresh_token: refreshToken }),
+          scope: MINT_SCOPE,
+        };
+      },
+      ['subject_token', 'subject_token_type', 'requested_token_type'],
+    );
+  }
+
   const grantTypeOf = (ctx: KoaContextWithOIDC): unknown => oidcOf(ctx)?.params?.['grant_type'];
   provider.on('grant.success', (ctx) => {
     const grantType = grantTypeOf(ctx);
     if (grantType === 'refresh_token') counters.refreshes++;
     else if (grantType === MINT_GRANT_TYPE) counters.mints++;
+    else if (grantType === TOKEN_EXCHANGE_GRANT_TYPE) counters.exchanges++;
   });
   provider.on('grant.error', (ctx, err) => {
     if (grantTypeOf(ctx) !== 'refresh_token') return;
@@ -442,6 +517,7 @@ function zeroCounters(): OidcCounters {
     revokedGrants: 0,
     revocations: 0,
     mints: 0,
+    exchanges: 0,
     faultsInjected: 0,
     serverErrors: 0,
   };
