@@ -1,4 +1,5 @@
 import { ConfigError } from '../errors.js';
+import { accessTokenExpiry } from './jwt-expiry.js';
 import {
   IdpInvalidClientError,
   IdpInvalidGrantError,
@@ -369,7 +370,10 @@ function readTokenSet(body: JsonObject, sentAt: number, where: string): TokenSet
   return {
     accessToken,
     tokenType,
-    accessExpiresAt: sentAt + Math.floor((expiresIn ?? DEFAULT_EXPIRES_IN_S) * 1000),
+    accessExpiresAt: accessTokenExpiry(
+      accessToken,
+      sentAt + Math.floor((expiresIn ?? DEFAULT_EXPIRES_IN_S) * 1000),
+    ),
     refreshToken,
     // Keycloak sends refresh_expires_in 0 for offline tokens, which do not expire on a clock.
     refreshExpiresAt:
