@@ -1,0 +1,199 @@
+{{/*
+The token-broker sidecar for a module's pods. Every template takes the module chart's root context
+and reads .Values.tokenBroker (README.md, "Install with Helm", lists the keys). In a pod template:
+
+  metadata.labels:      include "token-broker-sidecar.podLabels" .
+  spec.initContainers:  include "token-broker-sidecar.initContainers" .   (native sidecar)
+  spec.containers:      your module, with include "token-broker-sidecar.moduleEnv" . in its env
+                        (and "token-broker-sidecar.moduleVolumeMounts" . with tokenDir), then
+                        include "token-broker-sidecar.containers" .        (native: false)
+  spec.volumes:         include "token-broker-sidecar.volumes" .
+*/}}
+
+{{/* The defaults of .Values.tokenBroker (test/helm checks that README documents each key). */}}
+{{- define "token-broker-sidecar.defaults" -}}
+brokerAddress: ""
+native: true
+image:
+  repository: token-broker/sidecar
+  tag: "0.1.0"
+  pullPolicy: IfNotPresent
+port: 8181
+users: []
+safetySkewMs: null
+tokenDir: ""
+logLevel: info
+env: {}
+runAsUser: 1000
+resources:
+  requests:
+    cpu: 20m
+    memory: 64Mi
+  limits:
+    memory: 128Mi
+podLabels:
+  token-broker.io/sidecar: "true"
+serviceAccountToken:
+  audience: token-broker
+  expirationSeconds: 3600
+{{- end }}
+
+{{- define "token-broker-sidecar.config" -}}
+{{- $defaults := include "token-broker-sidecar.defaults" . | fromYaml }}
+{{- range $key, $_ := (default (dict) .Values.tokenBroker) }}
+{{- if not (hasKey $defaults $key) }}
+{{- fail (printf "tokenBroker.%s is not a sidecar setting (known: %s)" $key (keys $defaults | sortAlpha | join ", ")) }}
+{{- end }}
+{{- end }}
+{{- $config := mustMergeOverwrite $defaults (deepCopy (default (dict) .Values.tokenBroker)) }}
+{{- if not $config.brokerAddress }}
+{{- fail "tokenBroker.brokerAddress is required: the broker's headless Service, e.g. dns:///token-broker-headless.token-broker.svc.cluster.local:50051 (the broker release's NOTES print it)" }}
+{{- end }}
+{{- if not (regexMatch "^(dns|ipv4|ipv6|unix):" $config.brokerAddress) }}
+{{- if not (regexMatch "^[A-Za-z0-9.-]+:[0-9]+$" $config.brokerAddress) }}
+{{- fail (printf "tokenBroker.brokerAddress must be dns:///host:port or host:port, got %q" $config.brokerAddress) }}
+{{- end }}
+{{- end }}
+{{- range $name, $_ := $config.env }}
+{{- if not (hasPrefix "TB_SIDECAR_" $name) }}
+{{- fail (printf "tokenBroker.env.%s: only TB_SIDECAR_* variables belong here" $name) }}
+{{- end }}
+{{- end }}
+{{- toJson $config }}
+{{- end }}
+
+{{- define "token-broker-sidecar.podLabels" -}}
+{{- $config := include "token-broker-sidecar.config" . | fromJson -}}
+{{- toYaml $config.podLabels }}
+{{- end }}
+
+{{/* One HTTP GET of the sidecar's localhost API. It binds 127.0.0.1 only, and kubelet's httpGet
+probes go to the pod IP, so the probe runs inside the container with the image's node. */}}
+{{- define "token-broker-sidecar.probe" -}}
+{{- $port := index . 0 }}
+{{- $path := index . 1 -}}
+exec:
+  command:
+    - node
+    - -e
+    - {{ printf "fetch('http://127.0.0.1:%d%s', { signal: AbortSignal.timeout(2000) }).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))" (int $port) $path | quote }}
+{{- end }}
+
+{{- define "token-broker-sidecar.container" -}}
+{{- $config := include "token-broker-sidecar.config" . | fromJson -}}
+- name: token-broker-sidecar
+  image: {{ printf "%s:%s" $config.image.repository $config.image.tag }}
+  imagePullPolicy: {{ $config.image.pullPolicy }}
+  {{- if $config.native }}
+  # A native sidecar: started (startupProbe passed) before the module, stopped after it.
+  restartPolicy: Always
+  {{- end }}
+  env:
+    - name: TB_SIDECAR_BROKER_ADDRESS
+      value: {{ $config.brokerAddress | quote }}
+    - name: TB_SIDECAR_PORT
+      value: {{ $config.port | int | toString | quote }}
+    - name: TB_SIDECAR_LOG_LEVEL
+      value: {{ $config.logLevel | quote }}
+    {{- with $config.users }}
+    - name: TB_SIDECAR_USERS
+      value: {{ join "," . | quote }}
+    {{- end }}
+    {{- if not (kindIs "invalid" $config.safetySkewMs) }}
+    - name: TB_SIDECAR_SAFETY_SKEW_MS
+      value: {{ $config.safetySkewMs | int64 | toString | quote }}
+    {{- end }}
+    {{- with $config.tokenDir }}
+    - name: TB_SIDECAR_TOKEN_DIR
+      value: {{ . | quote }}
+    {{- end }}
+    {{- range $name, $value := $config.env }}
+    - name: {{ $name }}
+      value: {{ $value | toString | quote }}
+    {{- end }}
+  startupProbe:
+    {{- include "token-broker-sidecar.probe" (list $config.port "/healthz") | nindent 4 }}
+    periodSeconds: 1
+    timeoutSeconds: 3
+    failureThreshold: 30
+  readinessProbe:
+    {{- include "token-broker-sidecar.probe" (list $config.port "/readyz") | nindent 4 }}
+    periodSeconds: 5
+    timeoutSeconds: 3
+  livenessProbe:
+    {{- include "token-broker-sidecar.probe" (list $config.port "/healthz") | nindent 4 }}
+    periodSeconds: 10
+    timeoutSeconds: 3
+    failureThreshold: 3
+  resources:
+    {{- toYaml $config.resources | nindent 4 }}
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: {{ $config.runAsUser | int64 }}
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: [ALL]
+    seccompProfile:
+      type: RuntimeDefault
+  volumeMounts:
+    # For the broker to check who is asking (audience-bound, rotated by the kubelet).
+    - name: token-broker-sa-token
+      mountPath: /var/run/secrets/token-broker
+      readOnly: true
+    {{- with $config.tokenDir }}
+    - name: token-broker-tokens
+      mountPath: {{ . }}
+    {{- end }}
+{{- end }}
+
+{{- define "token-broker-sidecar.initContainers" -}}
+{{- $config := include "token-broker-sidecar.config" . | fromJson -}}
+{{- if $config.native }}
+{{- include "token-broker-sidecar.container" . }}
+{{- end }}
+{{- end }}
+
+{{- define "token-broker-sidecar.containers" -}}
+{{- $config := include "token-broker-sidecar.config" . | fromJson -}}
+{{- if not $config.native }}
+{{- include "token-broker-sidecar.container" . }}
+{{- end }}
+{{- end }}
+
+{{- define "token-broker-sidecar.volumes" -}}
+{{- $config := include "token-broker-sidecar.config" . | fromJson -}}
+- name: token-broker-sa-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          audience: {{ $config.serviceAccountToken.audience | quote }}
+          expirationSeconds: {{ $config.serviceAccountToken.expirationSeconds | int64 }}
+          path: token
+{{- if $config.tokenDir }}
+- name: token-broker-tokens
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- end }}
+{{- end }}
+
+{{/* Environment for the module's container: where to read tokens. */}}
+{{- define "token-broker-sidecar.moduleEnv" -}}
+{{- $config := include "token-broker-sidecar.config" . | fromJson -}}
+- name: TOKEN_BROKER_URL
+  value: {{ printf "http://127.0.0.1:%d" (int $config.port) | quote }}
+{{- with $config.tokenDir }}
+- name: TOKEN_BROKER_TOKEN_DIR
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "token-broker-sidecar.moduleVolumeMounts" -}}
+{{- $config := include "token-broker-sidecar.config" . | fromJson -}}
+{{- with $config.tokenDir }}
+- name: token-broker-tokens
+  mountPath: {{ . }}
+  readOnly: true
+{{- end }}
+{{- end }}

@@ -1,0 +1,153 @@
+{{/*
+Names and labels, in the usual shape of `helm create` charts.
+*/}}
+{{- define "token-broker.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name; kept to 45 characters so "<fullname>-redis-headless" stays a valid DNS label. */}}
+{{- define "token-broker.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 45 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 45 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 45 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "token-broker.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "token-broker.labels" -}}
+helm.sh/chart: {{ include "token-broker.chart" . }}
+app.kubernetes.io/name: {{ include "token-broker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: token-broker
+{{- end }}
+
+{{- define "token-broker.brokerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "token-broker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: broker
+{{- end }}
+
+{{- define "token-broker.redisSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "token-broker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "token-broker.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "token-broker.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "token-broker.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The Secret holding idp-client-secret and sealing-keys. */}}
+{{- define "token-broker.secretName" -}}
+{{- default (include "token-broker.fullname" .) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{- define "token-broker.redisName" -}}
+{{- printf "%s-redis" (include "token-broker.fullname" .) }}
+{{- end }}
+
+{{- define "token-broker.redisSecretName" -}}
+{{- default (printf "%s-redis" (include "token-broker.fullname" .)) .Values.redis.bundled.auth.existingSecret }}
+{{- end }}
+
+{{/* URL of bundled Redis node i: a stable name through the headless Service. */}}
+{{- define "token-broker.redisNodeUrl" -}}
+{{- $root := index . 0 }}
+{{- $i := index . 1 }}
+{{- $name := include "token-broker.redisName" $root }}
+{{- printf "redis://:$(TB_REDIS_PASSWORD)@%s-%d.%s-headless.%s.svc.%s:6379" $name $i $name $root.Release.Namespace $root.Values.clusterDomain }}
+{{- end }}
+
+{{/*
+Seconds the broker may take after SIGTERM: finish an in-flight rotation (IdP call, then store
+retries under the lock), end streams and wait TB_SHUTDOWN_GRACE_MS for calls, plus 10 s for
+taking the lock and closing Redis connections. An explicit value below that fails the install.
+*/}}
+{{- define "token-broker.terminationGracePeriodSeconds" -}}
+{{- $ms := add .Values.idp.timeoutMs .Values.broker.persistRetryMs .Values.broker.shutdownGraceMs }}
+{{- $minimum := add (div (add $ms 999) 1000) 10 }}
+{{- $set := .Values.broker.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $set }}
+{{- $minimum }}
+{{- else if lt (int $set) (int $minimum) }}
+{{- fail (printf "broker.terminationGracePeriodSeconds (%d) must be at least %d: idp.timeoutMs + broker.persistRetryMs + broker.shutdownGraceMs, rounded up, plus 10 s" (int $set) (int $minimum)) }}
+{{- else }}
+{{- int $set }}
+{{- end }}
+{{- end }}
+
+{{- define "token-broker.redlockUrls" -}}
+{{- $urls := list }}
+{{- range $i := until (int .Values.redis.bundled.replicas) }}
+{{- $urls = append $urls (include "token-broker.redisNodeUrl" (list $ $i)) }}
+{{- end }}
+{{- join "," $urls }}
+{{- end }}
+
+{{/* OpenTelemetry SDK settings, by the standard OTEL_* variables. */}}
+{{- define "token-broker.otelEnv" -}}
+{{- if or .Values.otel.enabled .Values.metrics.enabled }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .Values.otel.serviceName | quote }}
+- name: K8S_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: K8S_NAMESPACE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "k8s.pod.name=$(K8S_POD_NAME),k8s.namespace.name=$(K8S_NAMESPACE_NAME)%s" (ternary (printf ",%s" .Values.otel.resourceAttributes) "" (ne .Values.otel.resourceAttributes "")) | quote }}
+{{- else }}
+- name: OTEL_SDK_DISABLED
+  value: "true"
+{{- end }}
+{{- if .Values.otel.enabled }}
+- name: OTEL_TRACES_EXPORTER
+  value: otlp
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .Values.otel.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ .Values.otel.protocol | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ .Values.otel.sampler | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ .Values.otel.samplerArg | quote }}
+{{- else }}
+- name: OTEL_TRACES_EXPORTER
+  value: none
+{{- end }}
+{{- if .Values.metrics.enabled }}
+- name: OTEL_METRICS_EXPORTER
+  value: prometheus
+- name: OTEL_EXPORTER_PROMETHEUS_HOST
+  value: 0.0.0.0
+- name: OTEL_EXPORTER_PROMETHEUS_PORT
+  value: {{ .Values.metrics.port | quote }}
+{{- else }}
+- name: OTEL_METRICS_EXPORTER
+  value: none
+{{- end }}
+- name: OTEL_LOGS_EXPORTER
+  value: none
+{{- end }}
