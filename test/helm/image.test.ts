@@ -1,0 +1,268 @@
+/**
+ * The images, without a Docker engine: deploy/docker/Dockerfile is read for what it promises
+ * (Node.js 22, non-root, production modules, the two entry points), and its build is replayed here:
+ * tsc -p tsconfig.build.json into a temporary dist/, proto/ copied beside it, then the broker and
+ * the sidecar run from that layout, and the sidecar answers the chart's exec probes.
+ */
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import {
+  cpSync,
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  symlinkSync,
+} from 'node:fs';
+import { builtinModules } from 'node:module';
+import { tmpdir } from 'node:os';
+import { join, relative } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { freePort } from '../harness/free-port.js';
+import { find, HelmCharts, REPO, type K8sObject } from './helm-harness.js';
+
+const dockerfile = readFileSync(join(REPO, 'deploy', 'docker', 'Dockerfile'), 'utf8');
+const pkg = JSON.parse(readFileSync(join(REPO, 'package.json'), 'utf8')) as {
+  dependencies: Record<string, string>;
+};
+
+interface Stage {
+  from: string;
+  lines: string[];
+}
+function stages(): Map<string, Stage> {
+  const result = new Map<string, Stage>();
+  let current: Stage | undefined;
+  for (const line of dockerfile.split('\n').map((l) => l.trim())) {
+    const from = /^FROM\s+(\S+)\s+AS\s+(\S+)$/i.exec(line);
+    if (from) result.set(from[2]!, (current = { from: from[1]!, lines: [] }));
+    else if (current && line && !line.startsWith('#')) current.lines.push(line);
+  }
+  return result;
+}
+const entrypoint = (stage: string) =>
+  JSON.parse(
+    stages()
+      .get(stage)!
+      .lines.find((l) => l.startsWith('ENTRYPOINT'))!
+      .slice('ENTRYPOINT'.length),
+  ) as string[];
+
+/** .dockerignore semantics for the patterns it uses: the last matching line wins. */
+function inBuildContext(path: string): boolean {
+  const patterns = readFileSync(join(REPO, '.dockerignore'), 'utf8')
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l && !l.startsWith('#'));
+  let included = true;
+  for (const pattern of patterns) {
+    const negated = pattern.startsWith('!');
+    const body = negated ? pattern.slice(1) : pattern;
+    const matches = body === '*' || path === body || path.startsWith(`${body}/`);
+    if (matches) included = negated;
+  }
+  return included;
+}
+
+describe('deploy/docker/Dockerfile', () => {
+  it('builds on Node.js 22 and runs as a non-root user with production modules only', () => {
+    expect(dockerfile).toMatch(/^ARG NODE_IMAGE=node:22-[a-z]+-slim$/m);
+    const all = stages();
+    expect([...all.keys()]).toEqual(['build', 'modules', 'runtime', 'sidecar', 'broker']);
+    expect(all.get('build')!.lines).toContain(
+      'RUN npx tsc -p tsconfig.build.json && cp -r proto dist/proto',
+    );
+    expect(all.get('modules')!.lines.join('\n')).toMatch(/npm ci --omit=dev/);
+    const runtime = all.get('runtime')!.lines;
+    expect(runtime).toContain('USER 1000:1000');
+    expect(runtime.filter((l) => l.startsWith('COPY')).join('\n')).not.toMatch(
+      /--from=build \/app\/node_modules/,
+    );
+    expect(entrypoint('broker')).toEqual(['node', 'dist/broker/main.js']);
+    expect(entrypoint('sidecar')).toEqual(['node', 'dist/sidecar/main.js']);
+    // The broker is the last stage, so a build without --target gives it.
+    expect([...all.keys()].at(-1)).toBe('broker');
+  });
+
+  it('copies only what .dockerignore leaves in the build context', () => {
+    const sources = [...stages().values()]
+      .flatMap((s) => s.lines)
+      .filter((l) => l.startsWith('COPY ') && !l.includes('--from='))
+      .flatMap((l) => l.split(/\s+/).slice(1, -1));
+    expect(sources).toEqual(
+      expect.arrayContaining(['package.json', 'broker', 'sidecar', 'shared', 'proto']),
+    );
+    for (const source of sources) {
+      expect(existsSync(join(REPO, source)), source).toBe(true);
+      expect(inBuildContext(source), source).toBe(true);
+    }
+    for (const left of ['node_modules', '.git', '.tools', 'test', 'deploy', 'dist'])
+      expect(inBuildContext(left), left).toBe(false);
+  });
+});
+
+describe('the image layout, replayed', () => {
+  let app: string;
+  const children: ChildProcess[] = [];
+
+  beforeAll(() => {
+    app = mkdtempSync(join(tmpdir(), 'tb-image-'));
+    execFileSync(
+      process.execPath,
+      [
+        join(REPO, 'node_modules', 'typescript', 'bin', 'tsc'),
+        '-p',
+        'tsconfig.build.json',
+        '--outDir',
+        join(app, 'dist'),
+      ],
+      { cwd: REPO, stdio: 'pipe' },
+    );
+    cpSync(join(REPO, 'proto'), join(app, 'dist', 'proto'), { recursive: true });
+    cpSync(join(REPO, 'package.json'), join(app, 'package.json'));
+    symlinkSync(join(REPO, 'node_modules'), join(app, 'node_modules'));
+  }, 120_000);
+
+  afterAll(() => {
+    for (const child of children) if (child.exitCode === null) child.kill('SIGKILL');
+    rmSync(app, { recursive: true, force: true });
+  });
+
+  it('has both entry points where the Dockerfile runs them', () => {
+    for (const stage of ['broker', 'sidecar'])
+      expect(existsSync(join(app, entrypoint(stage)[1]!)), stage).toBe(true);
+    expect(existsSync(join(app, 'dist', 'proto', 'tokenbroker', 'v1', 'token_broker.proto'))).toBe(
+      true,
+    );
+  });
+
+  it('imports no package outside package.json dependencies (the image has no devDependencies)', () => {
+    const builtins = new Set(builtinModules);
+    const missing = new Set<string>();
+    const walk = (dir: string): void => {
+      for (const entry of readdirSync(dir, { withFileTypes: true })) {
+        const path = join(dir, entry.name);
+        if (entry.isDirectory()) walk(path);
+        else if (entry.name.endsWith('.js')) {
+          const text = readFileSync(path, 'utf8');
+          for (const m of text.matchAll(
+            /(?:^|\s)(?:import|export)\s[^'"]*?from\s+['"]([^'"]+)['"]|import\(\s*['"]([^'"]+)['"]\s*\)|^import\s+['"]([^'"]+)['"]/gm,
+          )) {
+            const spec = (m[1] ?? m[2] ?? m[3])!;
+            if (spec.startsWith('.') || spec.startsWith('node:') || builtins.has(spec)) continue;
+            const name = spec.startsWith('@')
+              ? spec.split('/').slice(0, 2).join('/')
+              : spec.split('/')[0]!;
+            if (!(name in pkg.dependencies)) missing.add(`${relative(app, path)}: ${name}`);
+          }
+        }
+      }
+    };
+    walk(join(app, 'dist'));
+    expect([...missing]).toEqual([]);
+  });
+
+  it('starts the broker and the sidecar from it; the sidecar passes the chart exec probes', async () => {
+    const brokerPort = await freePort();
+    const broker = await startNode(
+      app,
+      entrypoint('broker')[1]!,
+      {
+        TB_GRPC_ADDRESS: `127.0.0.1:${brokerPort}`,
+        TB_IDP_TOKEN_ENDPOINT: 'http://127.0.0.1:1/token',
+        TB_IDP_CLIENT_ID: 'x',
+        TB_IDP_CLIENT_SECRET: 'y',
+        OTEL_SDK_DISABLED: 'true',
+      },
+      'broker serving',
+    );
+    children.push(broker.child);
+
+    const sidecarPort = await freePort();
+    const sidecar = await startNode(
+      app,
+      entrypoint('sidecar')[1]!,
+      {
+        TB_SIDECAR_BROKER_ADDRESS: `127.0.0.1:${brokerPort}`,
+        TB_SIDECAR_PORT: String(sidecarPort),
+        OTEL_SDK_DISABLED: 'true',
+      },
+      'sidecar serving',
+    );
+    children.push(sidecar.child);
+
+    const charts = HelmCharts.setUp();
+    let objects: K8sObject[];
+    try {
+      objects = charts.render(charts.example, [], ['--set', `tokenBroker.port=${sidecarPort}`]);
+    } finally {
+      charts.tearDown();
+    }
+    const container = (
+      find(objects, 'Deployment') as unknown as {
+        spec: {
+          template: {
+            spec: { initContainers: Array<Record<string, { exec: { command: string[] } }>> };
+          };
+        };
+      }
+    ).spec.template.spec.initContainers[0]!;
+    for (const probe of ['startupProbe', 'livenessProbe', 'readinessProbe']) {
+      const [command, ...args] = container[probe]!.exec.command;
+      expect(command).toBe('node');
+      expect(probeStatus(args), probe).toBe(0);
+    }
+
+    // Graceful stop on SIGTERM, as a pod's termination sends it.
+    sidecar.child.kill('SIGTERM');
+    broker.child.kill('SIGTERM');
+    expect(await sidecar.exited).toBe(0);
+    expect(await broker.exited).toBe(0);
+    // With the sidecar gone, the same probe fails: it really asked the server.
+    const [, ...args] = container.livenessProbe!.exec.command;
+    expect(probeStatus(args)).not.toBe(0);
+  }, 60_000);
+});
+
+function probeStatus(args: string[]): number {
+  try {
+    execFileSync(process.execPath, args, { stdio: 'ignore', timeout: 10_000 });
+    return 0;
+  } catch (err) {
+    return (err as { status: number | null }).status ?? -1;
+  }
+}
+
+async function startNode(
+  cwd: string,
+  script: string,
+  env: Record<string, string>,
+  ready: string,
+): Promise<{ child: ChildProcess; exited: Promise<number | null> }> {
+  const child = spawn(process.execPath, [script], {
+    cwd,
+    env: { PATH: process.env.PATH ?? '', NODE_ENV: 'production', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const exited = new Promise<number | null>((resolve) =>
+    child.once('exit', (code) => resolve(code)),
+  );
+  let output = '';
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${script} did not start: ${output}`)), 20_000);
+    const onData = (chunk: Buffer) => {
+      output += chunk.toString();
+      if (output.includes(`"msg":"${ready}"`)) {
+        clearTimeout(timer);
+        resolve();
+      }
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`${script} exited with ${code}: ${output}`));
+    });
+  });
+  return { child, exited };
+}

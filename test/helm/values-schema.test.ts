@@ -1,0 +1,117 @@
+/**
+ * Bad values fail at install with a message that names the value: values.schema.json for types and
+ * required values, a template check where the schema's message would echo a secret.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { HelmCharts } from './helm-harness.js';
+
+let charts: HelmCharts;
+beforeAll(() => {
+  charts = HelmCharts.setUp();
+}, 120_000);
+afterAll(() => charts?.tearDown());
+
+const SCHEMA_FAILURE = "values don't meet the specifications of the schema(s)";
+
+describe('values.schema.json', () => {
+  it('accepts the least an install needs', () => {
+    expect(charts.template(charts.broker, ['minimal.yaml']).ok).toBe(true);
+  });
+
+  it('refuses a value of the wrong type, naming it', () => {
+    const result = charts.template(charts.broker, ['minimal.yaml', 'invalid-wrong-type.yaml']);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain(SCHEMA_FAILURE);
+    expect(result.stderr).toContain("at '/replicaCount': got string, want integer");
+  });
+
+  it('refuses a missing required value, naming it', () => {
+    const result = charts.template(charts.broker, ['missing-client-id.yaml']);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain(SCHEMA_FAILURE);
+    expect(result.stderr).toContain("at '/idp': missing property 'clientId'");
+  });
+
+  it('refuses an install with no values at all, naming what is missing', () => {
+    const result = charts.template(charts.broker);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain("missing property 'clientId'");
+    expect(result.stderr).toMatch(/missing property '(issuer|tokenEndpoint)'/);
+    expect(result.stderr).toContain("missing property 'sealingKeys'");
+    expect(result.stderr).toContain("missing property 'idpClientSecret'");
+  });
+
+  it('needs no client secret for authMethod none, nor any secret with existingSecret', () => {
+    const none = charts.template(
+      charts.broker,
+      [],
+      [
+        '--set',
+        'idp.tokenEndpoint=https://idp.example.com/token',
+        '--set',
+        'idp.clientId=tb',
+        '--set',
+        'idp.authMethod=none',
+        '--set',
+        'secrets.sealingKeys=k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=',
+      ],
+    );
+    expect(none.stderr).toBe('');
+    expect(none.stdout).not.toContain('idp-client-secret');
+    const existing = charts.template(
+      charts.broker,
+      [],
+      [
+        '--set',
+        'idp.issuer=https://idp.example.com',
+        '--set',
+        'idp.clientId=tb',
+        '--set',
+        'secrets.existingSecret=mine',
+      ],
+    );
+    expect(existing.stderr).toBe('');
+  });
+
+  it('refuses a misspelt key instead of ignoring it', () => {
+    const result = charts.template(charts.broker, ['minimal.yaml'], ['--set', 'replicaCont=5']);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain("additional properties 'replicaCont' not allowed");
+  });
+
+  it('refuses a broker.env entry that would override a variable the chart sets', () => {
+    const result = charts.template(charts.broker, [
+      'minimal.yaml',
+      'invalid-chart-managed-env.yaml',
+    ]);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain("invalid propertyName 'TB_REDIS_URL'");
+  });
+
+  it('refuses a ServiceMonitor without the metrics port', () => {
+    const result = charts.template(charts.broker, [
+      'minimal.yaml',
+      'invalid-servicemonitor-without-metrics.yaml',
+    ]);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain("at '/metrics/enabled': value must be true");
+  });
+
+  it('refuses external Redis without the state store URL', () => {
+    const result = charts.template(charts.broker, [
+      'minimal.yaml',
+      'invalid-external-redis-without-url.yaml',
+    ]);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain("at '/redis/external': missing property 'stateUrl'");
+  });
+
+  it('refuses malformed sealing keys without echoing them', () => {
+    const result = charts.template(charts.broker, ['minimal.yaml', 'invalid-sealing-keys.yaml']);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain(
+      'secrets.sealingKeys must list kid:base64 entries of 32-byte keys',
+    );
+    expect(result.stderr).not.toContain('dG9vLXNob3J0');
+  });
+});
