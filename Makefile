@@ -2,7 +2,7 @@
 export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
 SHELL := /bin/bash
 
-.PHONY: setup deps redis proto proto-check lint format typecheck circular unit test demo clean helm-tools helm-check
+.PHONY: setup deps redis proto proto-check lint format typecheck circular unit test demo clean helm-tools helm-check bench
 
 setup: deps redis
 
@@ -59,6 +59,10 @@ helm-check: helm-tools
 # A short live look at rotations: real OIDC provider, embedded broker (DEMO_SECONDS, default 30).
 demo: deps
 	node --import tsx scripts/demo.ts
+
+# GET-token throughput and latency of the sidecar beside a bare node:http server (prints figures).
+bench: deps
+	node --import tsx bench/sidecar-throughput.ts
 
 clean:
 	rm -rf node_modules .tmp

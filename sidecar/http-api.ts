@@ -14,10 +14,12 @@ import type { SidecarMetrics } from './metrics.js';
 import { decideRead, type ReadDecision } from './read-policy.js';
 import type { SessionRef } from './session-ref.js';
 import { parseTokenRequest, TOKEN_PATH_PREFIX, type TokenRequest } from './token-request.js';
-import type { TokenStore, UserEntry } from './token-store.js';
+import type { TokenState, TokenStore, UserEntry } from './token-store.js';
 
 /** While a module waits for a newer generation, a refused or lost Refresh is retried this often. */
 const REFRESH_RECHECK_MS = 1_000;
+/** Parsed token URLs kept: a module reads the same few URLs over and over. */
+const PARSED_URLS_MAX = 1_024;
 
 /** What the HTTP API needs from the rest of the sidecar. */
 export interface TokenSessions {
@@ -51,6 +53,9 @@ const JSON_TYPE = 'application/json';
 export class SidecarHttpApi {
   private closing = false;
   private readonly clock: () => number;
+  private readonly parsedUrls = new Map<string, TokenRequest>();
+  /** The JSON answer per state, rebuilt when `expires_in` changes (once a second). */
+  private readonly bodies = new WeakMap<TokenState, { expiresIn: number; body: string }>();
 
   constructor(private readonly deps: HttpApiDeps) {
     this.clock = deps.clock ?? Date.now;
@@ -119,7 +124,7 @@ export class SidecarHttpApi {
       if (typeof flag !== 'string' || flag.toLowerCase() !== 'true') throw new MissingHeaderError();
       if (headers['x-forwarded-for'] !== undefined || headers.forwarded !== undefined)
         throw new ForwardedRequestError();
-      request = parseTokenRequest(rest, query, this.deps.maxWaitMs);
+      request = this.parse(rest, query);
       entry = this.deps.sessions.read(request);
       decision = decideRead(
         this.deps.store,
@@ -135,6 +140,17 @@ export class SidecarHttpApi {
     if (decision.kind === 'serve') this.sendToken(req, res, entry, started);
     else if (decision.kind === 'fail') this.sendError(res, decision.error, started);
     else void this.waitAndAnswer(req, res, request, entry, decision, started);
+  }
+
+  private parse(rest: string, query: string): TokenRequest {
+    const key = `${rest}?${query}`;
+    let request = this.parsedUrls.get(key);
+    if (!request) {
+      request = parseTokenRequest(rest, query, this.deps.maxWaitMs);
+      if (this.parsedUrls.size >= PARSED_URLS_MAX) this.parsedUrls.clear();
+      this.parsedUrls.set(key, request);
+    }
+    return request;
   }
 
   private async waitAndAnswer(
@@ -193,13 +209,22 @@ export class SidecarHttpApi {
       });
       res.end(state.accessToken);
     } else {
-      const body = JSON.stringify({
-        access_token: state.accessToken,
-        token_type: state.tokenType,
-        expires_at: entry.expiresAtIso,
-        expires_in: Math.floor((state.expiresAtMs - this.clock()) / 1000),
-        generation: state.generation,
-      });
+      const expiresIn = Math.floor((state.expiresAtMs - this.clock()) / 1000);
+      let cached = this.bodies.get(state);
+      if (cached?.expiresIn !== expiresIn) {
+        cached = {
+          expiresIn,
+          body: JSON.stringify({
+            access_token: state.accessToken,
+            token_type: state.tokenType,
+            expires_at: entry.expiresAtIso,
+            expires_in: expiresIn,
+            generation: state.generation,
+          }),
+        };
+        this.bodies.set(state, cached);
+      }
+      const body = cached.body;
       res.writeHead(200, {
         'content-type': JSON_TYPE,
         'cache-control': 'no-store',
