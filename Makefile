@@ -56,9 +56,11 @@ helm-tools: deps
 helm-check: helm-tools
 	@scripts/helm-check.sh
 
-# A short live look at rotations: real OIDC provider, embedded broker (DEMO_SECONDS, default 30).
+# The mission live: 3 modules, 3 sidecars, one user, a real OIDC provider with rotation.
+# MODE=naive shows the race without the broker. DEMO_SECONDS (60), DEMO_AT_TTL (10).
+MODE ?= broker
 demo: deps
-	node --import tsx scripts/demo.ts
+	MODE=$(MODE) node --import tsx scripts/demo.ts
 
 # GET-token throughput and latency of the sidecar beside a bare node:http server (prints figures).
 bench: deps
