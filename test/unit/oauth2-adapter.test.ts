@@ -705,3 +705,57 @@ describe('OAuth2Adapter configuration', () => {
     );
   });
 });
+
+describe('OAuth2Adapter token exchange (RFC 8693)', () => {
+  const SUBJECT = 'at-FAKE-subject-0004';
+
+  it('posts the token-exchange grant with the subject token and the configured requested type', async () => {
+    const idp = await fakeIdp((_seen, res) =>
+      reply(res, 200, {
+        ...tokenResponse,
+        issued_token_type: 'urn:ietf:params:oauth:token-type:refresh_token',
+      }),
+    );
+    const set = await adapter({ tokenEndpoint: `${idp.base}/token`, scope: 'openid' }).exchange(
+      { token: SUBJECT, tokenType: '' },
+      signal(),
+    );
+    const form = idp.seen[0]!.form;
+    expect(form.get('grant_type')).toBe('urn:ietf:params:oauth:grant-type:token-exchange');
+    expect(form.get('subject_token') === SUBJECT).toBe(true);
+    expect(form.get('subject_token_type')).toBe('urn:ietf:params:oauth:token-type:access_token');
+    expect(form.get('requested_token_type')).toBe('urn:ietf:params:oauth:token-type:refresh_token');
+    expect(form.get('scope')).toBe('openid');
+    expect(set.refreshToken === NEW_RT).toBe(true);
+    expect(set.accessExpiresAt).toBe(T0 + 3_600_000);
+  });
+
+  it('refuses an answer without a refresh token: the broker could not keep the session', async () => {
+    const { refresh_token: _rt, ...withoutRt } = tokenResponse;
+    const idp = await fakeIdp((_seen, res) => reply(res, 200, withoutRt));
+    const err = await caught(
+      adapter({
+        tokenEndpoint: `${idp.base}/token`,
+        exchangeTokenType: 'urn:ietf:params:oauth:token-type:access_token',
+      }).exchange({ token: SUBJECT, tokenType: '' }, signal()),
+    );
+    expect(err).toBeInstanceOf(IdpProtocolError);
+    expect(idp.seen[0]!.form.get('requested_token_type')).toBe(
+      'urn:ietf:params:oauth:token-type:access_token',
+    );
+  });
+
+  it('a rejected subject token is invalid_grant, masked in the detail', async () => {
+    const idp = await fakeIdp((_seen, res) =>
+      reply(res, 400, { error: 'invalid_grant', error_description: `bad ${SUBJECT}` }),
+    );
+    const err = await caught(
+      adapter({ tokenEndpoint: `${idp.base}/token` }).exchange(
+        { token: SUBJECT, tokenType: '' },
+        signal(),
+      ),
+    );
+    expect(err).toBeInstanceOf(IdpInvalidGrantError);
+    expect((err as IdpInvalidGrantError).detail).toBe('error_description: bad [token]');
+  });
+});
