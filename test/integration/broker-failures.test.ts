@@ -64,11 +64,7 @@ class RecordingIdp implements IdpAdapter {
     this.name = inner.name;
   }
 
-  async refresh(
-    refreshToken: string,
-    signal: AbortSignal,
-    context: IdpContext,
-  ): Promise<TokenSet> {
+  async refresh(refreshToken: string, signal: AbortSignal, context: IdpContext): Promise<TokenSet> {
     const call: IdpCall = { at: Date.now(), presented: refreshToken, outcome: 'pending' };
     this.calls.push(call);
     try {
