@@ -1,6 +1,5 @@
-import { IdpTransientError } from './idp-adapter.js';
-
 /** What every IdP adapter shares: one HTTP call whose network failures are classified. */
+import { IdpTransientError } from './idp-adapter.js';
 
 export interface HttpAnswer {
   status: number;
