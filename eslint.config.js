@@ -2,7 +2,9 @@
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['shared/gen/**', 'node_modules/**', '.tools/**', '.tmp/**', 'coverage/**', 'dist/**'] },
+  {
+    ignores: ['shared/gen/**', 'node_modules/**', '.tools/**', '.tmp/**', 'coverage/**', 'dist/**'],
+  },
   ...tseslint.configs.recommendedTypeChecked,
   {
     languageOptions: {
