@@ -1,7 +1,8 @@
 /**
  * The sidecar's HTTP API against a real broker (in-process, embedded mode, real gRPC) and a real
  * OIDC provider: request validation, waits, the min_generation pattern, terminal session states,
- * readiness, the file sink, the Unix socket, idle unsubscription, configuration errors, SIGTERM.
+ * readiness, the file sink, the Unix socket, idle unsubscription, configuration errors, SIGTERM,
+ * and keepalive against a broker process that stops answering.
  */
 import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -9,6 +10,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BrokerClient, eventually } from '../harness/broker-client.js';
 import { brokerEnv, startInProcessBroker } from '../harness/broker-env.js';
+import { startBrokerProcess } from '../harness/broker-process.js';
 import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
 import {
   errorOf,
@@ -326,4 +328,44 @@ describe('sidecar on a Unix socket with a file sink', () => {
       expect(String(fatal?.msg)).toContain(expected[i]);
     });
   }, 30_000);
+});
+
+describe('a broker that stops answering (SIGSTOP, no TCP reset)', () => {
+  it('is noticed by keepalive within seconds while cached tokens are still served, and the stream comes back', async () => {
+    const frozen = await startBrokerProcess(brokerEnv(oidc));
+    const frozenClient = new BrokerClient(frozen.address);
+    let stopped = false;
+    const s = await startSidecarProcess({
+      TB_SIDECAR_BROKER_ADDRESS: frozen.address,
+      TB_SIDECAR_USERS: `${TENANT}/gina`,
+      TB_SIDECAR_KEEPALIVE_MS: '5000',
+      TB_SIDECAR_RECONNECT_MAX_MS: '1000',
+    });
+    const broker = async () => {
+      const body = (await (await s.get('/readyz')).json()) as { broker: { up: boolean } };
+      return body.broker.up;
+    };
+    try {
+      const minted = await oidc.mintTokens('gina');
+      await frozenClient.enroll(TENANT, 'gina', minted.refresh_token);
+      await eventually(async () => (await s.get('/readyz')).status === 200, 10_000, 'ready');
+      process.kill(frozen.pid, 'SIGSTOP');
+      stopped = true;
+      const frozenAt = Date.now();
+      await eventually(async () => !(await broker()), 15_000, 'dead stream noticed');
+      const noticedMs = Date.now() - frozenAt;
+      // keepalive 5 s + timeout 2.5 s, plus scheduling slack.
+      expect(noticedMs).toBeLessThan(12_000);
+      expect((await s.token(TENANT, 'gina', { wait: 0 })).status).toBe(200);
+      process.kill(frozen.pid, 'SIGCONT');
+      stopped = false;
+      await eventually(broker, 15_000, 'stream up again');
+      console.log(`frozen broker noticed after ${noticedMs} ms`);
+    } finally {
+      if (stopped) process.kill(frozen.pid, 'SIGCONT');
+      frozenClient.close();
+      await s.kill();
+      await frozen.kill();
+    }
+  }, 60_000);
 });
