@@ -151,3 +151,8 @@ taking the lock and closing Redis connections. An explicit value below that fail
 - name: OTEL_LOGS_EXPORTER
   value: none
 {{- end }}
+
+{{/* "true" when the broker authenticates to an OAuth2 IdP with a client secret. */}}
+{{- define "token-broker.usesClientSecret" -}}
+{{- if and (eq .Values.idp.type "oauth2") (ne .Values.idp.authMethod "none") }}true{{ end }}
+{{- end }}
