@@ -24,6 +24,7 @@ render() {
 render "$chart" -f "$values/minimal.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/external-redis.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/hpa-servicemonitor.yaml"
+render "$chart" -f "$values/folio.yaml"
 render "$example"
 render "$example" -f "$values/module-container-sidecar.yaml"
 
@@ -40,4 +41,4 @@ for bad in "$values"/invalid-*.yaml "$values"/missing-*.yaml; do
   fi
   refused=$((refused + 1))
 done
-echo "helm-check: 3 charts lint clean, 5 value sets render, $refused bad ones are refused"
+echo "helm-check: 3 charts lint clean, 6 value sets render, $refused bad ones are refused"

@@ -409,6 +409,23 @@ describe('token-broker chart', () => {
     });
   });
 
+  describe('with a FOLIO IdP', () => {
+    it('renders only objects that validate, with no OAuth2 client secret anywhere', async () => {
+      const objects = charts.render(charts.broker, ['folio.yaml']);
+      await expectValid(objects);
+      expectConsistent(objects);
+      const secret = find(objects, 'Secret', 'token-broker') as K8sObject & {
+        stringData: Record<string, string>;
+      };
+      expect(Object.keys(secret.stringData)).toEqual(['sealing-keys']);
+      const pod = (find(objects, 'Deployment') as Workload).spec.template.spec;
+      expect(pod.volumes?.find((v) => v.name === 'logins')).toEqual({
+        name: 'logins',
+        secret: { secretName: 'folio-system-users', defaultMode: 0o440 },
+      });
+    });
+  });
+
   it('prints NOTES with the address the example module dials, and no Redis password', () => {
     const bundled = charts.notes(charts.broker, ['minimal.yaml']);
     const example = charts.render(charts.example);

@@ -107,9 +107,10 @@ export class HelmCharts {
   }
 }
 
+/** Parsed as YAML 1.1, as Kubernetes (go-yaml) reads manifests: 0440 is octal, `on` is true. */
 export function parseManifests(text: string): K8sObject[] {
   const objects: K8sObject[] = [];
-  for (const doc of parseAllDocuments(text, { uniqueKeys: true, strict: true })) {
+  for (const doc of parseAllDocuments(text, { version: '1.1', uniqueKeys: true, strict: true })) {
     if (doc.errors.length > 0) throw new Error(`bad YAML: ${doc.errors.map(String).join('; ')}`);
     const value: unknown = doc.toJS();
     if (value === null || value === undefined) continue;

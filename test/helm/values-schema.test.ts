@@ -32,6 +32,14 @@ describe('values.schema.json', () => {
     expect(result.stderr).toContain("at '/idp': missing property 'clientId'");
   });
 
+  it('needs the gateway URL for a FOLIO IdP, and no OAuth2 client', () => {
+    const result = charts.template(charts.broker, ['missing-folio-url.yaml']);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain("at '/idp': missing property 'folioUrl'");
+    expect(result.stderr).not.toContain('clientId');
+    expect(charts.template(charts.broker, ['folio.yaml']).ok).toBe(true);
+  });
+
   it('refuses an install with no values at all, naming what is missing', () => {
     const result = charts.template(charts.broker);
     expect(result.ok).toBe(false);

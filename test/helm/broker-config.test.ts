@@ -1,0 +1,118 @@
+/**
+ * What the chart hands the broker is a configuration the broker accepts: for each values file the
+ * rendered ConfigMap and container env (secrets and downward-API fields filled in, mounted files
+ * written to a temporary folder) go through the broker's own loadConfig().
+ */
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadConfig } from '../../broker/config.js';
+import { find, findAll, HelmCharts, type K8sObject } from './helm-harness.js';
+
+// A well-formed sealing key for Secrets the chart does not render (existingSecret).
+const SEALING_KEYS = `k1:${Buffer.alloc(32, 7).toString('base64')}`;
+
+interface EnvVar {
+  name: string;
+  value?: string;
+  valueFrom?: {
+    fieldRef?: { fieldPath: string };
+    secretKeyRef?: { name: string; key: string };
+  };
+}
+interface Volume {
+  name: string;
+  secret?: { secretName: string; items?: Array<{ key: string; path: string }> };
+}
+interface BrokerPod {
+  containers: Array<{
+    env: EnvVar[];
+    envFrom: Array<{ configMapRef: { name: string } }>;
+    volumeMounts: Array<{ name: string; mountPath: string }>;
+  }>;
+  volumes: Volume[];
+}
+
+let charts: HelmCharts;
+let dir: string;
+beforeAll(() => {
+  charts = HelmCharts.setUp();
+  dir = mkdtempSync(join(tmpdir(), 'tb-broker-env-'));
+}, 120_000);
+afterAll(() => {
+  charts?.tearDown();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** The broker container's environment as the kubelet would build it, files included. */
+function kubeletEnv(objects: K8sObject[], scenario: string): Record<string, string> {
+  const secretValue = (name: string, key: string): string => {
+    const secret = findAll(objects, 'Secret').find((s) => s.metadata.name === name) as
+      (K8sObject & { stringData: Record<string, string> }) | undefined;
+    if (secret) return secret.stringData[key]!;
+    return key === 'sealing-keys' ? SEALING_KEYS : `value-of-${name}-${key}`;
+  };
+  const pod = (
+    find(objects, 'Deployment') as unknown as { spec: { template: { spec: BrokerPod } } }
+  ).spec.template.spec;
+  const container = pod.containers[0]!;
+  const mounts = new Map<string, string>();
+  for (const mount of container.volumeMounts) {
+    const volume = pod.volumes.find((v) => v.name === mount.name)!;
+    const local = join(dir, scenario, mount.name);
+    mkdirSync(local, { recursive: true });
+    for (const item of volume.secret?.items ?? [])
+      writeFileSync(join(local, item.path), secretValue(volume.secret!.secretName, item.key));
+    mounts.set(mount.mountPath, local);
+  }
+  const env: Record<string, string> = {};
+  for (const from of container.envFrom) {
+    const config = find(objects, 'ConfigMap', from.configMapRef.name) as K8sObject & {
+      data: Record<string, string>;
+    };
+    Object.assign(env, config.data);
+  }
+  for (const variable of container.env) {
+    let value = variable.value ?? '';
+    if (variable.valueFrom?.fieldRef) value = 'token-broker-7d9f-abcde';
+    const ref = variable.valueFrom?.secretKeyRef;
+    if (ref) value = secretValue(ref.name, ref.key);
+    value = value.replace(/\$\(([A-Z0-9_]+)\)/g, (_, name: string) => env[name] ?? `$(${name})`);
+    const mount = [...mounts].find(([path]) => value === path || value.startsWith(`${path}/`));
+    if (mount) value = mount[1] + value.slice(mount[0].length);
+    env[variable.name] = value;
+  }
+  return env;
+}
+
+describe('the broker accepts the configuration the chart renders', () => {
+  const scenarios: Array<[string, string[]]> = [
+    ['defaults', ['minimal.yaml']],
+    ['external Redis, existing Secret', ['minimal.yaml', 'external-redis.yaml']],
+    ['HPA, metrics, OTel, broker.env', ['minimal.yaml', 'hpa-servicemonitor.yaml']],
+    ['FOLIO', ['folio.yaml']],
+  ];
+  for (const [name, files] of scenarios)
+    it(name, () => {
+      const env = kubeletEnv(charts.render(charts.broker, files), name.replace(/\W+/g, '-'));
+      const config = loadConfig(env);
+      expect(config.redisUrl).toMatch(/^redis:\/\/:[^$]+@/);
+      expect(config.redlockUrls.length).toBeGreaterThanOrEqual(3);
+      expect(config.grpcAddress).toBe('0.0.0.0:50051');
+      expect(config.replicaId).toBe('token-broker-7d9f-abcde');
+    });
+
+  it('with FOLIO: the gateway, and no OAuth2 client', () => {
+    const env = kubeletEnv(charts.render(charts.broker, ['folio.yaml']), 'folio-check');
+    expect(Object.keys(env).filter((k) => /CLIENT|AUTH_METHOD|ISSUER/.test(k))).toEqual([]);
+    expect(env.TB_SECRETS_DIR).toBeDefined();
+    expect(JSON.stringify(loadConfig(env))).toContain('https://okapi.folio.example.org');
+  });
+
+  it('fails where the broker would: a folio IdP given an OAuth2 setting through broker.env', () => {
+    // The schema keeps chart-managed names out of broker.env; this one is the broker's to refuse.
+    const env = kubeletEnv(charts.render(charts.broker, ['folio.yaml']), 'folio-bad');
+    expect(() => loadConfig({ ...env, TB_IDP_SCOPE: 'openid' })).toThrow(/TB_IDP_SCOPE/);
+  });
+});
