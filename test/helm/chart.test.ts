@@ -576,5 +576,12 @@ describe('example module chart with the sidecar library', () => {
     const missing = charts.template(charts.example, [], ['--set', 'tokenBroker.brokerAddress=']);
     expect(missing.ok).toBe(false);
     expect(missing.stderr).toContain('tokenBroker.brokerAddress is required');
+    const managed = charts.template(
+      charts.example,
+      [],
+      ['--set', 'tokenBroker.env.TB_SIDECAR_PORT=9'],
+    );
+    expect(managed.ok).toBe(false);
+    expect(managed.stderr).toContain('tokenBroker.env.TB_SIDECAR_PORT is set by the chart');
   });
 });

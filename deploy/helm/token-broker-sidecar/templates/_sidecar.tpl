@@ -58,6 +58,10 @@ serviceAccountToken:
 {{- if not (hasPrefix "TB_SIDECAR_" $name) }}
 {{- fail (printf "tokenBroker.env.%s: only TB_SIDECAR_* variables belong here" $name) }}
 {{- end }}
+{{- /* These have their own keys; a Unix socket would leave the probes nothing to ask. */}}
+{{- if has $name (list "TB_SIDECAR_BROKER_ADDRESS" "TB_SIDECAR_PORT" "TB_SIDECAR_LOG_LEVEL" "TB_SIDECAR_USERS" "TB_SIDECAR_SAFETY_SKEW_MS" "TB_SIDECAR_TOKEN_DIR" "TB_SIDECAR_SOCKET") }}
+{{- fail (printf "tokenBroker.env.%s is set by the chart (use its tokenBroker key); TB_SIDECAR_SOCKET is not supported" $name) }}
+{{- end }}
 {{- end }}
 {{- toJson $config }}
 {{- end }}
