@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { UnavailableError } from './errors.js';
 import { KeySpace } from './store/keys.js';
 import type { SessionEvent, SessionRecord, SessionRef } from './store/session-record.js';
 import type { SessionStore } from './store/session-store.js';
@@ -16,6 +17,8 @@ interface Watched {
   loading: Promise<void> | undefined;
   dirty: boolean;
   newest: number;
+  /** The last read failed (store unreachable), so "not found" cannot be told apart. */
+  failed: boolean;
 }
 
 /**
@@ -40,6 +43,8 @@ export class WatchHub {
     const entry = this.entry(ref);
     if (!entry.sinks.has(sink)) entry.sinks.set(sink, afterGeneration);
     await this.reload(entry);
+    if (entry.newest < 0 && entry.failed)
+      throw new UnavailableError('the session state cannot be read now; subscribe again shortly');
     return entry.newest >= 0;
   }
 
@@ -116,6 +121,7 @@ export class WatchHub {
         loading: undefined,
         dirty: false,
         newest: -1,
+        failed: false,
       };
       this.watched.set(id, entry);
     }
@@ -137,8 +143,10 @@ export class WatchHub {
         entry.dirty = false;
         try {
           const stored = await this.store.get(entry.ref);
+          entry.failed = false;
           if (stored) this.fanOut(entry, stored.record);
         } catch (err) {
+          entry.failed = true;
           this.log.warn({ tenant: entry.ref.tenant, err: String(err) }, 'watch reload failed');
         }
       } while (entry.dirty);
