@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { BrokerMetrics } from './broker-metrics.js';
 import type { BrokerConfig } from './config.js';
 import { BrokerGrpcServer } from './grpc/grpc-server.js';
 import type { IdpAdapter } from './idp/idp-adapter.js';
@@ -104,6 +105,7 @@ export async function startBroker(
     },
   );
   const stats = new RotationStats();
+  const metrics = new BrokerMetrics();
   const clock = overrides.clock ?? Date.now;
   const rotator = new Rotator(
     {
@@ -114,9 +116,10 @@ export async function startBroker(
       busyRetryMs: 250,
       persistRetryMs: config.persistRetryMs,
     },
-    { store, locks, keys, idps, policy, stats, log, clock, secrets },
+    { store, locks, keys, idps, policy, stats, metrics, log, clock, secrets },
   );
   const hub = new WatchHub(store, log);
+  metrics.observe({ sessionCounts: () => store.sessionCounts(), watchers: () => hub.watcherCount });
   await store.subscribe(
     (event) => hub.onEvent(event),
     () => hub.resync(),
@@ -131,7 +134,7 @@ export async function startBroker(
     },
     { store, locks, keys, idps, rotator, hub, log, clock, secrets },
   );
-  const worker = new DueWorker(config.worker, store, rotator, log, clock);
+  const worker = new DueWorker(config.worker, store, rotator, log, clock, metrics);
   const grpcServer = new BrokerGrpcServer({ sessions: service, hub, log });
   const port = await grpcServer.listen(config.grpcAddress);
   const stopWorker = new AbortController();

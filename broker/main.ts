@@ -1,24 +1,40 @@
 import { pino } from 'pino';
+import { traceLogFields } from '../shared/telemetry/log-mixin.js';
+import { shutdownTelemetry, telemetryStatus } from '../shared/telemetry/telemetry-runtime.js';
 import { startBroker } from './broker-app.js';
 import { loadConfig } from './config.js';
 import { ConfigError } from './errors.js';
 
-const log = pino({ name: 'token-broker', level: process.env.TB_LOG_LEVEL ?? 'info' });
+const log = pino({
+  name: 'token-broker',
+  level: process.env.TB_LOG_LEVEL ?? 'info',
+  mixin: traceLogFields,
+});
 
 try {
   const config = loadConfig();
+  const status = telemetryStatus();
+  if (status.missingImport)
+    log.warn(
+      'OTEL_* variables ask for telemetry but the broker was not started with ' +
+        '--import of shared/telemetry/register: telemetry is off',
+    );
+  else log.info({ telemetry: status.telemetry, reason: status.reason }, 'telemetry');
   const broker = await startBroker(config, log);
   let signals = 0;
   const onSignal = (signal: NodeJS.Signals) => {
     if (++signals > 1) process.exit(1);
     log.info({ signal }, 'shutting down');
-    broker.stop().then(
-      () => process.exit(0),
-      (err: unknown) => {
-        log.error({ err: String(err) }, 'shutdown failed');
-        process.exit(1);
-      },
-    );
+    broker
+      .stop()
+      .then(() => shutdownTelemetry())
+      .then(
+        () => process.exit(0),
+        (err: unknown) => {
+          log.error({ err: String(err) }, 'shutdown failed');
+          process.exit(1);
+        },
+      );
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);

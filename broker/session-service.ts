@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { currentTraceparent } from '../shared/telemetry/trace-context.js';
 import {
   BrokerError,
   InvalidArgumentError,
@@ -260,7 +261,7 @@ export class SessionService {
         nextRefreshAt: now,
         lastErrorCode: '',
         failedAttempts: 0,
-        traceparent: '',
+        traceparent: currentTraceparent(),
         login: seed.login,
         reloginStreak: 0,
       };
@@ -330,6 +331,7 @@ export class SessionService {
         accessToken: '',
         refreshToken: '',
         nextRefreshAt: 0,
+        traceparent: currentTraceparent(),
       };
       if (!(await this.deps.store.write(next, record.generation, this.clock())))
         throw new UnavailableError('session changed during revocation; retry');
@@ -445,6 +447,7 @@ export class SessionService {
         generation: current.record.generation + 1,
         status: 'ACTIVE',
         nextRefreshAt: now,
+        traceparent: currentTraceparent(),
       };
       if (!(await this.deps.store.write(next, current.record.generation, now)))
         return this.mustGet(ref);

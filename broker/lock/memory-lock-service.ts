@@ -1,3 +1,4 @@
+import { inSpan } from '../../shared/telemetry/spans.js';
 import { LockUnavailableError, type HeldLock, type LockService } from './lock-service.js';
 
 /** Embedded mode: an in-process lock per resource, for a single replica. */
@@ -13,13 +14,15 @@ export class MemoryLockService implements LockService {
     const tail = previous.then(() => mine);
     this.tails.set(resource, tail);
     try {
-      let timer: NodeJS.Timeout | undefined;
-      const timedOut = new Promise<'timeout'>((resolve) => {
-        timer = setTimeout(() => resolve('timeout'), this.waitMs);
+      await inSpan('lock.acquire', { 'tb.lock.nodes': 0 }, async () => {
+        let timer: NodeJS.Timeout | undefined;
+        const timedOut = new Promise<'timeout'>((resolve) => {
+          timer = setTimeout(() => resolve('timeout'), this.waitMs);
+        });
+        const got = await Promise.race([previous.then(() => 'acquired' as const), timedOut]);
+        clearTimeout(timer);
+        if (got === 'timeout') throw new LockUnavailableError('lock is held by another rotation');
       });
-      const got = await Promise.race([previous.then(() => 'acquired' as const), timedOut]);
-      clearTimeout(timer);
-      if (got === 'timeout') throw new LockUnavailableError('lock is held by another rotation');
       const signal = new AbortController().signal;
       return await fn({ signal, validUntil: () => Number.MAX_SAFE_INTEGER });
     } finally {

@@ -1,6 +1,7 @@
 import { Redis } from 'ioredis';
-import { Redlock, type Lock } from '@sesamecare-oss/redlock';
+import { Redlock } from '@sesamecare-oss/redlock';
 import type { Logger } from 'pino';
+import { inSpan } from '../../shared/telemetry/spans.js';
 import { LockUnavailableError, type HeldLock, type LockService } from './lock-service.js';
 
 export interface RedlockOptions {
@@ -66,15 +67,18 @@ export class RedlockLockService implements LockService {
   }
 
   async withLock<T>(resource: string, fn: (lock: HeldLock) => Promise<T>): Promise<T> {
-    let lock: Lock;
-    try {
-      lock = await this.redlock.acquire([resource], this.options.ttlMs);
-    } catch (err) {
-      throw new LockUnavailableError('lock is held elsewhere or no quorum of lock nodes', {
-        detail: (err as Error).message,
-        cause: err,
-      });
-    }
+    // Spans name no resource: the lock key names the user.
+    const nodes = { 'tb.lock.nodes': this.clients.length };
+    const lock = await inSpan('lock.acquire', nodes, async () => {
+      try {
+        return await this.redlock.acquire([resource], this.options.ttlMs);
+      } catch (err) {
+        throw new LockUnavailableError('lock is held elsewhere or no quorum of lock nodes', {
+          detail: (err as Error).message,
+          cause: err,
+        });
+      }
+    });
     const controller = new AbortController();
     let current = lock;
     let timer: NodeJS.Timeout | undefined;
@@ -83,7 +87,7 @@ export class RedlockLockService implements LockService {
       const wait = current.expiration - Date.now() - this.options.extendBeforeMs;
       timer = setTimeout(
         () => {
-          extension = current.extend(this.options.ttlMs).then(
+          extension = inSpan('lock.extend', nodes, () => current.extend(this.options.ttlMs)).then(
             (next) => {
               current = next;
               schedule();
@@ -107,7 +111,7 @@ export class RedlockLockService implements LockService {
       clearTimeout(timer);
       await extension?.catch(() => undefined);
       // A failed release only means the lock lapses by its TTL; the work is done either way.
-      await current.release().catch((err: unknown) => {
+      await inSpan('lock.release', nodes, () => current.release()).catch((err: unknown) => {
         this.log.debug({ err: String(err), resource }, 'lock release failed; it will expire');
       });
     }

@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { BrokerMetrics } from '../broker-metrics.js';
 import type { SessionStore } from '../store/session-store.js';
 import type { Rotator } from './rotator.js';
 
@@ -26,6 +27,7 @@ export class DueWorker {
     private readonly rotator: Rotator,
     private readonly log: Logger,
     private readonly clock: () => number = Date.now,
+    private readonly metrics: BrokerMetrics = new BrokerMetrics(),
   ) {}
 
   async run(signal: AbortSignal): Promise<void> {
@@ -37,7 +39,8 @@ export class DueWorker {
           const now = this.clock();
           const limit = Math.min(free, this.options.batchSize);
           const claimed = await this.store.claimDue(now, limit, now + this.options.claimLeaseMs);
-          for (const ref of claimed) {
+          for (const { ref, dueAt } of claimed) {
+            this.metrics.dueLag(now - dueAt);
             const job = this.rotator
               .rotate(ref, { kind: 'due' })
               .catch(async (err: unknown) => {

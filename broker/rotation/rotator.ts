@@ -1,5 +1,10 @@
 import { randomUUID } from 'node:crypto';
+import { trace, type Span } from '@opentelemetry/api';
 import type { Logger } from 'pino';
+import { ATTR, userHash } from '../../shared/telemetry/span-attributes.js';
+import { inSpan, markFailed } from '../../shared/telemetry/spans.js';
+import { currentTraceparent } from '../../shared/telemetry/trace-context.js';
+import { BrokerMetrics } from '../broker-metrics.js';
 import {
   IdpInvalidClientError,
   IdpInvalidGrantError,
@@ -10,7 +15,7 @@ import {
   type TokenSet,
 } from '../idp/idp-adapter.js';
 import { LoginSecretError, type LoginSecrets } from '../idp/login-secrets.js';
-import type { LockService, HeldLock } from '../lock/lock-service.js';
+import { LockUnavailableError, type LockService, type HeldLock } from '../lock/lock-service.js';
 import type { RotationPolicy } from '../rotation-policy.js';
 import { KeySpace } from '../store/keys.js';
 import type { SessionRecord, SessionRef, StoredSession } from '../store/session-record.js';
@@ -77,6 +82,8 @@ export interface RotatorDeps {
   idps: ReadonlyMap<string, IdpAdapter>;
   policy: RotationPolicy;
   stats: RotationStats;
+  /** OpenTelemetry instruments (default: on the global meter). */
+  metrics?: BrokerMetrics;
   log: Logger;
   clock?: () => number;
   /** Password files of system users (TB_SECRETS_DIR); absent when none is configured. */
@@ -91,12 +98,14 @@ export interface RotatorDeps {
 export class Rotator {
   private readonly pending = new Map<string, Promise<RotationResult>>();
   private readonly clock: () => number;
+  private readonly metrics: BrokerMetrics;
 
   constructor(
     private readonly options: RotatorOptions,
     private readonly deps: RotatorDeps,
   ) {
     this.clock = deps.clock ?? Date.now;
+    this.metrics = deps.metrics ?? new BrokerMetrics();
   }
 
   /** Rotations running in this process (for graceful shutdown). */
@@ -123,13 +132,44 @@ export class Rotator {
     return running;
   }
 
+  /**
+   * One `broker.rotate` span per rotation: the lock, the IdP call and the store writes nest under
+   * it (ioredis spans need a parent), and its traceparent goes into the record it writes, so each
+   * Watch event carries it to the sidecars.
+   */
   private rotateLocked(ref: SessionRef, demand: RotationDemand): Promise<RotationResult> {
     const requestedAt = this.clock();
-    return this.deps.locks.withLock(this.deps.keys.lock(ref), async (lock) => {
-      this.deps.stats.lockWaitMs.push(this.clock() - requestedAt);
-      const stored = await this.deps.store.get(ref);
-      if (!stored) return { outcome: 'not-found', record: undefined };
-      return this.rotateHeld(ref, demand, stored, lock);
+    const attributes = {
+      [ATTR.tenant]: ref.tenant,
+      [ATTR.userHash]: userHash(ref.user),
+      [ATTR.replica]: this.options.replica,
+      [ATTR.demand]: demand.kind,
+    };
+    return inSpan('broker.rotate', attributes, async (span) => {
+      let result: RotationResult;
+      try {
+        result = await this.deps.locks.withLock(this.deps.keys.lock(ref), async (lock) => {
+          const waited = this.clock() - requestedAt;
+          this.deps.stats.lockWaitMs.push(waited);
+          this.metrics.lockWait(waited);
+          span.setAttribute(ATTR.lockWaitMs, waited);
+          const stored = await this.deps.store.get(ref);
+          if (!stored) return { outcome: 'not-found', record: undefined };
+          span.setAttribute(ATTR.generationFrom, stored.record.generation);
+          return this.rotateHeld(ref, demand, stored, lock);
+        });
+      } catch (err) {
+        const outcome = err instanceof LockUnavailableError ? 'lock-unavailable' : 'error';
+        span.setAttribute(ATTR.outcome, outcome);
+        this.metrics.rotation(outcome);
+        throw err;
+      }
+      span.setAttribute(ATTR.outcome, result.outcome);
+      if (result.record) span.setAttribute(ATTR.generationTo, result.record.generation);
+      if (result.outcome === 'persist-failed') markFailed(span, undefined, result.errorCode);
+      else if (result.errorCode) span.setAttribute(ATTR.errorCode, result.errorCode);
+      this.metrics.rotation(result.outcome);
+      return result;
     });
   }
 
@@ -195,20 +235,30 @@ export class Rotator {
     const context: IdpContext = { tenant: record.tenant, user: record.user };
     // No refresh token: a login session that has not logged in yet, or whose family ended.
     const loggingIn = record.refreshToken === '';
+    const kind = loggingIn ? 'login' : 'refresh';
     let tokens: TokenSet;
+    const rotation = trace.getActiveSpan();
     const callStart = this.clock();
+    const called = (outcome: string) => {
+      const ms = this.clock() - callStart;
+      this.deps.stats.idpLatencyMs.push(ms);
+      this.metrics.idpCall(kind, outcome, ms);
+      rotation?.setAttributes({ [ATTR.idpLatencyMs]: ms, [ATTR.idp]: idp.name });
+    };
     try {
       this.deps.stats.idpCalls += 1;
-      tokens = loggingIn
-        ? await this.logIn(idp, record, signal, context)
-        : await idp.refresh(record.refreshToken, signal, context);
+      tokens = await inSpan(`idp.${kind}`, { [ATTR.idp]: idp.name }, () =>
+        loggingIn
+          ? this.logIn(idp, record, signal, context)
+          : idp.refresh(record.refreshToken, signal, context),
+      );
     } catch (err) {
-      this.deps.stats.idpLatencyMs.push(this.clock() - callStart);
+      called((err as { code?: string }).code ?? 'INTERNAL');
       if (!loggingIn && this.mayLogInAgain(record, err))
         return this.logInAgain(ref, stored, record, lock, err as IdpInvalidGrantError);
       return this.onIdpFailure(record, err);
     }
-    this.deps.stats.idpLatencyMs.push(this.clock() - callStart);
+    called('ok');
     if (loggingIn)
       log.info(
         { tenant: ref.tenant, generation: record.generation + 1 },
@@ -228,6 +278,7 @@ export class Rotator {
       nextRefreshAt: this.deps.policy.nextRefreshAt(callStart, tokens.accessExpiresAt),
       lastErrorCode: '',
       failedAttempts: 0,
+      traceparent: currentTraceparent(),
       // Only a refresh that worked proves the family lives; a login alone does not.
       reloginStreak: loggingIn ? record.reloginStreak : 0,
     };
@@ -305,10 +356,17 @@ export class Rotator {
    * until `persistRetryMs` passes or the lock is lost: the old refresh token is consumed, so the
    * new pair is the session's only future.
    */
-  private async persist(
+  private persist(next: SessionRecord, expected: number, lock: HeldLock): Promise<RotationResult> {
+    return inSpan('broker.persist', { [ATTR.generation]: next.generation }, (span) =>
+      this.persistHeld(next, expected, lock, span),
+    );
+  }
+
+  private async persistHeld(
     next: SessionRecord,
     expected: number,
     lock: HeldLock,
+    span: Span,
   ): Promise<RotationResult> {
     const { store, log, stats } = this.deps;
     const giveUpAt = this.clock() + (this.options.persistRetryMs ?? 30_000);
@@ -318,6 +376,8 @@ export class Rotator {
         if (!written) {
           // Under a held lock the generation cannot move: someone presented beside us.
           stats.reuseSuspicions += 1;
+          this.metrics.reuseSuspicion();
+          markFailed(span, undefined, 'PERSIST_CONFLICT');
           log.error(
             { tenant: next.tenant, generation: expected },
             'generation moved during a locked rotation: possible double presentation',
@@ -329,6 +389,8 @@ export class Rotator {
         const wait = Math.min(2_000, 100 * 2 ** (attempt - 1));
         if (lock.signal.aborted || this.clock() + wait > giveUpAt) {
           stats.persistFailures += 1;
+          this.metrics.persistFailure();
+          markFailed(span, err);
           log.error(
             { tenant: next.tenant, generation: next.generation, err: String(err) },
             'IdP answered but the new token pair could not be stored; the session needs re-enrollment if it is lost',
@@ -365,6 +427,7 @@ export class Rotator {
         nextRefreshAt: 0,
         lastErrorCode: err.code,
         failedAttempts: record.failedAttempts + 1,
+        traceparent: currentTraceparent(),
       };
       const written = await store.write(next, record.generation, now);
       await store.unschedule(record);
@@ -431,6 +494,7 @@ export class Rotator {
       generation: record.generation + 1,
       status: 'IDLE',
       nextRefreshAt: 0,
+      traceparent: currentTraceparent(),
     };
     const written = await this.deps.store.write(next, record.generation, now);
     await this.deps.store.unschedule(record);

@@ -42,6 +42,14 @@ export class KeySpace {
     return `${this.prefix}index`;
   }
 
+  /**
+   * Sorted set of the ids of sessions in REAUTH_REQUIRED (scored by when they entered it), for the
+   * gauge. Kept beside the session writes, not in their script: it is not in the session's slot.
+   */
+  get reauth(): string {
+    return `${this.prefix}reauth`;
+  }
+
   /** Pub/sub channel of SessionEvent messages. */
   get events(): string {
     return `${this.prefix}events`;

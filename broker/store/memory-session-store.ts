@@ -6,7 +6,13 @@ import type {
   SessionRef,
   StoredSession,
 } from './session-record.js';
-import type { MarkResult, SessionPage, SessionStore } from './session-store.js';
+import type {
+  DueClaim,
+  MarkResult,
+  SessionCounts,
+  SessionPage,
+  SessionStore,
+} from './session-store.js';
 
 /** Embedded mode: state in this process only. Not for production (one replica, lost on exit). */
 export class MemorySessionStore implements SessionStore {
@@ -73,15 +79,22 @@ export class MemorySessionStore implements SessionStore {
     return Promise.resolve();
   }
 
-  claimDue(now: number, limit: number, leaseUntil: number): Promise<SessionRef[]> {
-    const claimed: SessionRef[] = [];
+  claimDue(now: number, limit: number, leaseUntil: number): Promise<DueClaim[]> {
+    const claimed: DueClaim[] = [];
     const ordered = [...this.due.entries()].sort((a, b) => a[1] - b[1]);
     for (const [id, at] of ordered) {
       if (at > now || claimed.length >= limit) break;
       this.due.set(id, leaseUntil);
-      claimed.push(KeySpace.parseSessionId(id));
+      claimed.push({ ref: KeySpace.parseSessionId(id), dueAt: at });
     }
     return Promise.resolve(claimed);
+  }
+
+  sessionCounts(): Promise<SessionCounts> {
+    let reauthRequired = 0;
+    for (const { record } of this.sessions.values())
+      if (record.status === 'REAUTH_REQUIRED') reauthRequired += 1;
+    return Promise.resolve({ active: this.due.size, reauthRequired });
   }
 
   nextDueAt(): Promise<number | undefined> {

@@ -77,10 +77,11 @@ return 1
  * claimer that dies gives them back when the lease runs out.
  * KEYS[1] due sorted set
  * ARGV[1] now   ARGV[2] limit   ARGV[3] lease end (epoch ms)
- * Returns the claimed session ids.
+ * Returns {id1, due1, id2, due2, ...}: each claimed session id and its score (due time) before
+ * the claim.
  */
 export const CLAIM_DUE = `
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
-return ids
+local claimed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+for i = 1, #claimed, 2 do redis.call('ZADD', KEYS[1], ARGV[3], claimed[i]) end
+return claimed
 `;

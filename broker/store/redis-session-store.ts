@@ -16,13 +16,20 @@ import type {
   SessionRef,
   StoredSession,
 } from './session-record.js';
-import type { MarkResult, SessionPage, SessionStore } from './session-store.js';
+import type {
+  DueClaim,
+  MarkResult,
+  SessionCounts,
+  SessionPage,
+  SessionStore,
+} from './session-store.js';
 
 interface ScriptCommands {
   tbWrite(key: string, ...args: string[]): Promise<number>;
   tbMark(key: string, ...args: string[]): Promise<[number, number]>;
   tbClear(key: string, attemptId: string): Promise<number>;
   tbTouch(key: string, now: string): Promise<number>;
+  /** Flat pairs: id, due time, id, due time, ... */
   tbClaim(key: string, now: string, limit: string, leaseUntil: string): Promise<string[]>;
 }
 
@@ -95,8 +102,12 @@ export class RedisSessionStore implements SessionStore {
       this.keys.events,
       JSON.stringify(event),
     );
-    if (written === 1 && expectedGeneration === null) await this.redis.zadd(this.keys.index, 0, id);
-    return written === 1;
+    if (written !== 1) return false;
+    if (expectedGeneration === null) await this.redis.zadd(this.keys.index, 0, id);
+    // The REAUTH_REQUIRED index for the gauge; not atomic with the write, and only ever a count.
+    if (record.status === 'REAUTH_REQUIRED') await this.redis.zadd(this.keys.reauth, now, id);
+    else if (expectedGeneration !== null) await this.redis.zrem(this.keys.reauth, id);
+    return true;
   }
 
   async markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult> {
@@ -127,14 +138,25 @@ export class RedisSessionStore implements SessionStore {
     await this.redis.zrem(this.keys.due, KeySpace.sessionId(ref));
   }
 
-  async claimDue(now: number, limit: number, leaseUntil: number): Promise<SessionRef[]> {
-    const ids = await this.redis.tbClaim(
+  async claimDue(now: number, limit: number, leaseUntil: number): Promise<DueClaim[]> {
+    const pairs = await this.redis.tbClaim(
       this.keys.due,
       String(now),
       String(limit),
       String(leaseUntil),
     );
-    return ids.map((id) => KeySpace.parseSessionId(id));
+    const claimed: DueClaim[] = [];
+    for (let i = 0; i + 1 < pairs.length; i += 2)
+      claimed.push({ ref: KeySpace.parseSessionId(pairs[i]!), dueAt: Number(pairs[i + 1]) });
+    return claimed;
+  }
+
+  async sessionCounts(): Promise<SessionCounts> {
+    const [active, reauthRequired] = await Promise.all([
+      this.redis.zcard(this.keys.due),
+      this.redis.zcard(this.keys.reauth),
+    ]);
+    return { active, reauthRequired };
   }
 
   async nextDueAt(): Promise<number | undefined> {

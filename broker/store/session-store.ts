@@ -15,6 +15,19 @@ export type MarkResult =
   /** Another attempt may still be in flight until `until`: do not present now. */
   | { kind: 'busy'; until: number };
 
+/** A claimed due-queue entry: the session and when it was due (its score at the claim). */
+export interface DueClaim {
+  ref: SessionRef;
+  dueAt: number;
+}
+
+/** Cluster-wide session counts for the gauges. */
+export interface SessionCounts {
+  /** Sessions in the due queue: the ones being kept fresh. */
+  active: number;
+  reauthRequired: number;
+}
+
 export interface SessionPage {
   sessions: StoredSession[];
   /** Continue after this id; empty when the listing is complete. */
@@ -44,12 +57,14 @@ export interface SessionStore {
   unschedule(ref: SessionRef): Promise<void>;
   /**
    * Atomically takes up to `limit` sessions due by `now`, hiding them until `leaseUntil`, so a
-   * crashed claimer's work comes back.
+   * crashed claimer's work comes back. Each comes with the time it was due (for the lag metric).
    */
-  claimDue(now: number, limit: number, leaseUntil: number): Promise<SessionRef[]>;
+  claimDue(now: number, limit: number, leaseUntil: number): Promise<DueClaim[]>;
   /** The earliest due time in the queue, or undefined when it is empty. */
   nextDueAt(): Promise<number | undefined>;
   list(tenant: string, after: string, limit: number): Promise<SessionPage>;
+  /** How many sessions are active and how many need re-authentication (cheap: two counters). */
+  sessionCounts(): Promise<SessionCounts>;
   /**
    * Calls `onEvent` for every published change from any replica. `onResync` is called when
    * events may have been missed (the subscription reconnected): re-read what you watch.

@@ -3,7 +3,7 @@
  * entry and the application may load this module through different loaders.
  */
 import type { MetricReader } from '@opentelemetry/sdk-metrics';
-import type { TelemetrySettings } from './telemetry-settings.js';
+import { telemetrySettings, type TelemetrySettings } from './telemetry-settings.js';
 
 export interface TelemetryRuntime {
   readonly settings: TelemetrySettings;
@@ -42,4 +42,27 @@ export async function shutdownTelemetry(timeoutMs = 2_000): Promise<void> {
   });
   await Promise.race([runtime.shutdown().catch(() => undefined), timeout]);
   clearTimeout(timer);
+}
+
+/**
+ * For the start-up log line: whether telemetry runs, and why. `missingImport` is true when the
+ * variables ask for telemetry but the process was started without the --import entry.
+ */
+export function telemetryStatus(): {
+  telemetry: 'on' | 'off';
+  reason: string;
+  missingImport: boolean;
+} {
+  const runtime = telemetryRuntime();
+  if (runtime) return { telemetry: 'on', reason: runtime.settings.reason, missingImport: false };
+  let wanted = false;
+  let reason: string;
+  try {
+    const settings = telemetrySettings();
+    wanted = settings.enabled;
+    reason = settings.reason;
+  } catch (err) {
+    reason = err instanceof Error ? err.message : String(err);
+  }
+  return { telemetry: 'off', reason, missingImport: wanted };
 }

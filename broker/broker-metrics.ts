@@ -1,0 +1,102 @@
+/**
+ * The broker's OpenTelemetry metrics. Instruments come from the global meter, so with telemetry
+ * off they cost nothing; with OTEL_METRICS_EXPORTER=prometheus they appear on that endpoint with
+ * these names (counters gain `_total`). No attribute ever carries a token, tenant or user.
+ */
+import { metrics, type Meter } from '@opentelemetry/api';
+
+/** What the gauges read when metrics are collected. */
+export interface BrokerGaugeSources {
+  /** Cluster-wide session counts (one cheap store call per collection). */
+  sessionCounts(): Promise<{ active: number; reauthRequired: number }>;
+  /** Watch subscriptions served by this replica. */
+  watchers(): number;
+}
+
+const SECONDS_FAST = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
+const SECONDS_IDP = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+const SECONDS_LAG = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
+
+export class BrokerMetrics {
+  private readonly rotations;
+  private readonly idpDuration;
+  private readonly lockWaitSeconds;
+  private readonly dueLagSeconds;
+  private readonly reuseSuspicions;
+  private readonly persistFailures;
+
+  constructor(private readonly meter: Meter = metrics.getMeter('token-broker')) {
+    this.rotations = meter.createCounter('tb_broker_rotations', {
+      description: 'Rotation attempts by outcome (rotated, reauth-required, retry-scheduled, ...).',
+    });
+    this.idpDuration = meter.createHistogram('tb_broker_idp_request_duration_seconds', {
+      description: 'IdP refresh and login calls by outcome (ok or the error code).',
+      unit: 's',
+      advice: { explicitBucketBoundaries: SECONDS_IDP },
+    });
+    this.lockWaitSeconds = meter.createHistogram('tb_broker_lock_wait_seconds', {
+      description: "Time to take a session's lock before a rotation.",
+      unit: 's',
+      advice: { explicitBucketBoundaries: SECONDS_FAST },
+    });
+    this.dueLagSeconds = meter.createHistogram('tb_broker_due_lag_seconds', {
+      description: 'Due-queue lag: when a session was claimed minus when it was due.',
+      unit: 's',
+      advice: { explicitBucketBoundaries: SECONDS_LAG },
+    });
+    this.reuseSuspicions = meter.createCounter('tb_broker_reuse_suspicions', {
+      description:
+        'Generation moved under a held lock: a refresh token may have been presented twice.',
+    });
+    this.persistFailures = meter.createCounter('tb_broker_persist_failures', {
+      description: 'The IdP answered but the new token pair could not be stored.',
+    });
+  }
+
+  rotation(outcome: string): void {
+    this.rotations.add(1, { outcome });
+  }
+
+  idpCall(kind: 'refresh' | 'login', outcome: string, ms: number): void {
+    this.idpDuration.record(ms / 1000, { kind, outcome });
+  }
+
+  lockWait(ms: number): void {
+    this.lockWaitSeconds.record(ms / 1000);
+  }
+
+  dueLag(ms: number): void {
+    this.dueLagSeconds.record(Math.max(0, ms) / 1000);
+  }
+
+  reuseSuspicion(): void {
+    this.reuseSuspicions.add(1);
+  }
+
+  persistFailure(): void {
+    this.persistFailures.add(1);
+  }
+
+  /** Registers the gauges; a failed read skips that collection instead of failing it. */
+  observe(sources: BrokerGaugeSources): void {
+    const active = this.meter.createObservableGauge('tb_broker_sessions_active', {
+      description: 'Sessions being kept fresh (ACTIVE, in the due queue), cluster-wide.',
+    });
+    const reauth = this.meter.createObservableGauge('tb_broker_sessions_reauth_required', {
+      description: 'Sessions in REAUTH_REQUIRED (their token family is dead), cluster-wide.',
+    });
+    const watchers = this.meter.createObservableGauge('tb_broker_watchers', {
+      description: 'Watch subscriptions (stream x session) served by this replica.',
+    });
+    this.meter.addBatchObservableCallback(
+      async (result) => {
+        result.observe(watchers, sources.watchers());
+        const counts = await sources.sessionCounts().catch(() => undefined);
+        if (!counts) return;
+        result.observe(active, counts.active);
+        result.observe(reauth, counts.reauthRequired);
+      },
+      [active, reauth, watchers],
+    );
+  }
+}
