@@ -331,7 +331,22 @@ describe('sidecars end to end', () => {
           },
           30_000,
           `a token for ${user} after the broker returned`,
-        );
+        ).catch(async (err: unknown) => {
+          // Say what each side believed, without token values, so a failure can be diagnosed.
+          const client = new BrokerClient(brokers.at(-1)!.address);
+          const page = await client.list(TENANT, 100).catch(() => undefined);
+          client.close();
+          const res = await s.token(TENANT, user, { wait: 0 });
+          const body = res.status === 200 ? 'a token' : await res.text();
+          console.log(
+            `recovery of ${user} failed: sidecar ${res.status} ${body}; broker sessions ` +
+              JSON.stringify(
+                page?.sessions.map((x) => [x.user, x.generation, x.status, x.lastErrorCode]),
+              ) +
+              `; broker warnings ${JSON.stringify(brokers.at(-1)!.logs.filter((l) => Number(l.level) >= 40)).slice(0, 2000)}`,
+          );
+          throw err;
+        });
         return Date.now() - backAt;
       }),
     );
