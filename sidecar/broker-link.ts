@@ -1,6 +1,9 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ClientDuplexStream } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
+import { ATTR, userHash } from '../shared/telemetry/span-attributes.js';
+import { tracer } from '../shared/telemetry/spans.js';
+import { contextOf } from '../shared/telemetry/trace-context.js';
 import {
   SessionStatus,
   type RefreshRequest,
@@ -11,7 +14,13 @@ import {
 } from '../shared/gen/tokenbroker/v1/token_broker.js';
 import type { SidecarMetrics } from './metrics.js';
 import { reconnectDelayMs } from './reconnect-backoff.js';
-import type { SessionState, TokenState, TokenStore, UserEntry } from './token-store.js';
+import type {
+  ApplyOutcome,
+  SessionState,
+  TokenState,
+  TokenStore,
+  UserEntry,
+} from './token-store.js';
 
 /** The part of the broker the sidecar uses. */
 export interface BrokerApi {
@@ -40,7 +49,7 @@ const STATUS: Record<number, SessionState> = {
   [SessionStatus.SESSION_STATUS_IDLE]: 'IDLE',
 };
 
-export function toTokenState(event: TokenEvent): TokenState {
+export function toTokenState(event: TokenEvent, receivedAtMs = Date.now()): TokenState {
   return {
     generation: event.generation,
     status: STATUS[event.status] ?? 'UNKNOWN',
@@ -48,6 +57,8 @@ export function toTokenState(event: TokenEvent): TokenState {
     tokenType: event.tokenType || 'Bearer',
     expiresAtMs: event.expiresAt?.getTime() ?? 0,
     errorCode: event.errorCode,
+    traceparent: event.traceparent,
+    receivedAtMs,
   };
 }
 
@@ -137,8 +148,7 @@ export class BrokerLink {
         this.options.refreshTimeoutMs,
       );
       this.metrics.refreshCall('ok');
-      if (response.token)
-        this.metrics.tokenEvent(this.store.apply(ref, toTokenState(response.token)));
+      if (response.token) this.deliver(response.token, 'refresh');
     } catch (err) {
       this.metrics.refreshCall('error');
       this.log.warn({ ...ref, generation, ...grpcFailure(err) }, 'refresh request failed');
@@ -208,8 +218,7 @@ export class BrokerLink {
     const event = response.event;
     if (event?.$case === 'token') {
       const token = event.value;
-      const outcome = this.store.apply(token, toTokenState(token));
-      this.metrics.tokenEvent(outcome);
+      const outcome = this.deliver(token, 'watch');
       this.log.debug(
         {
           tenant: token.tenant,
@@ -225,6 +234,31 @@ export class BrokerLink {
       if (code === 'SESSION_NOT_FOUND') this.store.markNotFound({ tenant, user });
       else this.log.warn({ tenant, user, code, message }, 'broker refused a subscription');
     }
+  }
+
+  /**
+   * Hands a session state to the store inside a `sidecar.deliver` span whose parent is the
+   * rotation that produced it (the event's traceparent), so one trace shows a rotation reaching
+   * every sidecar.
+   */
+  private deliver(token: TokenEvent, via: 'watch' | 'refresh'): ApplyOutcome {
+    const span = tracer.startSpan(
+      'sidecar.deliver',
+      {
+        attributes: {
+          [ATTR.tenant]: token.tenant,
+          [ATTR.userHash]: userHash(token.user),
+          [ATTR.generation]: token.generation,
+          'tb.via': via,
+        },
+      },
+      contextOf(token.traceparent),
+    );
+    const outcome = this.store.apply(token, toTokenState(token, this.clock()));
+    span.setAttribute(ATTR.outcome, outcome);
+    span.end();
+    this.metrics.tokenEvent(outcome);
+    return outcome;
   }
 }
 

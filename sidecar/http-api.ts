@@ -1,7 +1,11 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
+import type { Span } from '@opentelemetry/api';
 import type { Logger } from 'pino';
+import { ATTR, userHash } from '../shared/telemetry/span-attributes.js';
+import { markFailed, tracer } from '../shared/telemetry/spans.js';
+import { spanContextOf } from '../shared/telemetry/trace-context.js';
 import {
   ForwardedRequestError,
   InternalError,
@@ -46,6 +50,12 @@ export interface HttpApiDeps {
 
 const JSON_TYPE = 'application/json';
 
+/** A token read being answered: when it started, and its `sidecar.read` span. */
+interface ReadInFlight {
+  started: number;
+  span: Span;
+}
+
 /**
  * The localhost API. A read of a fresh token is answered synchronously from memory; only reads
  * that must wait (first token, newer generation) take the slower async path.
@@ -84,14 +94,22 @@ export class SidecarHttpApi {
         const readiness = this.deps.readiness();
         return sendJson(res, readiness.ready ? 200 : 503, readiness.body);
       }
-      const text = this.deps.metrics.exposition();
+      void this.sendMetrics(res, path);
+    } catch (err) {
+      this.sendError(res, err);
+    }
+  };
+
+  private async sendMetrics(res: ServerResponse, path: string): Promise<void> {
+    try {
+      const text = await this.deps.metrics.exposition();
       if (!text) throw new RouteNotFoundError(path);
       res.writeHead(200, { 'content-type': text.contentType });
       res.end(text.body);
     } catch (err) {
       this.sendError(res, err);
     }
-  };
+  }
 
   /** Answers malformed HTTP (as an oversized request line) with JSON instead of a bare status. */
   readonly clientError = (err: Error & { code?: string }, socket: Socket): void => {
@@ -113,7 +131,10 @@ export class SidecarHttpApi {
   };
 
   private tokenRead(req: IncomingMessage, res: ServerResponse, rest: string, query: string): void {
-    const started = performance.now();
+    const read: ReadInFlight = {
+      started: performance.now(),
+      span: tracer.startSpan('sidecar.read'),
+    };
     let request: TokenRequest;
     let entry: UserEntry;
     let decision: ReadDecision;
@@ -125,6 +146,12 @@ export class SidecarHttpApi {
       if (headers['x-forwarded-for'] !== undefined || headers.forwarded !== undefined)
         throw new ForwardedRequestError();
       request = this.parse(rest, query);
+      if (read.span.isRecording())
+        read.span.setAttributes({
+          [ATTR.tenant]: request.tenant,
+          [ATTR.userHash]: userHash(request.user),
+          'tb.min_generation': request.minGeneration,
+        });
       entry = this.deps.sessions.read(request);
       decision = decideRead(
         this.deps.store,
@@ -134,12 +161,12 @@ export class SidecarHttpApi {
         0,
       );
     } catch (err) {
-      this.sendError(res, err, started);
+      this.sendError(res, err, read);
       return;
     }
-    if (decision.kind === 'serve') this.sendToken(req, res, entry, started);
-    else if (decision.kind === 'fail') this.sendError(res, decision.error, started);
-    else void this.waitAndAnswer(req, res, request, entry, decision, started);
+    if (decision.kind === 'serve') this.sendToken(req, res, entry, read);
+    else if (decision.kind === 'fail') this.sendError(res, decision.error, read);
+    else void this.waitAndAnswer(req, res, request, entry, decision, read);
   }
 
   private parse(rest: string, query: string): TokenRequest {
@@ -159,8 +186,9 @@ export class SidecarHttpApi {
     request: TokenRequest,
     entry: UserEntry,
     first: ReadDecision,
-    started: number,
+    read: ReadInFlight,
   ): Promise<void> {
+    const started = read.started;
     let gone = false;
     res.once('close', () => (gone = true));
     const deadline = started + request.waitMs;
@@ -174,6 +202,8 @@ export class SidecarHttpApi {
       );
       if (gone) {
         this.deps.metrics.tokenRead('CLIENT_CLOSED', (performance.now() - started) / 1000);
+        read.span.setAttribute(ATTR.outcome, 'CLIENT_CLOSED');
+        read.span.end();
         return;
       }
       const waited = performance.now() - started;
@@ -186,17 +216,18 @@ export class SidecarHttpApi {
         Math.round(waited),
       );
     }
-    if (decision.kind === 'serve') this.sendToken(req, res, entry, started);
-    else this.sendError(res, decision.error, started);
+    if (decision.kind === 'serve') this.sendToken(req, res, entry, read);
+    else this.sendError(res, decision.error, read);
   }
 
   private sendToken(
     req: IncomingMessage,
     res: ServerResponse,
     entry: UserEntry,
-    started: number,
+    read: ReadInFlight,
   ): void {
     const state = entry.state!;
+    const now = this.clock();
     // While shutting down, close each connection after its answer so the server can stop.
     if (this.closing) res.setHeader('connection', 'close');
     if (req.headers.accept?.startsWith('text/plain')) {
@@ -209,7 +240,7 @@ export class SidecarHttpApi {
       });
       res.end(state.accessToken);
     } else {
-      const expiresIn = Math.floor((state.expiresAtMs - this.clock()) / 1000);
+      const expiresIn = Math.floor((state.expiresAtMs - now) / 1000);
       let cached = this.bodies.get(state);
       if (cached?.expiresIn !== expiresIn) {
         cached = {
@@ -232,10 +263,28 @@ export class SidecarHttpApi {
       });
       res.end(body);
     }
-    this.deps.metrics.tokenRead('OK', (performance.now() - started) / 1000);
+    const waited = performance.now() - read.started;
+    this.deps.metrics.tokenRead('OK', waited / 1000);
+    this.deps.metrics.tokenServed(
+      (now - (state.receivedAtMs ?? now)) / 1000,
+      (state.expiresAtMs - now) / 1000,
+    );
+    const span = read.span;
+    if (span.isRecording()) {
+      span.setAttributes({
+        [ATTR.outcome]: 'OK',
+        [ATTR.generation]: state.generation,
+        'tb.wait_ms': Math.round(waited),
+        'tb.token.remaining_ms': state.expiresAtMs - now,
+      });
+      // The read links to the rotation that produced the token it served.
+      const rotation = spanContextOf(state.traceparent ?? '');
+      if (rotation) span.addLink({ context: rotation });
+    }
+    span.end();
   }
 
-  private sendError(res: ServerResponse, err: unknown, started?: number): void {
+  private sendError(res: ServerResponse, err: unknown, read?: ReadInFlight): void {
     let error: SidecarError;
     if (err instanceof SidecarError) error = err;
     else {
@@ -245,8 +294,12 @@ export class SidecarHttpApi {
       );
       error = new InternalError();
     }
-    if (started !== undefined)
-      this.deps.metrics.tokenRead(error.code, (performance.now() - started) / 1000);
+    if (read) {
+      this.deps.metrics.tokenRead(error.code, (performance.now() - read.started) / 1000);
+      read.span.setAttribute(ATTR.outcome, error.code);
+      if (error.status >= 500) markFailed(read.span, error);
+      read.span.end();
+    }
     if (this.closing) res.setHeader('connection', 'close');
     sendJson(
       res,

@@ -1,4 +1,6 @@
 import { pino } from 'pino';
+import { traceLogFields } from '../shared/telemetry/log-mixin.js';
+import { shutdownTelemetry, telemetryStatus } from '../shared/telemetry/telemetry-runtime.js';
 import { loadSidecarConfig, LOG_LEVELS, type LogLevel } from './config.js';
 import { ConfigError } from './errors.js';
 import { startSidecar } from './sidecar-app.js';
@@ -8,10 +10,17 @@ const requested = process.env.TB_SIDECAR_LOG_LEVEL?.trim() ?? '';
 const level: LogLevel = (LOG_LEVELS as readonly string[]).includes(requested)
   ? (requested as LogLevel)
   : 'info';
-const log = pino({ name: 'token-broker-sidecar', level });
+const log = pino({ name: 'token-broker-sidecar', level, mixin: traceLogFields });
 
 try {
   const config = loadSidecarConfig();
+  const status = telemetryStatus();
+  if (status.missingImport)
+    log.warn(
+      'OTEL_* variables ask for telemetry but the sidecar was not started with ' +
+        '--import of shared/telemetry/register: telemetry is off',
+    );
+  else log.info({ telemetry: status.telemetry, reason: status.reason }, 'telemetry');
   const sidecar = await startSidecar(config, log);
   log.info(
     {
@@ -27,13 +36,16 @@ try {
   const onSignal = (signal: NodeJS.Signals) => {
     if (++signals > 1) process.exit(1);
     log.info({ signal }, 'shutting down');
-    sidecar.stop().then(
-      () => process.exit(0),
-      (err: unknown) => {
-        log.error({ err: String(err) }, 'shutdown failed');
-        process.exit(1);
-      },
-    );
+    sidecar
+      .stop()
+      .then(() => shutdownTelemetry())
+      .then(
+        () => process.exit(0),
+        (err: unknown) => {
+          log.error({ err: String(err) }, 'shutdown failed');
+          process.exit(1);
+        },
+      );
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);

@@ -1,120 +1,131 @@
 /**
- * The sidecar's metrics, behind one small interface so another exporter (OpenTelemetry) can
- * replace the Prometheus text one without touching the callers. No label ever carries a token,
- * a tenant or a user.
+ * The sidecar's metrics, on OpenTelemetry instruments behind one small interface. GET /metrics
+ * serves them as Prometheus text whether telemetry is on or off; with OTEL_METRICS_EXPORTER set
+ * they are exported that way too (the Prometheus exporter appends `_total` to counters). No label
+ * ever carries a token, a tenant or a user.
  */
+import type { Attributes, Counter, Histogram } from '@opentelemetry/api';
+import type { MetricsEndpoint, MetricsText } from '../shared/telemetry/metrics-endpoint.js';
+
 export interface SidecarMetrics {
   /** A token read answered with `code` ('OK' or an error code) after `seconds`. */
   tokenRead(code: string, seconds: number): void;
+  /**
+   * A token was served: how long ago this sidecar received it and how long it has left, both in
+   * seconds. Few seconds left at read time is the warning before a 401.
+   */
+  tokenServed(ageSeconds: number, remainingSeconds: number): void;
   brokerReconnect(): void;
   tokenEvent(outcome: 'applied' | 'stale' | 'unwatched'): void;
   refreshCall(outcome: 'ok' | 'error'): void;
   /** Text for GET /metrics, or undefined when metrics leave another way. */
-  exposition(): { contentType: string; body: string } | undefined;
+  exposition(): Promise<MetricsText | undefined>;
 }
 
-/** Values read when metrics are scraped. */
+/** Values read when metrics are collected. */
 export interface SidecarGauges {
   streamUp(): boolean;
   watchedUsers(): number;
   freshUsers(): number;
+  reauthRequiredUsers(): number;
 }
 
-const READ_BUCKETS = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30] as const;
+const READ_BUCKETS = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30];
+const AGE_BUCKETS = [1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600];
+const REMAINING_BUCKETS = [5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600];
 
-/** Prometheus text exposition format 0.0.4, hand-written: a handful of counters and a histogram. */
-export class PrometheusTextMetrics implements SidecarMetrics {
-  private readonly reads = new Map<string, number>();
-  private readonly readBuckets = new Array<number>(READ_BUCKETS.length).fill(0);
-  private readSum = 0;
-  private readCount = 0;
-  private reconnects = 0;
-  private readonly events = { applied: 0, stale: 0, unwatched: 0 };
-  private readonly refreshes = { ok: 0, error: 0 };
+export class OtelSidecarMetrics implements SidecarMetrics {
+  private readonly reads: Counter;
+  private readonly readSeconds: Histogram;
+  private readonly ageSeconds: Histogram;
+  private readonly remainingSeconds: Histogram;
+  private readonly reconnects: Counter;
+  private readonly events: Counter;
+  private readonly refreshes: Counter;
+  /** One attribute object per label value: the read path records without allocating. */
+  private readonly codeLabels = new Map<string, Attributes>();
 
-  constructor(private readonly gauges: SidecarGauges) {}
+  constructor(
+    private readonly endpoint: MetricsEndpoint,
+    gauges: SidecarGauges,
+  ) {
+    const meter = endpoint.meter;
+    this.reads = meter.createCounter('tb_sidecar_token_reads', {
+      description: 'Token reads by answer code (OK or error).',
+    });
+    this.readSeconds = meter.createHistogram('tb_sidecar_token_read_duration_seconds', {
+      description: 'Time to answer a token read, waits included.',
+      unit: 's',
+      advice: { explicitBucketBoundaries: READ_BUCKETS },
+    });
+    this.ageSeconds = meter.createHistogram('tb_sidecar_token_age_seconds', {
+      description: 'Age of each served token: time since this sidecar received it.',
+      unit: 's',
+      advice: { explicitBucketBoundaries: AGE_BUCKETS },
+    });
+    this.remainingSeconds = meter.createHistogram('tb_sidecar_token_remaining_seconds', {
+      description: 'Lifetime left of each served token at read time (expires_at - now).',
+      unit: 's',
+      advice: { explicitBucketBoundaries: REMAINING_BUCKETS },
+    });
+    this.reconnects = meter.createCounter('tb_sidecar_broker_reconnects', {
+      description: 'Watch stream reconnect attempts.',
+    });
+    this.events = meter.createCounter('tb_sidecar_token_events', {
+      description:
+        'Session states received: applied, or dropped as not newer (stale) or for an unwatched user.',
+    });
+    this.refreshes = meter.createCounter('tb_sidecar_refresh_requests', {
+      description: 'Refresh calls to the broker after a module reported a rejected generation.',
+    });
+    const up = meter.createObservableGauge('tb_sidecar_broker_stream_up', {
+      description: '1 while the Watch stream to a broker is up.',
+    });
+    const watched = meter.createObservableGauge('tb_sidecar_watched_users', {
+      description: 'Users this sidecar subscribes to.',
+    });
+    const fresh = meter.createObservableGauge('tb_sidecar_fresh_users', {
+      description: 'Watched users whose token has more than the safety skew left.',
+    });
+    const reauth = meter.createObservableGauge('tb_sidecar_reauth_required_users', {
+      description: 'Watched users whose session needs re-authentication (REAUTH_REQUIRED).',
+    });
+    meter.addBatchObservableCallback(
+      (result) => {
+        result.observe(up, gauges.streamUp() ? 1 : 0);
+        result.observe(watched, gauges.watchedUsers());
+        result.observe(fresh, gauges.freshUsers());
+        result.observe(reauth, gauges.reauthRequiredUsers());
+      },
+      [up, watched, fresh, reauth],
+    );
+  }
 
   tokenRead(code: string, seconds: number): void {
-    this.reads.set(code, (this.reads.get(code) ?? 0) + 1);
-    this.readSum += seconds;
-    this.readCount++;
-    for (let i = 0; i < READ_BUCKETS.length; i++)
-      if (seconds <= READ_BUCKETS[i]!) {
-        this.readBuckets[i]!++;
-        break;
-      }
+    let labels = this.codeLabels.get(code);
+    if (!labels) this.codeLabels.set(code, (labels = { code }));
+    this.reads.add(1, labels);
+    this.readSeconds.record(seconds);
+  }
+
+  tokenServed(ageSeconds: number, remainingSeconds: number): void {
+    this.ageSeconds.record(Math.max(0, ageSeconds));
+    this.remainingSeconds.record(Math.max(0, remainingSeconds));
   }
 
   brokerReconnect(): void {
-    this.reconnects++;
+    this.reconnects.add(1);
   }
 
   tokenEvent(outcome: 'applied' | 'stale' | 'unwatched'): void {
-    this.events[outcome]++;
+    this.events.add(1, { outcome });
   }
 
   refreshCall(outcome: 'ok' | 'error'): void {
-    this.refreshes[outcome]++;
+    this.refreshes.add(1, { outcome });
   }
 
-  exposition(): { contentType: string; body: string } {
-    const lines: string[] = [];
-    const family = (name: string, type: string, help: string) =>
-      lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
-
-    family('tb_sidecar_token_reads_total', 'counter', 'Token reads by answer code (OK or error).');
-    for (const [code, n] of this.reads)
-      lines.push(`tb_sidecar_token_reads_total{code="${code}"} ${n}`);
-
-    family(
-      'tb_sidecar_token_read_duration_seconds',
-      'histogram',
-      'Time to answer a token read, waits included.',
-    );
-    let cumulative = 0;
-    READ_BUCKETS.forEach((le, i) => {
-      cumulative += this.readBuckets[i]!;
-      lines.push(`tb_sidecar_token_read_duration_seconds_bucket{le="${le}"} ${cumulative}`);
-    });
-    lines.push(
-      `tb_sidecar_token_read_duration_seconds_bucket{le="+Inf"} ${this.readCount}`,
-      `tb_sidecar_token_read_duration_seconds_sum ${this.readSum}`,
-      `tb_sidecar_token_read_duration_seconds_count ${this.readCount}`,
-    );
-
-    family('tb_sidecar_broker_stream_up', 'gauge', '1 while the Watch stream to a broker is up.');
-    lines.push(`tb_sidecar_broker_stream_up ${this.gauges.streamUp() ? 1 : 0}`);
-    family('tb_sidecar_broker_reconnects_total', 'counter', 'Watch stream reconnect attempts.');
-    lines.push(`tb_sidecar_broker_reconnects_total ${this.reconnects}`);
-
-    family(
-      'tb_sidecar_token_events_total',
-      'counter',
-      'Session states received: applied, or dropped as not newer (stale) or for an unwatched user.',
-    );
-    for (const [outcome, n] of Object.entries(this.events))
-      lines.push(`tb_sidecar_token_events_total{outcome="${outcome}"} ${n}`);
-
-    family(
-      'tb_sidecar_refresh_requests_total',
-      'counter',
-      'Refresh calls to the broker after a module reported a rejected generation.',
-    );
-    for (const [outcome, n] of Object.entries(this.refreshes))
-      lines.push(`tb_sidecar_refresh_requests_total{outcome="${outcome}"} ${n}`);
-
-    family('tb_sidecar_watched_users', 'gauge', 'Users this sidecar subscribes to.');
-    lines.push(`tb_sidecar_watched_users ${this.gauges.watchedUsers()}`);
-    family(
-      'tb_sidecar_fresh_users',
-      'gauge',
-      'Watched users whose token has more than the safety skew left.',
-    );
-    lines.push(`tb_sidecar_fresh_users ${this.gauges.freshUsers()}`);
-
-    return {
-      contentType: 'text/plain; version=0.0.4; charset=utf-8',
-      body: `${lines.join('\n')}\n`,
-    };
+  exposition(): Promise<MetricsText> {
+    return this.endpoint.exposition();
   }
 }

@@ -1,11 +1,12 @@
 import { lstat, rm } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { Logger } from 'pino';
+import { openMetricsEndpoint } from '../shared/telemetry/metrics-endpoint.js';
 import { connectBroker } from './broker-client.js';
 import { BrokerLink, type BrokerApi } from './broker-link.js';
 import type { SidecarConfig } from './config.js';
 import { SidecarHttpApi, type Readiness, type TokenSessions } from './http-api.js';
-import { PrometheusTextMetrics } from './metrics.js';
+import { OtelSidecarMetrics } from './metrics.js';
 import { TokenFileSink } from './token-file-sink.js';
 import { TokenStore, type UserEntry } from './token-store.js';
 
@@ -39,10 +40,13 @@ export async function startSidecar(
       if (entry.pinned) sink?.update(entry, store.isFresh(entry));
     },
   });
-  const metrics = new PrometheusTextMetrics({
+  const metricsEndpoint = openMetricsEndpoint('token-broker-sidecar');
+  const metrics = new OtelSidecarMetrics(metricsEndpoint, {
     streamUp: (): boolean => link.up,
     watchedUsers: () => store.size,
     freshUsers: () => [...store.all()].filter((e) => store.isFresh(e)).length,
+    reauthRequiredUsers: () =>
+      [...store.all()].filter((e) => e.state?.status === 'REAUTH_REQUIRED').length,
   });
   const link: BrokerLink = new BrokerLink(
     api,
@@ -150,6 +154,7 @@ export async function startSidecar(
         const timer = setTimeout(() => server.closeAllConnections(), STOP_GRACE_MS);
         await closed;
         clearTimeout(timer);
+        await metricsEndpoint.shutdown();
       })()),
   };
 }

@@ -2,7 +2,7 @@ import { sessionKey, type SessionRef } from './session-ref.js';
 
 export type SessionState = 'ACTIVE' | 'REAUTH_REQUIRED' | 'REVOKED' | 'IDLE' | 'UNKNOWN';
 
-/** One state of a session as the broker sent it (a TokenEvent, without its trace fields). */
+/** One state of a session as the broker sent it (a TokenEvent). */
 export interface TokenState {
   readonly generation: number;
   readonly status: SessionState;
@@ -12,6 +12,10 @@ export interface TokenState {
   /** Epoch ms; 0 when unknown. */
   readonly expiresAtMs: number;
   readonly errorCode: string;
+  /** W3C traceparent of the rotation that produced this state ('' or absent: none). */
+  readonly traceparent?: string;
+  /** When this sidecar received the state (epoch ms), for the token-age metric. */
+  readonly receivedAtMs?: number;
 }
 
 export interface UserEntry extends SessionRef {

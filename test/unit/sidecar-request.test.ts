@@ -1,6 +1,5 @@
 import { describe, expect, it } from 'vitest';
 import { InvalidParameterError } from '../../sidecar/errors.js';
-import { PrometheusTextMetrics } from '../../sidecar/metrics.js';
 import { reconnectDelayMs } from '../../sidecar/reconnect-backoff.js';
 import { DEFAULT_WAIT_MS, parseTokenRequest } from '../../sidecar/token-request.js';
 
@@ -60,51 +59,5 @@ describe('reconnectDelayMs', () => {
     expect(reconnectDelayMs(3, options, () => 0.999)).toBeLessThanOrEqual(1_600);
     expect(reconnectDelayMs(50, options, () => 1)).toBe(10_000);
     expect(reconnectDelayMs(50, options, () => 0)).toBe(5_000);
-  });
-});
-
-describe('PrometheusTextMetrics', () => {
-  it('renders counters, gauges and a cumulative histogram in text format 0.0.4', () => {
-    const metrics = new PrometheusTextMetrics({
-      streamUp: () => true,
-      watchedUsers: () => 3,
-      freshUsers: () => 2,
-    });
-    metrics.tokenRead('OK', 0.0002);
-    metrics.tokenRead('OK', 0.003);
-    metrics.tokenRead('TOKEN_UNAVAILABLE', 2);
-    metrics.tokenEvent('applied');
-    metrics.tokenEvent('stale');
-    metrics.refreshCall('ok');
-    metrics.brokerReconnect();
-    const { contentType, body } = metrics.exposition();
-    expect(contentType).toBe('text/plain; version=0.0.4; charset=utf-8');
-    expect(body.endsWith('\n')).toBe(true);
-    const lines = body.split('\n');
-    for (const line of [
-      '# TYPE tb_sidecar_token_reads_total counter',
-      'tb_sidecar_token_reads_total{code="OK"} 2',
-      'tb_sidecar_token_reads_total{code="TOKEN_UNAVAILABLE"} 1',
-      'tb_sidecar_token_read_duration_seconds_bucket{le="0.0005"} 1',
-      'tb_sidecar_token_read_duration_seconds_bucket{le="0.005"} 2',
-      'tb_sidecar_token_read_duration_seconds_bucket{le="1"} 2',
-      'tb_sidecar_token_read_duration_seconds_bucket{le="5"} 3',
-      'tb_sidecar_token_read_duration_seconds_bucket{le="+Inf"} 3',
-      'tb_sidecar_token_read_duration_seconds_count 3',
-      'tb_sidecar_broker_stream_up 1',
-      'tb_sidecar_broker_reconnects_total 1',
-      'tb_sidecar_token_events_total{outcome="stale"} 1',
-      'tb_sidecar_refresh_requests_total{outcome="ok"} 1',
-      'tb_sidecar_watched_users 3',
-      'tb_sidecar_fresh_users 2',
-    ])
-      expect(lines).toContain(line);
-    // Every sample belongs to a family declared with HELP and TYPE before it.
-    const declared = new Set<string>();
-    for (const line of lines) {
-      if (line.startsWith('# TYPE ')) declared.add(line.split(' ')[2]!);
-      else if (line && !line.startsWith('#'))
-        expect(declared.has(line.split(/[{ ]/)[0]!.replace(/_(bucket|sum|count)$/, ''))).toBe(true);
-    }
   });
 });
