@@ -58,9 +58,10 @@ helm-check: helm-tools
 
 # The mission live: 3 modules, 3 sidecars, one user, a real OIDC provider with rotation.
 # MODE=naive shows the race without the broker. DEMO_SECONDS (60), DEMO_AT_TTL (10).
+# Telemetry is off unless OTEL_* or TB_TELEMETRY=on ask for it (README, Observability).
 MODE ?= broker
 demo: deps
-	MODE=$(MODE) node --import tsx scripts/demo.ts
+	MODE=$(MODE) node --import tsx --import ./shared/telemetry/register.ts scripts/demo.ts
 
 # GET-token throughput and latency of the sidecar beside a bare node:http server (prints figures).
 bench: deps

@@ -2,6 +2,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+/** As `npm start` runs it: the telemetry entry first (it does nothing unless OTEL_* ask). */
+export const NODE_ARGS = ['--import', 'tsx', '--import', './shared/telemetry/register.ts'];
 const live = new Set<ChildProcess>();
 process.on('exit', () => live.forEach((c) => c.kill('SIGKILL')));
 
@@ -19,10 +21,10 @@ export interface BrokerProcess {
 
 /**
  * Starts `broker/main.ts` as a separate Node.js process (real replica) with `env` on top of a
- * minimal environment; resolves once it logs its bound port.
+ * minimal environment (so telemetry is off unless `env` asks); resolves once it logs its bound port.
  */
 export function startBrokerProcess(env: Record<string, string>): Promise<BrokerProcess> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'broker/main.ts'], {
+  const child = spawn(process.execPath, [...NODE_ARGS, 'broker/main.ts'], {
     cwd: ROOT,
     // Info level at least: the harness learns the bound port from the 'broker serving' line.
     env: {

@@ -1,5 +1,5 @@
 /**
- * The sidecar as a real child process (`node --import tsx sidecar/main.ts`), for tests.
+ * The sidecar as a real child process (`npm run sidecar`: tsx and the telemetry entry), for tests.
  *
  *   const sidecar = await startSidecarProcess({ TB_SIDECAR_BROKER_ADDRESS: broker.address });
  *   const res = await sidecar.token('diku', 'alice', { wait: 2000 });   // fetch Response
@@ -12,6 +12,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { request } from 'node:http';
 import { fileURLToPath } from 'node:url';
+import { NODE_ARGS } from './broker-process.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const live = new Set<ChildProcess>();
@@ -112,7 +113,7 @@ export async function runSidecarToExit(
 }
 
 function spawnSidecar(env: Record<string, string>) {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'sidecar/main.ts'], {
+  const child = spawn(process.execPath, [...NODE_ARGS, 'sidecar/main.ts'], {
     cwd: ROOT,
     env: {
       PATH: process.env.PATH ?? '',

@@ -78,8 +78,9 @@ describe('deploy/docker/Dockerfile', () => {
     expect(runtime.filter((l) => l.startsWith('COPY')).join('\n')).not.toMatch(
       /--from=build \/app\/node_modules/,
     );
-    expect(entrypoint('broker')).toEqual(['node', 'dist/broker/main.js']);
-    expect(entrypoint('sidecar')).toEqual(['node', 'dist/sidecar/main.js']);
+    const telemetry = ['--import', './dist/shared/telemetry/register.js'];
+    expect(entrypoint('broker')).toEqual(['node', ...telemetry, 'dist/broker/main.js']);
+    expect(entrypoint('sidecar')).toEqual(['node', ...telemetry, 'dist/sidecar/main.js']);
     // The broker is the last stage, so a build without --target gives it.
     expect([...all.keys()].at(-1)).toBe('broker');
   });
@@ -130,7 +131,8 @@ describe('the image layout, replayed', () => {
 
   it('has both entry points where the Dockerfile runs them', () => {
     for (const stage of ['broker', 'sidecar'])
-      expect(existsSync(join(app, entrypoint(stage)[1]!)), stage).toBe(true);
+      for (const file of entrypoint(stage).filter((a) => a.endsWith('.js')))
+        expect(existsSync(join(app, file)), `${stage}: ${file}`).toBe(true);
     expect(existsSync(join(app, 'dist', 'proto', 'tokenbroker', 'v1', 'token_broker.proto'))).toBe(
       true,
     );
@@ -164,24 +166,33 @@ describe('the image layout, replayed', () => {
 
   it('starts the broker and the sidecar from it; the sidecar passes the chart exec probes', async () => {
     const brokerPort = await freePort();
+    const metricsPort = await freePort();
+    // The broker as the chart runs it with metrics on: the compiled telemetry entry, the
+    // Prometheus endpoint, no traces exported.
     const broker = await startNode(
       app,
-      entrypoint('broker')[1]!,
+      entrypoint('broker').slice(1),
       {
         TB_GRPC_ADDRESS: `127.0.0.1:${brokerPort}`,
         TB_IDP_TOKEN_ENDPOINT: 'http://127.0.0.1:1/token',
         TB_IDP_CLIENT_ID: 'x',
         TB_IDP_CLIENT_SECRET: 'y',
-        OTEL_SDK_DISABLED: 'true',
+        OTEL_TRACES_EXPORTER: 'none',
+        OTEL_METRICS_EXPORTER: 'prometheus',
+        OTEL_EXPORTER_PROMETHEUS_HOST: '127.0.0.1',
+        OTEL_EXPORTER_PROMETHEUS_PORT: String(metricsPort),
+        OTEL_LOGS_EXPORTER: 'none',
       },
       'broker serving',
     );
     children.push(broker.child);
+    const scraped = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    expect(scraped).toMatch(/^tb_broker_watchers\{[^}]*\} 0$/m);
 
     const sidecarPort = await freePort();
     const sidecar = await startNode(
       app,
-      entrypoint('sidecar')[1]!,
+      entrypoint('sidecar').slice(1),
       {
         TB_SIDECAR_BROKER_ADDRESS: `127.0.0.1:${brokerPort}`,
         TB_SIDECAR_PORT: String(sidecarPort),
@@ -235,11 +246,12 @@ function probeStatus(args: string[]): number {
 
 async function startNode(
   cwd: string,
-  script: string,
+  args: string[],
   env: Record<string, string>,
   ready: string,
 ): Promise<{ child: ChildProcess; exited: Promise<number | null> }> {
-  const child = spawn(process.execPath, [script], {
+  const script = args.at(-1)!;
+  const child = spawn(process.execPath, args, {
     cwd,
     env: { PATH: process.env.PATH ?? '', NODE_ENV: 'production', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
