@@ -13,6 +13,24 @@ export interface BrokerGaugeSources {
   watchers(): number;
 }
 
+/**
+ * Every outcome a rotation can have (Rotator's RotationOutcome, and the two ways it throws). Each
+ * series starts at 0, so rate() and alerts see it before its first occurrence.
+ */
+const ROTATION_OUTCOMES = [
+  'rotated',
+  'not-needed',
+  'reauth-required',
+  'retry-scheduled',
+  'busy',
+  'inactive',
+  'went-idle',
+  'not-found',
+  'persist-failed',
+  'lock-unavailable',
+  'error',
+];
+
 const SECONDS_FAST = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
 const SECONDS_IDP = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 const SECONDS_LAG = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
@@ -51,6 +69,9 @@ export class BrokerMetrics {
     this.persistFailures = meter.createCounter('tb_broker_persist_failures', {
       description: 'The IdP answered but the new token pair could not be stored.',
     });
+    for (const outcome of ROTATION_OUTCOMES) this.rotations.add(0, { outcome });
+    this.reuseSuspicions.add(0);
+    this.persistFailures.add(0);
   }
 
   rotation(outcome: string): void {

@@ -78,6 +78,10 @@ export class OtelSidecarMetrics implements SidecarMetrics {
     this.refreshes = meter.createCounter('tb_sidecar_refresh_requests', {
       description: 'Refresh calls to the broker after a module reported a rejected generation.',
     });
+    // The series the text exporter always showed start at 0.
+    this.reconnects.add(0);
+    for (const outcome of ['applied', 'stale', 'unwatched']) this.events.add(0, { outcome });
+    for (const outcome of ['ok', 'error']) this.refreshes.add(0, { outcome });
     const up = meter.createObservableGauge('tb_sidecar_broker_stream_up', {
       description: '1 while the Watch stream to a broker is up.',
     });

@@ -31,7 +31,7 @@ export function telemetryRuntime(): TelemetryRuntime | undefined {
  * Flushes what is pending and stops the SDK, never waiting past `timeoutMs`: an exporter retrying
  * an unreachable collector must not hold up a pod's termination. A no-op with telemetry off.
  */
-export async function shutdownTelemetry(timeoutMs = 2_000): Promise<void> {
+export async function shutdownTelemetry(timeoutMs = 1_500): Promise<void> {
   const runtime = telemetryRuntime();
   if (!runtime) return;
   delete (globalThis as Holder)[KEY];
