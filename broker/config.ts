@@ -21,6 +21,7 @@ export interface IdpConfig {
   issuer: string | undefined;
   tokenEndpoint: string | undefined;
   revocationEndpoint: string | undefined;
+  introspectionEndpoint: string | undefined;
   clientId: string;
   clientSecret: string | undefined;
   authMethod: 'client_secret_basic' | 'client_secret_post' | 'none';
@@ -181,6 +182,7 @@ const IDP_VARIABLES = {
   issuer: 'TB_IDP_ISSUER',
   tokenEndpoint: 'TB_IDP_TOKEN_ENDPOINT',
   revocationEndpoint: 'TB_IDP_REVOCATION_ENDPOINT',
+  introspectionEndpoint: 'TB_IDP_INTROSPECTION_ENDPOINT',
   clientId: 'TB_IDP_CLIENT_ID',
   clientSecret: 'TB_IDP_CLIENT_SECRET',
   clientSecretFile: 'TB_IDP_CLIENT_SECRET_FILE',
@@ -194,6 +196,7 @@ const OAUTH2_ONLY: readonly IdpField[] = [
   'issuer',
   'tokenEndpoint',
   'revocationEndpoint',
+  'introspectionEndpoint',
   'clientId',
   'clientSecret',
   'clientSecretFile',
@@ -305,6 +308,7 @@ function buildIdp(source: IdpSource, defaultName: string, defaultTimeout: number
       issuer: undefined,
       tokenEndpoint: undefined,
       revocationEndpoint: undefined,
+      introspectionEndpoint: undefined,
       clientId: '',
       clientSecret: undefined,
       authMethod: 'none',
@@ -349,6 +353,7 @@ function buildIdp(source: IdpSource, defaultName: string, defaultTimeout: number
     issuer,
     tokenEndpoint,
     revocationEndpoint: field.url(setting('revocationEndpoint'), ['http:', 'https:']),
+    introspectionEndpoint: field.url(setting('introspectionEndpoint'), ['http:', 'https:']),
     clientId: field.required(setting('clientId')),
     clientSecret,
     authMethod,

@@ -55,6 +55,16 @@ export interface IdpAdapter {
    * IdP offers no exchange. The result always carries a refresh token.
    */
   exchange?(subject: SubjectToken, signal: AbortSignal, context: IdpContext): Promise<TokenSet>;
+  /**
+   * Whether the refresh token is still unused and valid (RFC 7662 introspection), asked before
+   * presenting a token whose last presentation has no known outcome (its replica died mid-call).
+   * Undefined when the IdP cannot tell; absent when the IdP offers no introspection.
+   */
+  isActive?(
+    refreshToken: string,
+    signal: AbortSignal,
+    context: IdpContext,
+  ): Promise<boolean | undefined>;
 }
 
 /** The refresh token is dead (invalid_grant): terminal, the session needs a new enrollment. */

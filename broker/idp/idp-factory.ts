@@ -17,6 +17,7 @@ export function createIdpAdapter(config: IdpConfig): IdpAdapter {
     issuer: config.issuer,
     tokenEndpoint: config.tokenEndpoint,
     revocationEndpoint: config.revocationEndpoint,
+    introspectionEndpoint: config.introspectionEndpoint,
     clientId: config.clientId,
     clientSecret: config.clientSecret,
     authMethod: config.authMethod,

@@ -30,6 +30,8 @@ export interface OAuth2AdapterOptions {
   issuer?: string;
   /** When absent, taken from discovery; with neither, revoke is a no-op. */
   revocationEndpoint?: string;
+  /** RFC 7662 endpoint; when absent, taken from discovery; with neither, isActive cannot tell. */
+  introspectionEndpoint?: string;
   clientId: string;
   clientSecret?: string;
   authMethod: ClientAuthMethod;
@@ -82,6 +84,7 @@ const KNOWN_ERRORS = new Set([
 interface Discovered {
   tokenEndpoint: string;
   revocationEndpoint: string | undefined;
+  introspectionEndpoint: string | undefined;
 }
 
 /**
@@ -93,6 +96,7 @@ export class OAuth2Adapter implements IdpAdapter {
   private readonly tokenEndpoint: string | undefined;
   private readonly issuer: string | undefined;
   private readonly revocationEndpoint: string | undefined;
+  private readonly introspectionEndpoint: string | undefined;
   private readonly clientId: string;
   private readonly clientSecret: string | undefined;
   private readonly authMethod: ClientAuthMethod;
@@ -115,6 +119,10 @@ export class OAuth2Adapter implements IdpAdapter {
       );
     }
     this.revocationEndpoint = optionalHttpUrl(options.revocationEndpoint, 'revocationEndpoint');
+    this.introspectionEndpoint = optionalHttpUrl(
+      options.introspectionEndpoint,
+      'introspectionEndpoint',
+    );
     this.clientId = requireText(options.clientId, 'clientId');
     if (!AUTH_METHODS.includes(options.authMethod)) {
       throw new ConfigError(`${SETTING}.authMethod`, `must be one of ${AUTH_METHODS.join(', ')}`);
@@ -230,6 +238,25 @@ export class OAuth2Adapter implements IdpAdapter {
     throw error;
   }
 
+  async isActive(
+    refreshToken: string,
+    signal: AbortSignal,
+    _context?: IdpContext,
+  ): Promise<boolean | undefined> {
+    const endpoint =
+      this.introspectionEndpoint ??
+      (this.issuer === undefined ? undefined : (await this.discover(signal)).introspectionEndpoint);
+    if (endpoint === undefined) return undefined;
+    const where = `${this.label}: introspection endpoint ${displayUrl(endpoint)}`;
+    const form = new URLSearchParams({ token: refreshToken, token_type_hint: 'refresh_token' });
+    const answer = await this.post(endpoint, form, where, signal);
+    if (answer.status !== 200) throw this.errorAnswer(answer, where, refreshToken);
+    const active = parseJsonObject(answer.text)?.active;
+    if (typeof active !== 'boolean')
+      throw new IdpProtocolError(`${where} answered HTTP 200 without a boolean "active"`);
+    return active;
+  }
+
   /** Sends one form POST with client authentication; every network failure becomes transient. */
   private post(
     endpoint: string,
@@ -343,7 +370,14 @@ export class OAuth2Adapter implements IdpAdapter {
     ) {
       throw failed('has a revocation_endpoint that is not an http(s) URL');
     }
-    return { tokenEndpoint, revocationEndpoint };
+    const introspectionEndpoint = doc.introspection_endpoint;
+    if (
+      introspectionEndpoint !== undefined &&
+      (typeof introspectionEndpoint !== 'string' || !isHttpUrl(introspectionEndpoint))
+    ) {
+      throw failed('has an introspection_endpoint that is not an http(s) URL');
+    }
+    return { tokenEndpoint, revocationEndpoint, introspectionEndpoint };
   }
 }
 

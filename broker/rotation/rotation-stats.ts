@@ -25,6 +25,10 @@ export class RotationStats {
   retries = 0;
   reauth = 0;
   takeovers = 0;
+  /** Orphaned refresh tokens checked with the IdP before presenting them again. */
+  introspections = 0;
+  /** ...of which the IdP had already consumed (the session could not be saved). */
+  consumedByLostAttempt = 0;
   reuseSuspicions = 0;
   persistFailures = 0;
   readonly lockWaitMs = new SampleRing();

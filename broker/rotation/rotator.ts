@@ -236,6 +236,35 @@ export class Rotator {
     // No refresh token: a login session that has not logged in yet, or whose family ended.
     const loggingIn = record.refreshToken === '';
     const kind = loggingIn ? 'login' : 'refresh';
+    if ((mark.tookOver || record.outcomeUnknown) && !loggingIn && idp.isActive) {
+      // The last presentation of this token has no known outcome. Ask before presenting it
+      // again: if the IdP consumed it, presenting it would be a reuse that revokes the family.
+      let active: boolean | undefined;
+      try {
+        active = await inSpan('idp.introspect', { [ATTR.idp]: idp.name }, () =>
+          idp.isActive!(record.refreshToken, signal, context),
+        );
+      } catch (err) {
+        // Keep the marker, so the next attempt asks again instead of presenting blindly.
+        const at = this.deps.policy.retryAt(this.clock(), record.failedAttempts + 1, undefined, 0);
+        await store.schedule(ref, Math.max(at, deadline + this.options.busyRetryMs));
+        log.warn(
+          { tenant: ref.tenant, err: err instanceof Error ? err.message : String(err) },
+          'could not ask the IdP whether an orphaned refresh token is still unused; will ask again',
+        );
+        return { outcome: 'retry-scheduled', record, errorCode: 'IDP_UNAVAILABLE' };
+      }
+      this.deps.stats.introspections += 1;
+      if (active === false) {
+        this.deps.stats.consumedByLostAttempt += 1;
+        const lost = new IdpInvalidGrantError(
+          'the refresh token was consumed by an attempt whose answer was lost (its replica died)',
+        );
+        if (this.mayLogInAgain(record, lost))
+          return this.logInAgain(ref, stored, record, lock, lost);
+        return this.onIdpFailure(record, lost);
+      }
+    }
     let tokens: TokenSet;
     const rotation = trace.getActiveSpan();
     const callStart = this.clock();
@@ -281,6 +310,7 @@ export class Rotator {
       traceparent: currentTraceparent(),
       // Only a refresh that worked proves the family lives; a login alone does not.
       reloginStreak: loggingIn ? record.reloginStreak : 0,
+      outcomeUnknown: false,
     };
     return this.persist(next, record.generation, lock);
   }
@@ -459,7 +489,14 @@ export class Rotator {
     }
     const code = (err as { code?: string }).code ?? 'INTERNAL';
     const retryAfter = err instanceof IdpTransientError ? err.retryAfterMs : undefined;
-    return this.failTransient(record, now, code, retryAfter);
+    // Sent, but no answer: the token may be consumed. The next attempt asks before presenting.
+    const unknown = err instanceof IdpTransientError && err.presented && record.refreshToken !== '';
+    return this.failTransient(
+      unknown ? { ...record, outcomeUnknown: true } : record,
+      now,
+      code,
+      retryAfter,
+    );
   }
 
   private async failTransient(

@@ -47,6 +47,11 @@ export interface SessionRecord extends SessionRef {
   login?: StoredLogin | undefined;
   /** Logins since the last successful refresh; bounds logging in again when refreshes keep failing. */
   reloginStreak?: number | undefined;
+  /**
+   * The refresh token was presented and no answer came back (timeout, reset): the IdP may have
+   * consumed it. The next attempt asks the IdP (introspection) before presenting it again.
+   */
+  outcomeUnknown?: boolean | undefined;
 }
 
 /** A stored record with the fields kept beside it in plain text. */

@@ -21,6 +21,7 @@ export function brokerEnv(
     TB_GRPC_ADDRESS: '127.0.0.1:0',
     TB_IDP_TOKEN_ENDPOINT: oidc.tokenEndpoint,
     TB_IDP_REVOCATION_ENDPOINT: oidc.revocationEndpoint,
+    TB_IDP_INTROSPECTION_ENDPOINT: oidc.introspectionEndpoint,
     TB_IDP_CLIENT_ID: oidc.clients.basic.clientId,
     TB_IDP_CLIENT_SECRET: oidc.clients.basic.clientSecret,
     TB_IDP_AUTH_METHOD: 'client_secret_basic',

@@ -128,6 +128,8 @@ export interface OidcProviderHarness {
   readonly port: number;
   readonly tokenEndpoint: string;
   readonly revocationEndpoint: string;
+  /** RFC 7662 introspection (a client may introspect its own tokens). */
+  readonly introspectionEndpoint: string;
   /** The provider's public signing keys (JWKS), for verifying JWT access tokens. */
   readonly jwksUri: string;
   readonly clients: Readonly<Record<ClientKind, ClientCredentials>>;
@@ -220,6 +222,11 @@ export async function startOidcProvider(
     features: {
       devInteractions: { enabled: false },
       revocation: {
+        enabled: true,
+        allowedPolicy: (_ctx, client, token) => token.clientId === client.clientId,
+      },
+      // RFC 7662: a client may ask whether a refresh token it holds is still active.
+      introspection: {
         enabled: true,
         allowedPolicy: (_ctx, client, token) => token.clientId === client.clientId,
       },
@@ -457,6 +464,7 @@ export async function startOidcProvider(
     port,
     tokenEndpoint,
     revocationEndpoint: `${issuer}${REVOCATION_PATH}`,
+    introspectionEndpoint: `${issuer}${TOKEN_PATH}/introspection`,
     jwksUri: `${issuer}/jwks`,
     clients,
     counters,

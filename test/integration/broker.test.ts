@@ -146,3 +146,46 @@ describe('sealing keys', () => {
     }
   });
 });
+
+describe('a refresh whose answer is lost', () => {
+  it.each([
+    ['asks the IdP (introspection) and never presents the consumed token again', true],
+    ['without introspection, presents it again: the IdP sees a reuse', false],
+  ])('%s', async (_title, introspection) => {
+    const idp = await startOidcProvider({ accessTokenTtlSeconds: 30 });
+    const broker = await startInProcessBroker(
+      brokerEnv(idp, freshTopology(), introspection ? {} : { TB_IDP_INTROSPECTION_ENDPOINT: '' }),
+    );
+    const client = new BrokerClient(broker.address);
+    try {
+      const minted = await idp.mintTokens('lost');
+      const enrolled = await client.enroll('diku', 'lost', minted.refresh_token);
+      const watcher = client.watch();
+      watcher.subscribe('diku', 'lost');
+      // The provider rotates, then the connection drops before the answer: the broker cannot
+      // know whether its token was consumed (it was).
+      idp.setFault({ kind: 'drop-response', times: 1 });
+      await client.refresh('diku', 'lost', enrolled.session!.generation).catch(() => undefined);
+      await watcher.until(
+        () =>
+          watcher.latest('diku', 'lost')?.status === SessionStatus.SESSION_STATUS_REAUTH_REQUIRED,
+        10_000,
+        'REAUTH_REQUIRED after the lost answer',
+      );
+      const twice = [...idp.presentations().values()].filter((n) => n > 1).length;
+      if (introspection) {
+        expect(twice).toBe(0);
+        expect(idp.counters.reuses).toBe(0);
+        expect(broker.stats.consumedByLostAttempt).toBe(1);
+      } else {
+        expect(twice).toBe(1);
+        expect(idp.counters.reuses).toBe(1);
+      }
+      watcher.close();
+    } finally {
+      client.close();
+      await broker.stop();
+      await idp.close();
+    }
+  });
+});

@@ -41,58 +41,73 @@ async function cluster(accessTokenTtlSeconds: number, extra: Record<string, stri
 }
 
 describe('replica failure', () => {
-  it('takes over a user whose replica died (-9) during a slow IdP call, never while its lock could be valid', async () => {
-    const lockTtlMs = 4_000;
-    const { oidc, env, start, connect } = await cluster(30, {
-      TB_LOCK_TTL_MS: String(lockTtlMs),
-      TB_IDP_TIMEOUT_MS: '2000',
-      TB_CLAIM_LEASE_MS: '6000',
-    });
-    expect(env.TB_LOCK_TTL_MS).toBe(String(lockTtlMs));
-    const a = await start();
-    const minted = await oidc.mintTokens('alice');
-    const enrolled = await connect(a).enroll(TENANT, 'alice', minted.refresh_token);
-    expect(enrolled.session?.generation).toBe(1);
+  it.each([
+    ['with introspection, it asks the IdP and never presents the orphaned token again', true],
+    ['without introspection, it presents it again only after the lock expired', false],
+  ])(
+    'replica killed (-9) during a slow IdP call: %s',
+    async (_title, introspection) => {
+      const lockTtlMs = 4_000;
+      const { oidc, env, start, connect } = await cluster(30, {
+        TB_LOCK_TTL_MS: String(lockTtlMs),
+        TB_IDP_TIMEOUT_MS: '2000',
+        TB_CLAIM_LEASE_MS: '6000',
+        ...(introspection ? {} : { TB_IDP_INTROSPECTION_ENDPOINT: '' }),
+      });
+      expect(env.TB_LOCK_TTL_MS).toBe(String(lockTtlMs));
+      const a = await start();
+      const minted = await oidc.mintTokens('alice');
+      const enrolled = await connect(a).enroll(TENANT, 'alice', minted.refresh_token);
+      expect(enrolled.session?.generation).toBe(1);
 
-    // The next rotation's IdP call hangs; kill the replica while it holds the lock and waits.
-    oidc.setFault({ kind: 'delay', ms: 1_500 });
-    const arrivedBefore = oidc.tokenRequestsArrived();
-    const generationBefore = enrolled.session!.generation;
-    void connect(a)
-      .refresh(TENANT, 'alice', generationBefore)
-      .catch(() => undefined);
-    await eventually(() => oidc.tokenRequestsArrived() > arrivedBefore, 5_000, 'IdP call');
-    await a.kill();
-    const killedAt = Date.now();
-    oidc.setFault({ kind: 'none' });
+      // The next rotation's IdP call hangs; kill the replica while it holds the lock and waits.
+      oidc.setFault({ kind: 'delay', ms: 1_500 });
+      const arrivedBefore = oidc.tokenRequestsArrived();
+      const generationBefore = enrolled.session!.generation;
+      void connect(a)
+        .refresh(TENANT, 'alice', generationBefore)
+        .catch(() => undefined);
+      await eventually(() => oidc.tokenRequestsArrived() > arrivedBefore, 5_000, 'IdP call');
+      await a.kill();
+      const killedAt = Date.now();
+      oidc.setFault({ kind: 'none' });
 
-    const b = await start();
-    const watcher = connect(b).watch();
-    watcher.subscribe(TENANT, 'alice', generationBefore);
-    // A clean rotation or REAUTH_REQUIRED: never a silent stall.
-    await watcher.until(
-      () => watcher.latest(TENANT, 'alice') !== undefined,
-      20_000,
-      'takeover outcome on the stream',
-    );
-    const outcome = watcher.latest(TENANT, 'alice')!;
-    expect([
-      SessionStatus.SESSION_STATUS_ACTIVE,
-      SessionStatus.SESSION_STATUS_REAUTH_REQUIRED,
-    ]).toContain(outcome.status);
-    expect(outcome.generation).toBeGreaterThan(generationBefore);
-    if (outcome.status === SessionStatus.SESSION_STATUS_ACTIVE)
-      expect(outcome.accessToken.length).toBeGreaterThan(0);
+      const b = await start();
+      const watcher = connect(b).watch();
+      watcher.subscribe(TENANT, 'alice', generationBefore);
+      // A clean rotation or REAUTH_REQUIRED: never a silent stall.
+      await watcher.until(
+        () => watcher.latest(TENANT, 'alice') !== undefined,
+        20_000,
+        'takeover outcome on the stream',
+      );
+      const outcome = watcher.latest(TENANT, 'alice')!;
+      expect([
+        SessionStatus.SESSION_STATUS_ACTIVE,
+        SessionStatus.SESSION_STATUS_REAUTH_REQUIRED,
+      ]).toContain(outcome.status);
+      expect(outcome.generation).toBeGreaterThan(generationBefore);
+      if (outcome.status === SessionStatus.SESSION_STATUS_ACTIVE)
+        expect(outcome.accessToken.length).toBeGreaterThan(0);
 
-    console.log(
-      `takeover outcome: ${SessionStatus[outcome.status]} ${Date.now() - killedAt} ms after the kill`,
-    );
-    const times = [...oidc.presentationTimes().values()].filter((t) => t.length > 1);
-    // The RT the dead replica presented was presented again only after its lock expired.
-    expect(times.length).toBeLessThanOrEqual(1);
-    for (const t of times) expect(t[1]! - t[0]!).toBeGreaterThanOrEqual(lockTtlMs);
-    expect(oidc.presentationTimes().size).toBeGreaterThanOrEqual(2);
-  }, 60_000);
+      console.log(
+        `takeover outcome: ${SessionStatus[outcome.status]} ${Date.now() - killedAt} ms after the kill`,
+      );
+      const times = [...oidc.presentationTimes().values()].filter((t) => t.length > 1);
+      if (introspection) {
+        // Asked first, the broker presents the orphaned token again only if the IdP says it is
+        // unused: no token is ever presented twice, whatever the dead replica's call did.
+        expect(times).toEqual([]);
+        expect(oidc.counters.reuses).toBe(0);
+      } else {
+        // The RT the dead replica presented was presented again only after its lock expired.
+        expect(times.length).toBeLessThanOrEqual(1);
+        for (const t of times) expect(t[1]! - t[0]!).toBeGreaterThanOrEqual(lockTtlMs);
+        expect(oidc.presentationTimes().size).toBeGreaterThanOrEqual(2);
+      }
+    },
+    60_000,
+  );
 
   it('a watcher that moves to another replica sees generations strictly increasing', async () => {
     const { oidc, start, connect } = await cluster(2);
