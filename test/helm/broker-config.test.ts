@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../../broker/config.js';
+import { telemetrySettings } from '../../shared/telemetry/telemetry-settings.js';
 import { find, findAll, HelmCharts, type K8sObject } from './helm-harness.js';
 
 // A well-formed sealing key for Secrets the chart does not render (existingSecret).
@@ -114,5 +115,52 @@ describe('the broker accepts the configuration the chart renders', () => {
     // The schema keeps chart-managed names out of broker.env; this one is the broker's to refuse.
     const env = kubeletEnv(charts.render(charts.broker, ['folio.yaml']), 'folio-bad');
     expect(() => loadConfig({ ...env, TB_IDP_SCOPE: 'openid' })).toThrow(/TB_IDP_SCOPE/);
+  });
+});
+
+describe('telemetry as the chart switches it (the broker reads the same env at --import)', () => {
+  it('off by default: OTEL_SDK_DISABLED=true', () => {
+    const env = kubeletEnv(charts.render(charts.broker, ['minimal.yaml']), 'otel-off');
+    expect(env.OTEL_SDK_DISABLED).toBe('true');
+    expect(telemetrySettings(env)).toMatchObject({ enabled: false, metricExporters: [] });
+  });
+
+  it('metrics only: the Prometheus exporter on 0.0.0.0:9464, no traces', () => {
+    const objects = charts.render(
+      charts.broker,
+      ['minimal.yaml'],
+      ['--set', 'metrics.enabled=true'],
+    );
+    const settings = telemetrySettings(kubeletEnv(objects, 'otel-metrics'));
+    expect(settings).toMatchObject({
+      enabled: true,
+      traceExporters: [],
+      metricExporters: ['prometheus'],
+      prometheus: { host: '0.0.0.0', port: 9464 },
+    });
+    const port = (
+      find(objects, 'Deployment') as unknown as {
+        spec: {
+          template: {
+            spec: { containers: Array<{ ports: Array<{ name: string; containerPort: number }> }> };
+          };
+        };
+      }
+    ).spec.template.spec.containers[0]!.ports.find((p) => p.name === 'metrics');
+    expect(port?.containerPort).toBe(settings.prometheus.port);
+  });
+
+  it('metrics and OTLP traces', () => {
+    const env = kubeletEnv(
+      charts.render(charts.broker, ['minimal.yaml', 'hpa-servicemonitor.yaml']),
+      'otel-on',
+    );
+    expect(telemetrySettings(env)).toMatchObject({
+      enabled: true,
+      traceExporters: ['otlp'],
+      metricExporters: ['prometheus'],
+    });
+    expect(env.OTEL_EXPORTER_OTLP_ENDPOINT).toBe('http://otel-collector.observability.svc:4317');
+    expect(env.OTEL_RESOURCE_ATTRIBUTES).toContain('k8s.pod.name=token-broker-7d9f-abcde');
   });
 });
