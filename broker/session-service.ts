@@ -298,7 +298,18 @@ export class SessionService {
     const record = this.usable(stored.record);
     if (record.accessToken && record.accessExpiresAt > this.clock()) return record;
     const result = await this.rotateOrWait(ref, record.generation);
-    return this.usable(result);
+    return this.withValidToken(this.usable(result));
+  }
+
+  /** An answer with a token must carry a valid one: otherwise say when to ask again. */
+  private withValidToken(record: SessionRecord): SessionRecord {
+    const now = this.clock();
+    if (record.accessToken && record.accessExpiresAt > now) return record;
+    const retryAfterMs = Math.max(500, record.nextRefreshAt - now);
+    throw new UnavailableError(
+      `no valid access token now; a refresh is pending${record.lastErrorCode ? ` (last error ${record.lastErrorCode})` : ''}`,
+      retryAfterMs,
+    );
   }
 
   /** Honours "generation N was rejected" once per generation, cluster-wide. */
@@ -310,10 +321,11 @@ export class SessionService {
     await this.touch(ref);
     if (stored.record.status === 'IDLE') stored = await this.reactivate(stored);
     const record = this.usable(stored.record);
-    if (record.generation !== generation) return record;
+    if (record.generation !== generation) return this.withValidToken(record);
     const age = this.clock() - record.issuedAt;
-    if (record.accessToken && age < this.options.refreshMinIntervalMs) return record;
-    return this.usable(await this.rotateOrWait(ref, generation));
+    if (record.accessToken && age < this.options.refreshMinIntervalMs)
+      return this.withValidToken(record);
+    return this.withValidToken(this.usable(await this.rotateOrWait(ref, generation)));
   }
 
   /** Stops refreshing at once and revokes the refresh token at the IdP when it can. */

@@ -189,3 +189,30 @@ describe('a refresh whose answer is lost', () => {
     }
   });
 });
+
+describe('no valid token to give', () => {
+  it('answers UNAVAILABLE, never an expired or empty token, and recovers with the IdP', async () => {
+    const idp = await startOidcProvider({ accessTokenTtlSeconds: 2 });
+    const broker = await startInProcessBroker(brokerEnv(idp, freshTopology()));
+    const client = new BrokerClient(broker.address);
+    try {
+      await client.enroll('diku', 'dora', (await idp.mintTokens('dora')).refresh_token);
+      await idp.stopListening();
+      await new Promise((r) => setTimeout(r, 2_300));
+      const err = (await client.getToken('diku', 'dora').catch((e: unknown) => e)) as {
+        code?: number;
+        details?: string;
+      };
+      expect(err.code).toBe(grpc.status.UNAVAILABLE);
+      expect(err.details).toMatch(/no valid access token now/);
+      await idp.resumeListening();
+      const { token } = await client.getToken('diku', 'dora');
+      expect(token!.accessToken.length).toBeGreaterThan(0);
+      expect(token!.expiresAt!.getTime()).toBeGreaterThan(Date.now());
+    } finally {
+      client.close();
+      await broker.stop();
+      await idp.close();
+    }
+  });
+});
