@@ -1,6 +1,7 @@
 import { pino } from 'pino';
 import { traceLogFields } from '../shared/telemetry/log-mixin.js';
-import { shutdownTelemetry, telemetryStatus } from '../shared/telemetry/telemetry-runtime.js';
+import { stopOnSignals } from '../shared/stop-on-signals.js';
+import { telemetryStatus } from '../shared/telemetry/telemetry-runtime.js';
 import { startBroker } from './broker-app.js';
 import { loadConfig } from './config.js';
 import { ConfigError } from './errors.js';
@@ -21,23 +22,7 @@ try {
     );
   else log.info({ telemetry: status.telemetry, reason: status.reason }, 'telemetry');
   const broker = await startBroker(config, log);
-  let signals = 0;
-  const onSignal = (signal: NodeJS.Signals) => {
-    if (++signals > 1) process.exit(1);
-    log.info({ signal }, 'shutting down');
-    broker
-      .stop()
-      .then(() => shutdownTelemetry())
-      .then(
-        () => process.exit(0),
-        (err: unknown) => {
-          log.error({ err: String(err) }, 'shutdown failed');
-          process.exit(1);
-        },
-      );
-  };
-  process.on('SIGTERM', onSignal);
-  process.on('SIGINT', onSignal);
+  stopOnSignals(() => broker.stop(), log);
 } catch (err) {
   if (err instanceof ConfigError) {
     log.fatal({ setting: err.setting }, `configuration error: ${err.message}`);

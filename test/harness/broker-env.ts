@@ -8,6 +8,24 @@ export function sealingKeys(): string {
   return `k1:${randomBytes(32).toString('base64')}`;
 }
 
+/** Timings scaled for access tokens that live a few seconds (every test broker uses them). */
+export const TEST_TIMINGS: Readonly<Record<string, string>> = {
+  TB_IDP_TIMEOUT_MS: '2000',
+  TB_LOCK_TTL_MS: '4000',
+  TB_LOCK_EXTEND_BEFORE_MS: '1000',
+  TB_LOCK_MARGIN_MS: '500',
+  TB_LOCK_RETRY_COUNT: '20',
+  TB_LOCK_RETRY_DELAY_MS: '50',
+  TB_REFRESH_MIN_LEAD_MS: '500',
+  TB_RETRY_BASE_MS: '200',
+  TB_RETRY_MAX_MS: '2000',
+  TB_CLAIM_POLL_MS: '50',
+  TB_CLAIM_LEASE_MS: '6000',
+  TB_REFRESH_MIN_INTERVAL_MS: '0',
+  TB_SHUTDOWN_GRACE_MS: '2000',
+  TB_LOG_LEVEL: 'warn',
+};
+
 /**
  * Environment for a broker that refreshes against `oidc`, with timings scaled for short-lived
  * test tokens. `redis` is `{ state, locks }`; omitted means embedded mode.
@@ -25,29 +43,25 @@ export function brokerEnv(
     TB_IDP_CLIENT_ID: oidc.clients.basic.clientId,
     TB_IDP_CLIENT_SECRET: oidc.clients.basic.clientSecret,
     TB_IDP_AUTH_METHOD: 'client_secret_basic',
-    TB_IDP_TIMEOUT_MS: '2000',
-    TB_LOCK_TTL_MS: '4000',
-    TB_LOCK_EXTEND_BEFORE_MS: '1000',
-    TB_LOCK_MARGIN_MS: '500',
-    TB_LOCK_RETRY_COUNT: '20',
-    TB_LOCK_RETRY_DELAY_MS: '50',
-    TB_REFRESH_MIN_LEAD_MS: '500',
-    TB_RETRY_BASE_MS: '200',
-    TB_RETRY_MAX_MS: '2000',
-    TB_CLAIM_POLL_MS: '50',
-    TB_CLAIM_LEASE_MS: '6000',
-    TB_REFRESH_MIN_INTERVAL_MS: '0',
-    TB_SHUTDOWN_GRACE_MS: '2000',
-    TB_LOG_LEVEL: 'warn',
+    ...TEST_TIMINGS,
     ...extra,
   };
-  if (redis) {
-    env.TB_REDIS_URL = redis.state;
-    env.TB_REDLOCK_URLS = redis.locks.join(',');
-    env.TB_SEALING_KEYS = redis.keys;
-    env.TB_KEY_PREFIX = redis.prefix;
-  }
-  return env;
+  return withRedis(env, redis);
+}
+
+/** Adds a Redis topology to a broker environment; without one the broker runs embedded. */
+export function withRedis(
+  env: Record<string, string>,
+  redis?: { state: string; locks: readonly string[]; keys: string; prefix: string },
+): Record<string, string> {
+  if (!redis) return env;
+  return {
+    ...env,
+    TB_REDIS_URL: redis.state,
+    TB_REDLOCK_URLS: redis.locks.join(','),
+    TB_SEALING_KEYS: redis.keys,
+    TB_KEY_PREFIX: redis.prefix,
+  };
 }
 
 /** A broker in this process (real gRPC on port 0). */

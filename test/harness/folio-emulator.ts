@@ -39,6 +39,7 @@ import { createHmac, randomBytes, randomUUID, timingSafeEqual } from 'node:crypt
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { TEST_TIMINGS, withRedis } from './broker-env.js';
 
 export const PROTECTED_PATH = '/data-import/records';
 
@@ -56,29 +57,10 @@ export function folioBrokerEnv(
     TB_IDP_NAME: 'folio',
     TB_IDP_TYPE: 'folio',
     TB_IDP_FOLIO_URL: folio.url,
-    TB_IDP_TIMEOUT_MS: '2000',
-    TB_LOCK_TTL_MS: '4000',
-    TB_LOCK_EXTEND_BEFORE_MS: '1000',
-    TB_LOCK_MARGIN_MS: '500',
-    TB_LOCK_RETRY_COUNT: '20',
-    TB_LOCK_RETRY_DELAY_MS: '50',
-    TB_REFRESH_MIN_LEAD_MS: '500',
-    TB_RETRY_BASE_MS: '200',
-    TB_RETRY_MAX_MS: '2000',
-    TB_CLAIM_POLL_MS: '50',
-    TB_CLAIM_LEASE_MS: '6000',
-    TB_REFRESH_MIN_INTERVAL_MS: '0',
-    TB_SHUTDOWN_GRACE_MS: '2000',
-    TB_LOG_LEVEL: 'warn',
+    ...TEST_TIMINGS,
     ...extra,
   };
-  if (redis) {
-    env.TB_REDIS_URL = redis.state;
-    env.TB_REDLOCK_URLS = redis.locks.join(',');
-    env.TB_SEALING_KEYS = redis.keys;
-    env.TB_KEY_PREFIX = redis.prefix;
-  }
-  return env;
+  return withRedis(env, redis);
 }
 
 export interface FolioEmulatorOptions {

@@ -118,8 +118,8 @@ describe('telemetry of real processes', () => {
     // A rotation is counted when it ends, just after its watchers got the new state.
     const rotations = async (outcome: string) =>
       sampleValue(await scrape(brokerMetricsPort), 'tb_broker_rotations_total', { outcome }) ?? 0;
-    await eventually(async () => (await rotations('rotated')) >= 3, 5_000, 'rotations counted');
-    await eventually(async () => (await rotations('reauth-required')) === 1, 5_000, 'reauth');
+    await eventually(async () => (await rotations('rotated')) >= 3, 15_000, 'rotations counted');
+    await eventually(async () => (await rotations('reauth-required')) === 1, 15_000, 'reauth');
     const text = await scrape(brokerMetricsPort);
     const value = (name: string, labels: Record<string, string> = {}) =>
       sampleValue(text, name, labels);
@@ -183,7 +183,7 @@ describe('telemetry of real processes', () => {
             s.attributes['tb.generation.to'] === 2 &&
             s.attributes['tb.demand'] === 'due',
         );
-    await eventually(() => rotation() !== undefined, 5_000, "alice's due rotation span");
+    await eventually(() => rotation() !== undefined, 15_000, "alice's due rotation span");
     const rotate = rotation()!;
     const deliveries = () =>
       receiver
@@ -195,7 +195,7 @@ describe('telemetry of real processes', () => {
             s.traceId === rotate.traceId &&
             s.attributes['tb.outcome'] === 'applied',
         );
-    await eventually(() => deliveries().length === 2, 5_000, 'deliveries to both sidecars');
+    await eventually(() => deliveries().length === 2, 15_000, 'deliveries to both sidecars');
     expect(new Set(deliveries().map((s) => s.service))).toEqual(
       new Set(['token-broker-sidecar-0', 'token-broker-sidecar-1']),
     );
@@ -222,7 +222,7 @@ describe('telemetry of real processes', () => {
         .spans()
         .filter((s) => s.name === 'sidecar.deliver' && s.parentSpanId === reauth?.spanId);
     };
-    await eventually(() => reauthDeliveries().length === 2, 5_000, 'REAUTH deliveries');
+    await eventually(() => reauthDeliveries().length === 2, 15_000, 'REAUTH deliveries');
     // grpc-js is instrumented in the sidecar too: a Watch call's span ends with its stream, here
     // when a sidecar stops (it flushes its spans on the way out), and is the parent of the
     // broker's span of that call.
@@ -242,7 +242,7 @@ describe('telemetry of real processes', () => {
             s.parentSpanId === client.spanId,
         );
     };
-    await eventually(() => watchPair() !== undefined, 5_000, 'the Watch call on both sides');
+    await eventually(() => watchPair() !== undefined, 15_000, 'the Watch call on both sides');
   });
 
   it('exports no token value', () => {
