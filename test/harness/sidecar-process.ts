@@ -9,14 +9,8 @@
  * TB_SIDECAR_PORT defaults to 0 here; the harness learns the port from the 'sidecar serving' log
  * line. Children still alive when the test process exits are killed with SIGKILL.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { request } from 'node:http';
-import { fileURLToPath } from 'node:url';
-import { NODE_ARGS } from './broker-process.js';
-
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
-const live = new Set<ChildProcess>();
-process.on('exit', () => live.forEach((c) => c.kill('SIGKILL')));
+import { spawnNodeProcess, waitForLog } from './node-process.js';
 
 export const TOKEN_HEADER = { 'x-token-broker': 'true' } as const;
 
@@ -47,58 +41,39 @@ export interface SidecarProcess {
 }
 
 /** Spawns a sidecar; resolves once it serves. Rejects if it exits first (see `runSidecarToExit`). */
-export function startSidecarProcess(env: Record<string, string>): Promise<SidecarProcess> {
-  const { child, exited, logs, output, onLog } = spawnSidecar(env);
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      child.kill('SIGKILL');
-      reject(new Error(`sidecar did not start in 20 s; output: ${output().slice(-2000)}`));
-    }, 20_000);
-    onLog((entry) => {
-      if (entry.msg !== 'sidecar serving') return;
-      clearTimeout(timer);
-      const port = typeof entry.port === 'number' ? entry.port : undefined;
-      const url = port === undefined ? 'http://localhost' : `http://127.0.0.1:${port}`;
-      const get = (path: string, headers: Record<string, string> = {}) =>
-        port === undefined
-          ? socketGet(String(entry.socket), path, headers)
-          : fetch(`${url}${path}`, { headers });
-      resolve({
-        port,
-        url,
-        pid: child.pid!,
-        logs,
-        output,
-        exited,
-        get,
-        token: (tenant, user, query = {}) => {
-          const params = new URLSearchParams();
-          if (query.wait !== undefined) params.set('wait', String(query.wait));
-          if (query.minGeneration !== undefined)
-            params.set('min_generation', String(query.minGeneration));
-          const qs = params.size > 0 ? `?${params.toString()}` : '';
-          const headers: Record<string, string> = { ...TOKEN_HEADER };
-          if (query.accept) headers.accept = query.accept;
-          return get(
-            `/v1/tokens/${encodeURIComponent(tenant)}/${encodeURIComponent(user)}${qs}`,
-            headers,
-          );
-        },
-        stop: () => {
-          child.kill('SIGTERM');
-          return exited;
-        },
-        kill: async () => {
-          child.kill('SIGKILL');
-          await exited;
-        },
-      });
-    });
-    void exited.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`sidecar exited with ${code} before serving: ${output().slice(-2000)}`));
-    });
-  });
+export async function startSidecarProcess(env: Record<string, string>): Promise<SidecarProcess> {
+  const proc = spawnSidecar(env);
+  const serving = await waitForLog(proc, 'sidecar', (entry) => entry.msg === 'sidecar serving');
+  const port = typeof serving.port === 'number' ? serving.port : undefined;
+  const url = port === undefined ? 'http://localhost' : `http://127.0.0.1:${port}`;
+  const get = (path: string, headers: Record<string, string> = {}) =>
+    port === undefined
+      ? socketGet(String(serving.socket), path, headers)
+      : fetch(`${url}${path}`, { headers });
+  return {
+    port,
+    url,
+    pid: proc.child.pid!,
+    logs: proc.logs,
+    output: proc.output,
+    exited: proc.exited,
+    get,
+    token: (tenant, user, query = {}) => {
+      const params = new URLSearchParams();
+      if (query.wait !== undefined) params.set('wait', String(query.wait));
+      if (query.minGeneration !== undefined)
+        params.set('min_generation', String(query.minGeneration));
+      const qs = params.size > 0 ? `?${params.toString()}` : '';
+      const headers: Record<string, string> = { ...TOKEN_HEADER };
+      if (query.accept) headers.accept = query.accept;
+      return get(
+        `/v1/tokens/${encodeURIComponent(tenant)}/${encodeURIComponent(user)}${qs}`,
+        headers,
+      );
+    },
+    stop: proc.stop,
+    kill: proc.kill,
+  };
 }
 
 /** Runs a sidecar that is expected to stop by itself (a configuration error). */
@@ -113,53 +88,11 @@ export async function runSidecarToExit(
 }
 
 function spawnSidecar(env: Record<string, string>) {
-  const child = spawn(process.execPath, [...NODE_ARGS, 'sidecar/main.ts'], {
-    cwd: ROOT,
-    env: {
-      PATH: process.env.PATH ?? '',
-      TB_SIDECAR_PORT: '0',
-      TB_SIDECAR_LOG_LEVEL: 'info',
-      ...env,
-    },
-    stdio: ['ignore', 'pipe', 'pipe'],
+  return spawnNodeProcess('sidecar/main.ts', {
+    TB_SIDECAR_PORT: '0',
+    TB_SIDECAR_LOG_LEVEL: 'info',
+    ...env,
   });
-  live.add(child);
-  const logs: Record<string, unknown>[] = [];
-  const listeners: ((entry: Record<string, unknown>) => void)[] = [];
-  let text = '';
-  let buffer = '';
-  child.stderr.on('data', (chunk: Buffer) => (text += chunk.toString()));
-  child.stdout.on('data', (chunk: Buffer) => {
-    const s = chunk.toString();
-    text += s;
-    buffer += s;
-    let newline;
-    while ((newline = buffer.indexOf('\n')) >= 0) {
-      const line = buffer.slice(0, newline);
-      buffer = buffer.slice(newline + 1);
-      let entry: Record<string, unknown>;
-      try {
-        entry = JSON.parse(line) as Record<string, unknown>;
-      } catch {
-        continue;
-      }
-      logs.push(entry);
-      listeners.forEach((l) => l(entry));
-    }
-  });
-  const exited = new Promise<number | null>((resolve) =>
-    child.on('exit', (code) => {
-      live.delete(child);
-      resolve(code);
-    }),
-  );
-  return {
-    child,
-    exited,
-    logs,
-    output: () => text,
-    onLog: (l: (entry: Record<string, unknown>) => void) => listeners.push(l),
-  };
 }
 
 /** A GET over a Unix socket, answered as a fetch Response. */
