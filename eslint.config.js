@@ -3,7 +3,7 @@ import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
   {
-    ignores: ['shared/gen/**', 'node_modules/**', '.tools/**', '.tmp/**', 'coverage/**', 'dist/**'],
+    ignores: ['gen/**', 'node_modules/**', '.tools/**', '.tmp/**', 'coverage/**', 'dist/**'],
   },
   ...tseslint.configs.recommendedTypeChecked,
   {

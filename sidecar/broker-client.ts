@@ -3,7 +3,7 @@ import {
   TokenBrokerServiceClient,
   type RefreshRequest,
   type RefreshResponse,
-} from '../shared/gen/tokenbroker/v1/token_broker.js';
+} from '../gen/tokenbroker/v1/token_broker.js';
 import type { BrokerApi } from './broker-link.js';
 
 export interface BrokerClientOptions {

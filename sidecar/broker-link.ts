@@ -11,7 +11,7 @@ import {
   type TokenEvent,
   type WatchRequest,
   type WatchResponse,
-} from '../shared/gen/tokenbroker/v1/token_broker.js';
+} from '../gen/tokenbroker/v1/token_broker.js';
 import type { SidecarMetrics } from './metrics.js';
 import { reconnectDelayMs } from './reconnect-backoff.js';
 import type {

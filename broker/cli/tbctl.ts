@@ -15,7 +15,7 @@ import {
   type RevokeResponse,
   type Session,
   type WatchResponse,
-} from '../../shared/gen/tokenbroker/v1/token_broker.js';
+} from '../../gen/tokenbroker/v1/token_broker.js';
 
 const USAGE = `tbctl: operate a token-broker over gRPC
 

@@ -1,6 +1,5 @@
-import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
-import { loadSync } from '@grpc/proto-loader';
+import { loadFileDescriptorSetFromBuffer } from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
 import type { Logger } from 'pino';
@@ -13,7 +12,8 @@ import {
   type TokenEvent,
   type WatchRequest,
   type WatchResponse,
-} from '../../shared/gen/tokenbroker/v1/token_broker.js';
+} from '../../gen/tokenbroker/v1/token_broker.js';
+import { FILE_DESCRIPTOR_SET_BASE64 } from '../../gen/tokenbroker/v1/descriptor-set.js';
 import { BrokerError, InvalidArgumentError } from '../errors.js';
 import { LockUnavailableError } from '../lock/lock-service.js';
 import { validateRef, type EnrollCredential, type SessionService } from '../session-service.js';
@@ -22,9 +22,6 @@ import type { SessionMetadata, SessionRecord, SessionStatusName } from '../store
 import type { WatchHub, WatchSink } from '../watch-hub.js';
 
 const SERVICE_NAME = 'tokenbroker.v1.TokenBrokerService';
-const PROTO_FILE = fileURLToPath(
-  new URL('../../proto/tokenbroker/v1/token_broker.proto', import.meta.url),
-);
 
 const STATUS: Record<SessionStatusName, SessionStatus> = {
   ACTIVE: SessionStatus.SESSION_STATUS_ACTIVE,
@@ -143,7 +140,10 @@ export class BrokerGrpcServer {
   constructor(private readonly deps: GrpcServerDeps) {
     this.server.addService(TokenBrokerServiceService, this.implementation());
     this.health.addToServer(this.server);
-    const definition = loadSync(PROTO_FILE, { keepCase: false, longs: Number, defaults: true });
+    const definition = loadFileDescriptorSetFromBuffer(
+      Buffer.from(FILE_DESCRIPTOR_SET_BASE64, 'base64'),
+      { keepCase: false, longs: Number, defaults: true },
+    );
     new ReflectionService(definition).addToServer(this.server);
   }
 

@@ -10,7 +10,7 @@ import {
   type WatchError,
   type WatchRequest,
   type WatchResponse,
-} from '../../shared/gen/tokenbroker/v1/token_broker.js';
+} from '../../gen/tokenbroker/v1/token_broker.js';
 
 type Unary<Req, Res> = (
   req: Req,

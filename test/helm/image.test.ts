@@ -1,8 +1,8 @@
 /**
  * The images, without a Docker engine: deploy/docker/Dockerfile is read for what it promises
  * (Node.js 22, non-root, production modules, the two entry points), and its build is replayed here:
- * tsc -p tsconfig.build.json into a temporary dist/, proto/ copied beside it, then the broker and
- * the sidecar run from that layout, and the sidecar answers the chart's exec probes.
+ * tsc -p tsconfig.build.json into a temporary dist/ (no .proto file: reflection is built from the
+ * generated descriptor set), then the broker and the sidecar run from that layout, and the sidecar answers the chart's exec probes.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import {
@@ -69,9 +69,7 @@ describe('deploy/docker/Dockerfile', () => {
     expect(dockerfile).toMatch(/^ARG NODE_IMAGE=node:22-[a-z]+-slim$/m);
     const all = stages();
     expect([...all.keys()]).toEqual(['build', 'modules', 'runtime', 'sidecar', 'broker']);
-    expect(all.get('build')!.lines).toContain(
-      'RUN npx tsc -p tsconfig.build.json && cp -r proto dist/proto',
-    );
+    expect(all.get('build')!.lines).toContain('RUN npx tsc -p tsconfig.build.json');
     expect(all.get('modules')!.lines.join('\n')).toMatch(/npm ci --omit=dev/);
     const runtime = all.get('runtime')!.lines;
     expect(runtime).toContain('USER 1000:1000');
@@ -91,13 +89,13 @@ describe('deploy/docker/Dockerfile', () => {
       .filter((l) => l.startsWith('COPY ') && !l.includes('--from='))
       .flatMap((l) => l.split(/\s+/).slice(1, -1));
     expect(sources).toEqual(
-      expect.arrayContaining(['package.json', 'broker', 'sidecar', 'shared', 'proto']),
+      expect.arrayContaining(['package.json', 'broker', 'sidecar', 'shared', 'gen']),
     );
     for (const source of sources) {
       expect(existsSync(join(REPO, source)), source).toBe(true);
       expect(inBuildContext(source), source).toBe(true);
     }
-    for (const left of ['node_modules', '.git', '.tools', 'test', 'deploy', 'dist'])
+    for (const left of ['node_modules', '.git', '.tools', 'test', 'deploy', 'dist', 'proto'])
       expect(inBuildContext(left), left).toBe(false);
   });
 });
@@ -119,7 +117,6 @@ describe('the image layout, replayed', () => {
       ],
       { cwd: REPO, stdio: 'pipe' },
     );
-    cpSync(join(REPO, 'proto'), join(app, 'dist', 'proto'), { recursive: true });
     cpSync(join(REPO, 'package.json'), join(app, 'package.json'));
     symlinkSync(join(REPO, 'node_modules'), join(app, 'node_modules'));
   }, 120_000);
@@ -133,9 +130,10 @@ describe('the image layout, replayed', () => {
     for (const stage of ['broker', 'sidecar'])
       for (const file of entrypoint(stage).filter((a) => a.endsWith('.js')))
         expect(existsSync(join(app, file)), `${stage}: ${file}`).toBe(true);
-    expect(existsSync(join(app, 'dist', 'proto', 'tokenbroker', 'v1', 'token_broker.proto'))).toBe(
+    expect(existsSync(join(app, 'dist', 'gen', 'tokenbroker', 'v1', 'descriptor-set.js'))).toBe(
       true,
     );
+    expect(existsSync(join(app, 'dist', 'proto'))).toBe(false);
   });
 
   it('imports no package outside package.json dependencies (the image has no devDependencies)', () => {

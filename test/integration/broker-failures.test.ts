@@ -17,7 +17,7 @@ import { KeySpace } from '../../broker/store/keys.js';
 import { MemorySessionStore } from '../../broker/store/memory-session-store.js';
 import type { SessionRecord } from '../../broker/store/session-record.js';
 import { WatchHub } from '../../broker/watch-hub.js';
-import { SessionStatus, type TokenEvent } from '../../shared/gen/tokenbroker/v1/token_broker.js';
+import { SessionStatus, type TokenEvent } from '../../gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient, eventually } from '../harness/broker-client.js';
 import { brokerEnv, redisTopology } from '../harness/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';

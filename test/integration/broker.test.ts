@@ -3,7 +3,7 @@ import * as grpc from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 import { service as healthService } from 'grpc-health-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SessionStatus } from '../../shared/gen/tokenbroker/v1/token_broker.js';
+import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient } from '../harness/broker-client.js';
 import { brokerEnv, redisTopology, startInProcessBroker } from '../harness/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';

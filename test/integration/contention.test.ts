@@ -1,6 +1,6 @@
 import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import { afterEach, describe, expect, it } from 'vitest';
-import { SessionStatus } from '../../shared/gen/tokenbroker/v1/token_broker.js';
+import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient, type Watcher } from '../harness/broker-client.js';
 import { brokerEnv, redisTopology } from '../harness/broker-env.js';
 import { startBrokerProcess, type BrokerProcess } from '../harness/broker-process.js';

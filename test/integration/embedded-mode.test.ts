@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { SessionStatus } from '../../shared/gen/tokenbroker/v1/token_broker.js';
+import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient } from '../harness/broker-client.js';
 import { brokerEnv, startInProcessBroker } from '../harness/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';

@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest';
-import { SessionStatus } from '../../shared/gen/tokenbroker/v1/token_broker.js';
+import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient, eventually } from '../harness/broker-client.js';
 import { brokerEnv, redisTopology } from '../harness/broker-env.js';
 import { startBrokerProcess, type BrokerProcess } from '../harness/broker-process.js';

@@ -17,7 +17,7 @@ import {
   SessionStatus,
   type EnrollRequest,
   type EnrollResponse,
-} from '../../shared/gen/tokenbroker/v1/token_broker.js';
+} from '../../gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient, eventually } from '../harness/broker-client.js';
 import { redisTopology, startInProcessBroker } from '../harness/broker-env.js';
 import {

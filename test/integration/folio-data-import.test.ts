@@ -13,7 +13,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { SessionStatus } from '../../shared/gen/tokenbroker/v1/token_broker.js';
+import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient, eventually } from '../harness/broker-client.js';
 import { redisTopology } from '../harness/broker-env.js';
 import { startBrokerProcess, type BrokerProcess } from '../harness/broker-process.js';

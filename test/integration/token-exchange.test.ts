@@ -11,7 +11,7 @@ import {
   SessionStatus,
   type EnrollRequest,
   type EnrollResponse,
-} from '../../shared/gen/tokenbroker/v1/token_broker.js';
+} from '../../gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient } from '../harness/broker-client.js';
 import { brokerEnv, redisTopology, startInProcessBroker } from '../harness/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
