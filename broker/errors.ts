@@ -1,9 +1,28 @@
 /**
- * The broker's one error hierarchy. Every class has a stable `code`; `message` is safe to show a
- * client, while `detail` is for logs only. Neither ever contains a token value.
+ * The broker's one error hierarchy. Every class has a stable `code` from BrokerErrorCode; `message`
+ * is safe to show a client, while `detail` is for logs only. Neither ever contains a token value.
+ * The gRPC edge maps every code to a status (grpc-server.ts): a code added here without a status
+ * there fails to compile.
  */
+export type BrokerErrorCode =
+  | 'CONFIG_INVALID'
+  | 'INVALID_ARGUMENT'
+  | 'SESSION_NOT_FOUND'
+  | 'REAUTH_REQUIRED'
+  | 'SESSION_INACTIVE'
+  | 'UNAVAILABLE'
+  | 'SHUTTING_DOWN'
+  | 'SEAL_INVALID'
+  | 'LOCK_UNAVAILABLE'
+  | 'IDP_INVALID_GRANT'
+  | 'IDP_LOGIN_REJECTED'
+  | 'IDP_INVALID_CLIENT'
+  | 'IDP_UNAVAILABLE'
+  | 'IDP_PROTOCOL_ERROR'
+  | 'LOGIN_SECRET_UNREADABLE';
+
 export abstract class BrokerError extends Error {
-  abstract readonly code: string;
+  abstract readonly code: BrokerErrorCode;
   /** Internal detail for logs; never sent to a client. */
   readonly detail: string | undefined;
 
@@ -12,6 +31,11 @@ export abstract class BrokerError extends Error {
     this.name = new.target.name;
     this.detail = options?.detail;
   }
+}
+
+/** The stable code of any thrown value: a BrokerError's own, else INTERNAL. */
+export function errorCode(err: unknown): BrokerErrorCode | 'INTERNAL' {
+  return err instanceof BrokerError ? err.code : 'INTERNAL';
 }
 
 /** A configuration setting is missing or invalid; `setting` names it exactly. */
@@ -24,6 +48,8 @@ export class ConfigError extends BrokerError {
     super(`${setting} ${problem}`);
   }
 }
+
+// --- requests ---
 
 /** A request field is missing or malformed; `field` names it. */
 export class InvalidArgumentError extends BrokerError {
@@ -65,12 +91,63 @@ export class UnavailableError extends BrokerError {
   }
 }
 
+/** The broker is shutting down and takes no new work. */
+export class ShuttingDownError extends BrokerError {
+  readonly code = 'SHUTTING_DOWN';
+}
+
+// --- state and locks ---
+
 /** A sealed record could not be opened: unknown key id or tampered data. */
 export class SealError extends BrokerError {
   readonly code = 'SEAL_INVALID';
 }
 
-/** The broker is shutting down and takes no new work. */
-export class ShuttingDownError extends BrokerError {
-  readonly code = 'SHUTTING_DOWN';
+/** Someone else holds the lock, or too few lock nodes answered for a quorum. */
+export class LockUnavailableError extends BrokerError {
+  readonly code = 'LOCK_UNAVAILABLE';
+}
+
+// --- identity providers (adapters classify every failure into one of these) ---
+
+/** The refresh token is dead (invalid_grant): terminal, the session needs a new enrollment. */
+export class IdpInvalidGrantError extends BrokerError {
+  readonly code = 'IDP_INVALID_GRANT';
+}
+
+/** The IdP refused a system user's login (wrong password, unknown or blocked user): terminal. */
+export class IdpLoginRejectedError extends BrokerError {
+  readonly code = 'IDP_LOGIN_REJECTED';
+}
+
+/** The IdP rejected the broker's client credentials: a configuration error, loud and alerting. */
+export class IdpInvalidClientError extends BrokerError {
+  readonly code = 'IDP_INVALID_CLIENT';
+}
+
+/**
+ * A failure worth retrying: 5xx, 429, timeout, connection error. `retryAfterMs` carries the IdP's
+ * Retry-After when it sent one. `presented` is false only when the request surely never reached
+ * the IdP (connection refused), so the refresh token was certainly not consumed.
+ */
+export class IdpTransientError extends BrokerError {
+  readonly code = 'IDP_UNAVAILABLE';
+  constructor(
+    message: string,
+    readonly retryAfterMs: number | undefined,
+    readonly presented: boolean,
+    options?: { detail?: string; cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+/** The IdP answered with something that is not a valid token response. */
+export class IdpProtocolError extends BrokerError {
+  readonly code = 'IDP_PROTOCOL_ERROR';
+}
+
+/** A system user's password file could not be read; retried, since a mount may come back. */
+export class LoginSecretError extends BrokerError {
+  readonly code = 'LOGIN_SECRET_UNREADABLE';
 }

@@ -2,22 +2,20 @@ import type { Logger } from 'pino';
 import { currentTraceparent } from '../shared/telemetry/trace-context.js';
 import {
   BrokerError,
+  IdpInvalidClientError,
+  IdpInvalidGrantError,
+  IdpTransientError,
   InvalidArgumentError,
+  LockUnavailableError,
   ReauthRequiredError,
   SessionInactiveError,
   SessionNotFoundError,
   ShuttingDownError,
   UnavailableError,
 } from './errors.js';
-import {
-  IdpInvalidClientError,
-  IdpInvalidGrantError,
-  IdpTransientError,
-  type IdpAdapter,
-  type TokenSet,
-} from './idp/idp-adapter.js';
+import { type IdpAdapter, type TokenSet } from './idp/idp-adapter.js';
 import type { LoginSecrets } from './idp/login-secrets.js';
-import { LockUnavailableError, type LockService } from './lock/lock-service.js';
+import { type LockService } from './lock/lock-service.js';
 import type { Rotator, RotationResult } from './rotation/rotator.js';
 import { KeySpace } from './store/keys.js';
 import {

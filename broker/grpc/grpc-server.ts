@@ -14,8 +14,7 @@ import {
   type WatchResponse,
 } from '../../gen/tokenbroker/v1/token_broker.js';
 import { FILE_DESCRIPTOR_SET_BASE64 } from '../../gen/tokenbroker/v1/descriptor-set.js';
-import { BrokerError, InvalidArgumentError } from '../errors.js';
-import { LockUnavailableError } from '../lock/lock-service.js';
+import { BrokerError, errorCode, InvalidArgumentError, type BrokerErrorCode } from '../errors.js';
 import { validateRef, type EnrollCredential, type SessionService } from '../session-service.js';
 import { KeySpace } from '../store/keys.js';
 import type { SessionMetadata, SessionRecord, SessionStatusName } from '../store/session-record.js';
@@ -30,7 +29,11 @@ const STATUS: Record<SessionStatusName, SessionStatus> = {
   IDLE: SessionStatus.SESSION_STATUS_IDLE,
 };
 
-const GRPC_CODE: Record<string, grpc.status> = {
+/**
+ * The status of every broker error code; codes mapped to INTERNAL are logged and reach the client
+ * only as "internal error". A new code without an entry here fails to compile.
+ */
+const GRPC_CODE: Record<BrokerErrorCode, grpc.status> = {
   INVALID_ARGUMENT: grpc.status.INVALID_ARGUMENT,
   CONFIG_INVALID: grpc.status.INVALID_ARGUMENT,
   SESSION_NOT_FOUND: grpc.status.NOT_FOUND,
@@ -39,6 +42,14 @@ const GRPC_CODE: Record<string, grpc.status> = {
   UNAVAILABLE: grpc.status.UNAVAILABLE,
   LOCK_UNAVAILABLE: grpc.status.UNAVAILABLE,
   SHUTTING_DOWN: grpc.status.UNAVAILABLE,
+  // The session service turns IdP failures into the codes above; one that escapes is a bug.
+  IDP_INVALID_GRANT: grpc.status.INTERNAL,
+  IDP_LOGIN_REJECTED: grpc.status.INTERNAL,
+  IDP_INVALID_CLIENT: grpc.status.INTERNAL,
+  IDP_UNAVAILABLE: grpc.status.INTERNAL,
+  IDP_PROTOCOL_ERROR: grpc.status.INTERNAL,
+  LOGIN_SECRET_UNREADABLE: grpc.status.INTERNAL,
+  SEAL_INVALID: grpc.status.INTERNAL,
 };
 
 function toDate(ms: number): Date | undefined {
@@ -185,32 +196,24 @@ export class BrokerGrpcServer {
 
   private fail(err: unknown): grpc.ServiceError {
     const metadata = new grpc.Metadata();
-    if (err instanceof BrokerError) {
+    const code = err instanceof BrokerError ? GRPC_CODE[err.code] : grpc.status.INTERNAL;
+    if (err instanceof BrokerError && code !== grpc.status.INTERNAL) {
       metadata.set('tb-error-code', err.code);
-      const code = GRPC_CODE[err.code];
-      if (code !== undefined) {
-        const error = Object.assign(new Error(err.message), {
-          code,
-          details: err.message,
-          metadata,
-        });
-        return error;
-      }
+      return Object.assign(new Error(err.message), { code, details: err.message, metadata });
     }
     this.deps.log.error(
       {
         err: err instanceof Error ? err.message : String(err),
-        detail: (err as BrokerError).detail,
+        detail: err instanceof BrokerError ? err.detail : undefined,
       },
       'internal error',
     );
     metadata.set('tb-error-code', 'INTERNAL');
-    const internal: grpc.ServiceError = Object.assign(new Error('internal error'), {
+    return Object.assign(new Error('internal error'), {
       code: grpc.status.INTERNAL,
       details: 'internal error',
       metadata,
     });
-    return internal;
   }
 
   private unary<Req, Res>(handler: (request: Req) => Promise<Res>): grpc.handleUnaryCall<Req, Res> {
@@ -336,12 +339,7 @@ function enrollCredential(req: EnrollRequest): EnrollCredential | undefined {
 }
 
 function watchError(ref: { tenant: string; user: string }, err: unknown): WatchResponse {
-  const code =
-    err instanceof BrokerError
-      ? err.code
-      : err instanceof LockUnavailableError
-        ? 'UNAVAILABLE'
-        : 'INTERNAL';
+  const code = errorCode(err);
   const message = err instanceof BrokerError ? err.message : 'internal error';
   return {
     event: { $case: 'error', value: { tenant: ref.tenant, user: ref.user, code, message } },

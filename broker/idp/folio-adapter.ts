@@ -1,9 +1,11 @@
-import { ConfigError } from '../errors.js';
 import {
+  ConfigError,
   IdpInvalidGrantError,
   IdpLoginRejectedError,
   IdpProtocolError,
   IdpTransientError,
+} from '../errors.js';
+import {
   type IdpAdapter,
   type IdpContext,
   type LoginCredentials,

@@ -1,5 +1,3 @@
-import { BrokerError } from '../errors.js';
-
 /** What an identity provider returned for one refresh. Times are epoch milliseconds. */
 export interface TokenSet {
   accessToken: string;
@@ -65,41 +63,4 @@ export interface IdpAdapter {
     signal: AbortSignal,
     context: IdpContext,
   ): Promise<boolean | undefined>;
-}
-
-/** The refresh token is dead (invalid_grant): terminal, the session needs a new enrollment. */
-export class IdpInvalidGrantError extends BrokerError {
-  readonly code = 'IDP_INVALID_GRANT';
-}
-
-/** The IdP refused a system user's login (wrong password, unknown or blocked user): terminal. */
-export class IdpLoginRejectedError extends BrokerError {
-  readonly code = 'IDP_LOGIN_REJECTED';
-}
-
-/** The IdP rejected the broker's client credentials: a configuration error, loud and alerting. */
-export class IdpInvalidClientError extends BrokerError {
-  readonly code = 'IDP_INVALID_CLIENT';
-}
-
-/**
- * A failure worth retrying: 5xx, 429, timeout, connection error. `retryAfterMs` carries the IdP's
- * Retry-After when it sent one. `presented` is false only when the request surely never reached
- * the IdP (connection refused), so the refresh token was certainly not consumed.
- */
-export class IdpTransientError extends BrokerError {
-  readonly code = 'IDP_UNAVAILABLE';
-  constructor(
-    message: string,
-    readonly retryAfterMs: number | undefined,
-    readonly presented: boolean,
-    options?: { detail?: string; cause?: unknown },
-  ) {
-    super(message, options);
-  }
-}
-
-/** The IdP answered with something that is not a valid token response. */
-export class IdpProtocolError extends BrokerError {
-  readonly code = 'IDP_PROTOCOL_ERROR';
 }

@@ -1,5 +1,5 @@
+import { IdpTransientError } from '../errors.js';
 /** What every IdP adapter shares: one HTTP call whose network failures are classified. */
-import { IdpTransientError } from './idp-adapter.js';
 
 export interface HttpAnswer {
   status: number;

@@ -1,11 +1,6 @@
 import { readFile, realpath } from 'node:fs/promises';
 import { isAbsolute, relative, resolve, sep } from 'node:path';
-import { BrokerError, InvalidArgumentError } from '../errors.js';
-
-/** A system user's password file could not be read; retried, since a mount may come back. */
-export class LoginSecretError extends BrokerError {
-  readonly code = 'LOGIN_SECRET_UNREADABLE';
-}
+import { InvalidArgumentError, LoginSecretError } from '../errors.js';
 
 /**
  * Password files of system users, confined to one directory (TB_SECRETS_DIR, typically a mounted

@@ -1,10 +1,12 @@
-import { ConfigError } from '../errors.js';
-import { accessTokenExpiry } from './jwt-expiry.js';
 import {
+  ConfigError,
   IdpInvalidClientError,
   IdpInvalidGrantError,
   IdpProtocolError,
   IdpTransientError,
+} from '../errors.js';
+import { accessTokenExpiry } from './jwt-expiry.js';
+import {
   type IdpAdapter,
   type IdpContext,
   type SubjectToken,

@@ -1,5 +1,3 @@
-import { BrokerError } from '../errors.js';
-
 /** A lock held by the caller. */
 export interface HeldLock {
   /** Aborts when exclusivity can no longer be guaranteed (an extension failed). */
@@ -16,9 +14,4 @@ export interface LockService {
    */
   withLock<T>(resource: string, fn: (lock: HeldLock) => Promise<T>): Promise<T>;
   close(): Promise<void>;
-}
-
-/** Someone else holds the lock, or too few lock nodes answered for a quorum. */
-export class LockUnavailableError extends BrokerError {
-  readonly code = 'LOCK_UNAVAILABLE';
 }

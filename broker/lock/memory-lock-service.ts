@@ -1,5 +1,6 @@
 import { inSpan } from '../../shared/telemetry/spans.js';
-import { LockUnavailableError, type HeldLock, type LockService } from './lock-service.js';
+import { type HeldLock, type LockService } from './lock-service.js';
+import { LockUnavailableError } from '../errors.js';
 
 /** Embedded mode: an in-process lock per resource, for a single replica. */
 export class MemoryLockService implements LockService {

@@ -2,7 +2,8 @@ import { Redis } from 'ioredis';
 import { Redlock } from '@sesamecare-oss/redlock';
 import type { Logger } from 'pino';
 import { inSpan } from '../../shared/telemetry/spans.js';
-import { LockUnavailableError, type HeldLock, type LockService } from './lock-service.js';
+import { type HeldLock, type LockService } from './lock-service.js';
+import { LockUnavailableError } from '../errors.js';
 
 export interface RedlockOptions {
   /** URLs of independent Redis nodes; a majority must agree for a lock. */

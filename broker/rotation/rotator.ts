@@ -5,19 +5,19 @@ import { ATTR, userHash } from '../../shared/telemetry/span-attributes.js';
 import { inSpan, markFailed } from '../../shared/telemetry/spans.js';
 import { currentTraceparent } from '../../shared/telemetry/trace-context.js';
 import { BrokerMetrics } from '../broker-metrics.js';
+import { type IdpAdapter, type IdpContext, type TokenSet } from '../idp/idp-adapter.js';
+import { type LoginSecrets } from '../idp/login-secrets.js';
+import { type LockService, type HeldLock } from '../lock/lock-service.js';
+import type { RotationPolicy } from '../rotation-policy.js';
+import { KeySpace } from '../store/keys.js';
 import {
   IdpInvalidClientError,
   IdpInvalidGrantError,
   IdpLoginRejectedError,
   IdpTransientError,
-  type IdpAdapter,
-  type IdpContext,
-  type TokenSet,
-} from '../idp/idp-adapter.js';
-import { LoginSecretError, type LoginSecrets } from '../idp/login-secrets.js';
-import { LockUnavailableError, type LockService, type HeldLock } from '../lock/lock-service.js';
-import type { RotationPolicy } from '../rotation-policy.js';
-import { KeySpace } from '../store/keys.js';
+  LockUnavailableError,
+  LoginSecretError,
+} from '../errors.js';
 import type { SessionRecord, SessionRef, StoredSession } from '../store/session-record.js';
 import type { SessionStore } from '../store/session-store.js';
 import type { RotationStats } from './rotation-stats.js';

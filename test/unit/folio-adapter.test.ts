@@ -8,14 +8,14 @@ import type { AddressInfo } from 'node:net';
 import { inspect } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { ConfigError } from '../../broker/errors.js';
-import { FolioAdapter, parseSetCookie } from '../../broker/idp/folio-adapter.js';
 import {
+  ConfigError,
   IdpInvalidGrantError,
   IdpLoginRejectedError,
   IdpProtocolError,
   IdpTransientError,
-} from '../../broker/idp/idp-adapter.js';
+} from '../../broker/errors.js';
+import { FolioAdapter, parseSetCookie } from '../../broker/idp/folio-adapter.js';
 
 /*
  * The two Set-Cookie headers of a login response, verbatim from FOLIO's "Refresh Token Rotation"

@@ -5,9 +5,6 @@ import { pino } from 'pino';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
 
 import {
-  IdpInvalidGrantError,
-  IdpLoginRejectedError,
-  IdpTransientError,
   type IdpAdapter,
   type IdpContext,
   type LoginCredentials,
@@ -20,6 +17,11 @@ import { RotationStats } from '../../broker/rotation/rotation-stats.js';
 import { Rotator } from '../../broker/rotation/rotator.js';
 import { KeySpace } from '../../broker/store/keys.js';
 import { MemorySessionStore } from '../../broker/store/memory-session-store.js';
+import {
+  IdpInvalidGrantError,
+  IdpLoginRejectedError,
+  IdpTransientError,
+} from '../../broker/errors.js';
 import type { SessionRecord, StoredLogin } from '../../broker/store/session-record.js';
 
 // Frozen clock; fake tokens compared with `===` only.

@@ -7,13 +7,13 @@ import {
 import type { AddressInfo } from 'node:net';
 import { inspect } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ConfigError } from '../../broker/errors.js';
 import {
+  ConfigError,
   IdpInvalidClientError,
   IdpInvalidGrantError,
   IdpProtocolError,
   IdpTransientError,
-} from '../../broker/idp/idp-adapter.js';
+} from '../../broker/errors.js';
 import { OAuth2Adapter, type OAuth2AdapterOptions } from '../../broker/idp/oauth2-adapter.js';
 
 // Obviously fake tokens; compared with `===` so a failure never prints one.

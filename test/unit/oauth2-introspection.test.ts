@@ -1,8 +1,8 @@
 import { createServer, type IncomingMessage, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
-import { IdpProtocolError } from '../../broker/idp/idp-adapter.js';
 import { OAuth2Adapter } from '../../broker/idp/oauth2-adapter.js';
+import { IdpProtocolError } from '../../broker/errors.js';
 
 const CTX = { tenant: 't', user: 'u' };
 let server: Server | undefined;

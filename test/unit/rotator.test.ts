@@ -1,13 +1,7 @@
 import { pino } from 'pino';
 import { beforeEach, describe, expect, it } from 'vitest';
 
-import {
-  IdpInvalidClientError,
-  IdpInvalidGrantError,
-  IdpTransientError,
-  type IdpAdapter,
-  type TokenSet,
-} from '../../broker/idp/idp-adapter.js';
+import { type IdpAdapter, type TokenSet } from '../../broker/idp/idp-adapter.js';
 import type { HeldLock, LockService } from '../../broker/lock/lock-service.js';
 import { MemoryLockService } from '../../broker/lock/memory-lock-service.js';
 import { RotationPolicy } from '../../broker/rotation-policy.js';
@@ -15,6 +9,11 @@ import { RotationStats } from '../../broker/rotation/rotation-stats.js';
 import { Rotator, type RotatorOptions } from '../../broker/rotation/rotator.js';
 import { KeySpace } from '../../broker/store/keys.js';
 import { MemorySessionStore } from '../../broker/store/memory-session-store.js';
+import {
+  IdpInvalidClientError,
+  IdpInvalidGrantError,
+  IdpTransientError,
+} from '../../broker/errors.js';
 import type { SessionEvent, SessionRecord } from '../../broker/store/session-record.js';
 
 // Frozen clock: every time below is a fixed epoch-ms number moved by hand.
