@@ -8,7 +8,7 @@ import { LoginSecrets } from './idp/login-secrets.js';
 import type { LockService } from './lock/lock-service.js';
 import { MemoryLockService } from './lock/memory-lock-service.js';
 import { RedlockLockService } from './lock/redlock-lock-service.js';
-import { RotationPolicy } from './rotation-policy.js';
+import { RotationPolicy } from './rotation/rotation-policy.js';
 import { DueWorker } from './rotation/due-worker.js';
 import { RotationStats } from './rotation/rotation-stats.js';
 import { Rotator } from './rotation/rotator.js';
@@ -87,23 +87,7 @@ export async function startBroker(
   // The rotation's lock arithmetic must hold for the slowest IdP.
   const idpTimeoutMs = Math.max(...config.idps.map((idp) => idp.timeoutMs));
   const secrets = config.secretsDir ? new LoginSecrets(config.secretsDir) : undefined;
-  const policy = new RotationPolicy(
-    {
-      ratio: config.rotation.ratio,
-      jitterRatio: config.rotation.jitterRatio,
-      minLeadMs: config.rotation.minLeadMs,
-      retryBaseMs: config.rotation.retryBaseMs,
-      retryMaxMs: config.rotation.retryMaxMs,
-    },
-    Math.random,
-    {
-      ratio: 'TB_REFRESH_RATIO',
-      jitterRatio: 'TB_REFRESH_JITTER_RATIO',
-      minLeadMs: 'TB_REFRESH_MIN_LEAD_MS',
-      retryBaseMs: 'TB_RETRY_BASE_MS',
-      retryMaxMs: 'TB_RETRY_MAX_MS',
-    },
-  );
+  const policy = new RotationPolicy(config.rotation);
   const stats = new RotationStats();
   const metrics = new BrokerMetrics();
   const clock = overrides.clock ?? Date.now;

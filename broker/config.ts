@@ -1,6 +1,18 @@
 import { readFileSync, statSync } from 'node:fs';
 import { hostname } from 'node:os';
+import { checkUrl as checkUrlWith, EnvReader, type Env } from '../shared/env-reader.js';
 import { ConfigError } from './errors.js';
+import { DEFAULT_ROTATION_POLICY, type RotationPolicyOptions } from './rotation/rotation-policy.js';
+
+const configError = (setting: string, problem: string) => new ConfigError(setting, problem);
+
+function checkUrl(setting: string, value: string, protocols: string[]): void {
+  checkUrlWith(setting, value, protocols, configError);
+}
+
+function reader(env: Env): EnvReader {
+  return new EnvReader(env, configError);
+}
 
 /**
  * The broker's configuration, read once from environment variables and validated at start-up.
@@ -47,13 +59,7 @@ export interface BrokerConfig {
   idps: IdpConfig[];
   /** Where system users' password files live (Enroll login.password_file); none: not accepted. */
   secretsDir: string | undefined;
-  rotation: {
-    ratio: number;
-    jitterRatio: number;
-    minLeadMs: number;
-    retryBaseMs: number;
-    retryMaxMs: number;
-  };
+  rotation: Readonly<RotationPolicyOptions>;
   lock: {
     ttlMs: number;
     extendBeforeMs: number;
@@ -69,10 +75,10 @@ export interface BrokerConfig {
   shutdownGraceMs: number;
 }
 
-type Env = Record<string, string | undefined>;
+const UNIT = 'of milliseconds or a count';
 
 export function loadConfig(env: Env = process.env): BrokerConfig {
-  const read = new EnvReader(env);
+  const read = reader(env);
   const redisUrl = read.url('TB_REDIS_URL', ['redis:', 'rediss:']);
   const redlockUrls = read.list('TB_REDLOCK_URLS');
   for (const [i, url] of redlockUrls.entries())
@@ -107,9 +113,12 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
   if (secretsDir && !isDirectory(secretsDir))
     throw new ConfigError('TB_SECRETS_DIR', 'must name an existing directory');
 
-  const lockTtlMs = read.int('TB_LOCK_TTL_MS', 15_000, 1_000);
-  const extendBeforeMs = read.int('TB_LOCK_EXTEND_BEFORE_MS', Math.round(lockTtlMs / 3), 100);
-  const marginMs = read.int('TB_LOCK_MARGIN_MS', 1_000, 0);
+  const lockTtlMs = read.int('TB_LOCK_TTL_MS', 15_000, { min: 1_000, unit: UNIT });
+  const extendBeforeMs = read.int('TB_LOCK_EXTEND_BEFORE_MS', Math.round(lockTtlMs / 3), {
+    min: 100,
+    unit: UNIT,
+  });
+  const marginMs = read.int('TB_LOCK_MARGIN_MS', 1_000, { min: 0, unit: UNIT });
   if (extendBeforeMs > lockTtlMs - 100)
     throw new ConfigError('TB_LOCK_EXTEND_BEFORE_MS', `must be at most TB_LOCK_TTL_MS - 100`);
   // The IdP call must end, or be aborted, before the lock could lapse even without extension.
@@ -135,35 +144,94 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
     idp: withoutSetting(idp),
     idps: idps.map(withoutSetting),
     secretsDir,
-    rotation: {
-      ratio: read.number('TB_REFRESH_RATIO', 0.75),
-      jitterRatio: read.number('TB_REFRESH_JITTER_RATIO', 0.05),
-      minLeadMs: read.int('TB_REFRESH_MIN_LEAD_MS', 10_000, 0),
-      retryBaseMs: read.int('TB_RETRY_BASE_MS', 500, 10),
-      retryMaxMs: read.int('TB_RETRY_MAX_MS', 30_000, 10),
-    },
+    rotation: rotationPolicyOptions(
+      {
+        ratio: read.number('TB_REFRESH_RATIO', 0.75),
+        jitterRatio: read.number('TB_REFRESH_JITTER_RATIO', 0.05),
+        minLeadMs: read.int('TB_REFRESH_MIN_LEAD_MS', 10_000, { min: 0, unit: UNIT }),
+        retryBaseMs: read.int('TB_RETRY_BASE_MS', 500, { min: 10, unit: UNIT }),
+        retryMaxMs: read.int('TB_RETRY_MAX_MS', 30_000, { min: 10, unit: UNIT }),
+      },
+      ROTATION_VARIABLES,
+    ),
     lock: {
       ttlMs: lockTtlMs,
       extendBeforeMs,
       marginMs,
-      retryCount: read.int('TB_LOCK_RETRY_COUNT', 3, 0),
-      retryDelayMs: read.int('TB_LOCK_RETRY_DELAY_MS', 150, 10),
+      retryCount: read.int('TB_LOCK_RETRY_COUNT', 3, { min: 0, unit: UNIT }),
+      retryDelayMs: read.int('TB_LOCK_RETRY_DELAY_MS', 150, { min: 10, unit: UNIT }),
     },
     worker: {
-      pollIntervalMs: read.int('TB_CLAIM_POLL_MS', 250, 10),
-      batchSize: read.int('TB_CLAIM_BATCH', 32, 1),
-      concurrency: read.int('TB_ROTATION_CONCURRENCY', 32, 1),
-      claimLeaseMs: read.int('TB_CLAIM_LEASE_MS', lockTtlMs * 2, 1_000),
+      pollIntervalMs: read.int('TB_CLAIM_POLL_MS', 250, { min: 10, unit: UNIT }),
+      batchSize: read.int('TB_CLAIM_BATCH', 32, { min: 1, unit: UNIT }),
+      concurrency: read.int('TB_ROTATION_CONCURRENCY', 32, { min: 1, unit: UNIT }),
+      claimLeaseMs: read.int('TB_CLAIM_LEASE_MS', lockTtlMs * 2, { min: 1_000, unit: UNIT }),
     },
-    sessionIdleTimeoutMs: read.int('TB_SESSION_IDLE_TIMEOUT_MS', 3_600_000, 1_000),
-    refreshMinIntervalMs: read.int('TB_REFRESH_MIN_INTERVAL_MS', 1_000, 0),
-    refreshWaitMs: read.int('TB_REFRESH_WAIT_MS', 10_000, 100),
-    persistRetryMs: read.int('TB_PERSIST_RETRY_MS', 30_000, 0),
-    shutdownGraceMs: read.int('TB_SHUTDOWN_GRACE_MS', 20_000, 0),
+    sessionIdleTimeoutMs: read.int('TB_SESSION_IDLE_TIMEOUT_MS', 3_600_000, {
+      min: 1_000,
+      unit: UNIT,
+    }),
+    refreshMinIntervalMs: read.int('TB_REFRESH_MIN_INTERVAL_MS', 1_000, { min: 0, unit: UNIT }),
+    refreshWaitMs: read.int('TB_REFRESH_WAIT_MS', 10_000, { min: 100, unit: UNIT }),
+    persistRetryMs: read.int('TB_PERSIST_RETRY_MS', 30_000, { min: 0, unit: UNIT }),
+    shutdownGraceMs: read.int('TB_SHUTDOWN_GRACE_MS', 20_000, { min: 0, unit: UNIT }),
   };
   if (config.worker.claimLeaseMs <= lockTtlMs)
     throw new ConfigError('TB_CLAIM_LEASE_MS', `must exceed TB_LOCK_TTL_MS (${lockTtlMs})`);
   return config;
+}
+
+/** The setting each rotation option came from, for error messages. */
+export type RotationPolicyNames = Partial<Record<keyof RotationPolicyOptions, string>>;
+
+const ROTATION_VARIABLES: RotationPolicyNames = {
+  ratio: 'TB_REFRESH_RATIO',
+  jitterRatio: 'TB_REFRESH_JITTER_RATIO',
+  minLeadMs: 'TB_REFRESH_MIN_LEAD_MS',
+  retryBaseMs: 'TB_RETRY_BASE_MS',
+  retryMaxMs: 'TB_RETRY_MAX_MS',
+};
+
+/**
+ * The rotation policy's options with defaults for unset ones, checked together (one option's
+ * bound may be another's value); each error names the setting in `names`, else the option.
+ */
+export function rotationPolicyOptions(
+  options: Partial<RotationPolicyOptions>,
+  names: RotationPolicyNames = {},
+): Readonly<RotationPolicyOptions> {
+  const merged: RotationPolicyOptions = { ...DEFAULT_ROTATION_POLICY };
+  for (const [key, value] of Object.entries(options) as [keyof RotationPolicyOptions, unknown][])
+    if (value !== undefined) merged[key] = value as number;
+  validate(merged, (key) => names[key] ?? key);
+  return Object.freeze(merged);
+}
+
+function validate(
+  o: RotationPolicyOptions,
+  name: (key: keyof RotationPolicyOptions) => string,
+): void {
+  const fail = (key: keyof RotationPolicyOptions, problem: string): never => {
+    throw new ConfigError(name(key), `${problem}, got ${String(o[key])}`);
+  };
+  for (const key of Object.keys(o) as (keyof RotationPolicyOptions)[]) {
+    if (typeof o[key] !== 'number' || !Number.isFinite(o[key]))
+      fail(key, 'must be a finite number');
+  }
+  if (!(o.ratio > 0 && o.ratio < 1)) fail('ratio', 'must be between 0 and 1 (exclusive)');
+  if (!(o.jitterRatio >= 0 && o.jitterRatio < o.ratio)) {
+    fail('jitterRatio', `must be at least 0 and below ${name('ratio')} (${o.ratio})`);
+  }
+  if (!(o.minLeadMs >= 0)) fail('minLeadMs', 'must be at least 0');
+  if (!(o.minAgeRatio >= 0 && o.minAgeRatio <= 1)) {
+    fail('minAgeRatio', 'must be between 0 and 1 (inclusive)');
+  }
+  if (!(o.retryBaseMs >= 1)) fail('retryBaseMs', 'must be at least 1');
+  if (!(o.retryMaxMs >= o.retryBaseMs)) {
+    fail('retryMaxMs', `must be at least ${name('retryBaseMs')} (${o.retryBaseMs})`);
+  }
+  if (!(o.maxRetryAfterMs >= 0)) fail('maxRetryAfterMs', 'must be at least 0');
+  if (!(o.expiryMarginMs >= 0)) fail('expiryMarginMs', 'must be at least 0');
 }
 
 /** Where an IdP's fields come from: TB_IDP_* variables, or one entry of TB_IDPS_FILE. */
@@ -238,7 +306,7 @@ function readIdps(read: EnvReader): IdpWithSetting[] {
   }
   if (!Array.isArray(entries) || entries.length === 0)
     throw new ConfigError('TB_IDPS_FILE', 'must hold a non-empty JSON array of IdP objects');
-  const defaultTimeout = read.int('TB_IDP_TIMEOUT_MS', 5_000, 100);
+  const defaultTimeout = read.int('TB_IDP_TIMEOUT_MS', 5_000, { min: 100, unit: UNIT });
   const idps = entries.map((entry: unknown, i) => {
     const at = `TB_IDPS_FILE[${i}]`;
     if (typeof entry !== 'object' || entry === null || Array.isArray(entry))
@@ -283,14 +351,14 @@ function readIdps(read: EnvReader): IdpWithSetting[] {
 
 function buildIdp(source: IdpSource, defaultName: string, defaultTimeout: number): IdpWithSetting {
   const { setting } = source;
-  const field = new EnvReader(
+  const field = reader(
     Object.fromEntries(
       Object.keys(IDP_VARIABLES).map((f) => [setting(f as IdpField), source.get(f as IdpField)]),
     ),
   );
   const name = source.get('name') ?? defaultName;
   const type = field.oneOf(setting('type'), IDP_TYPES, 'oauth2');
-  const timeoutMs = field.int(setting('timeoutMs'), defaultTimeout, 100);
+  const timeoutMs = field.int(setting('timeoutMs'), defaultTimeout, { min: 100, unit: UNIT });
   const common = { name, type, timeoutMs, timeoutSetting: setting('timeoutMs') };
   if (type === 'folio') {
     for (const other of OAUTH2_ONLY)
@@ -342,6 +410,12 @@ function buildIdp(source: IdpSource, defaultName: string, defaultTimeout: number
     ['client_secret_basic', 'client_secret_post', 'none'] as const,
     'client_secret_basic',
   );
+  // A public client sends no secret; one configured anyway is a mistake worth stopping for.
+  if (authMethod === 'none' && clientSecret !== undefined)
+    throw new ConfigError(
+      secretFile ? setting('clientSecretFile') : setting('clientSecret'),
+      `must not be set with ${setting('authMethod')}=none (a public client sends no secret)`,
+    );
   if (authMethod !== 'none' && !clientSecret)
     throw new ConfigError(
       setting('clientSecret'),
@@ -367,85 +441,5 @@ function isDirectory(path: string): boolean {
     return statSync(path).isDirectory();
   } catch {
     return false;
-  }
-}
-
-function checkUrl(setting: string, value: string, protocols: string[]): void {
-  let url: URL;
-  try {
-    url = new URL(value);
-  } catch {
-    throw new ConfigError(setting, `must be a URL, got ${JSON.stringify(redactUrl(value))}`);
-  }
-  if (!protocols.includes(url.protocol))
-    throw new ConfigError(setting, `must be a ${protocols.join(' or ')} URL, got ${url.protocol}`);
-}
-
-/**
- * Hides a password in a URL-ish string before it goes into an error. Everything up to the last
- * '@' goes: an unparseable URL often holds a password with an unencoded '/' or '@'.
- */
-function redactUrl(value: string): string {
-  return value.replace(/\/\/[^]*@/, '//***@');
-}
-
-class EnvReader {
-  constructor(private readonly env: Env) {}
-
-  string(name: string): string | undefined {
-    const value = this.env[name]?.trim();
-    return value ? value : undefined;
-  }
-
-  required(name: string): string {
-    const value = this.string(name);
-    if (!value) throw new ConfigError(name, 'is required');
-    return value;
-  }
-
-  list(name: string): string[] {
-    return (this.string(name) ?? '')
-      .split(',')
-      .map((s) => s.trim())
-      .filter(Boolean);
-  }
-
-  url(name: string, protocols: string[]): string | undefined {
-    const value = this.string(name);
-    if (value) checkUrl(name, value, protocols);
-    return value;
-  }
-
-  number(name: string, fallback: number): number {
-    const raw = this.string(name);
-    if (raw === undefined) return fallback;
-    const value = Number(raw);
-    if (!Number.isFinite(value))
-      throw new ConfigError(name, `must be a number, got ${JSON.stringify(raw)}`);
-    return value;
-  }
-
-  int(name: string, fallback: number, min: number): number {
-    const raw = this.string(name);
-    if (raw === undefined) return fallback;
-    if (!/^\d+$/.test(raw))
-      throw new ConfigError(
-        name,
-        `must be a whole number of milliseconds or a count, got ${JSON.stringify(raw)}`,
-      );
-    const value = Number(raw);
-    if (value < min) throw new ConfigError(name, `must be at least ${min}, got ${value}`);
-    return value;
-  }
-
-  oneOf<T extends string>(name: string, allowed: readonly T[], fallback: T): T {
-    const raw = this.string(name);
-    if (raw === undefined) return fallback;
-    if (!(allowed as readonly string[]).includes(raw))
-      throw new ConfigError(
-        name,
-        `must be one of ${allowed.join(', ')}, got ${JSON.stringify(raw)}`,
-      );
-    return raw as T;
   }
 }

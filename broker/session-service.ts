@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { idProblem } from '../shared/session-ref.js';
 import { currentTraceparent } from '../shared/telemetry/trace-context.js';
 import {
   BrokerError,
@@ -70,18 +71,11 @@ export interface SessionServiceDeps {
   secrets?: LoginSecrets | undefined;
 }
 
-const MAX_ID_LENGTH = 256;
-
-/** Checks a tenant or user id: present, bounded, printable. */
+/** Checks a request's tenant and user ids (shared/session-ref.ts has the rules). */
 export function validateRef(ref: { tenant?: string; user?: string }): SessionRef {
   for (const field of ['tenant', 'user'] as const) {
-    const value = ref[field] ?? '';
-    if (value === '') throw new InvalidArgumentError(field, 'is required');
-    if (value.length > MAX_ID_LENGTH)
-      throw new InvalidArgumentError(field, `must be at most ${MAX_ID_LENGTH} characters`);
-
-    if (/[\u0000-\u001f\u007f]/.test(value))
-      throw new InvalidArgumentError(field, 'must not contain control characters');
+    const problem = idProblem(ref[field] ?? '', 'is required');
+    if (problem) throw new InvalidArgumentError(field, problem);
   }
   return { tenant: ref.tenant!, user: ref.user! };
 }

@@ -5,22 +5,16 @@ import { ATTR, userHash } from '../shared/telemetry/span-attributes.js';
 import { tracer } from '../shared/telemetry/spans.js';
 import { contextOf } from '../shared/telemetry/trace-context.js';
 import {
-  SessionStatus,
   type RefreshRequest,
   type RefreshResponse,
   type TokenEvent,
   type WatchRequest,
   type WatchResponse,
 } from '../gen/tokenbroker/v1/token_broker.js';
+import { statusName } from '../shared/session-status.js';
 import type { SidecarMetrics } from './metrics.js';
 import { reconnectDelayMs } from './reconnect-backoff.js';
-import type {
-  ApplyOutcome,
-  SessionState,
-  TokenState,
-  TokenStore,
-  UserEntry,
-} from './token-store.js';
+import type { ApplyOutcome, TokenState, TokenStore, UserEntry } from './token-store.js';
 
 /** The part of the broker the sidecar uses. */
 export interface BrokerApi {
@@ -42,17 +36,10 @@ export interface BrokerLinkOptions {
 /** A stream that lived this long without a message still counts as healthy (resets backoff). */
 const HEALTHY_STREAM_MS = 5_000;
 
-const STATUS: Record<number, SessionState> = {
-  [SessionStatus.SESSION_STATUS_ACTIVE]: 'ACTIVE',
-  [SessionStatus.SESSION_STATUS_REAUTH_REQUIRED]: 'REAUTH_REQUIRED',
-  [SessionStatus.SESSION_STATUS_REVOKED]: 'REVOKED',
-  [SessionStatus.SESSION_STATUS_IDLE]: 'IDLE',
-};
-
 export function toTokenState(event: TokenEvent, receivedAtMs = Date.now()): TokenState {
   return {
     generation: event.generation,
-    status: STATUS[event.status] ?? 'UNKNOWN',
+    status: statusName(event.status) ?? 'UNKNOWN',
     accessToken: event.accessToken,
     tokenType: event.tokenType || 'Bearer',
     expiresAtMs: event.expiresAt?.getTime() ?? 0,
@@ -224,7 +211,7 @@ export class BrokerLink {
           tenant: token.tenant,
           user: token.user,
           generation: token.generation,
-          status: STATUS[token.status],
+          status: statusName(token.status),
           outcome,
         },
         'token event',

@@ -1,5 +1,6 @@
+import { EnvReader, type Env } from '../shared/env-reader.js';
 import { ConfigError } from './errors.js';
-import { idProblem, type SessionRef } from './session-ref.js';
+import { idProblem, type SessionRef } from '../shared/session-ref.js';
 
 /**
  * The sidecar's configuration, read once from environment variables and validated at start-up.
@@ -42,15 +43,13 @@ const KNOWN = new Set([
   'TB_SIDECAR_KEEPALIVE_MS',
 ]);
 
-type Env = Record<string, string | undefined>;
-
 export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
   // A misspelt variable would otherwise be ignored silently and its default used.
   for (const name of Object.keys(env))
     if (name.startsWith('TB_SIDECAR_') && !KNOWN.has(name))
       throw new ConfigError(name, `is not a sidecar setting (known: ${[...KNOWN].join(', ')})`);
 
-  const read = new EnvReader(env);
+  const read = new EnvReader(env, (setting, problem) => new ConfigError(setting, problem));
   const brokerAddress = read.required('TB_SIDECAR_BROKER_ADDRESS');
   const addressProblem = grpcTargetProblem(brokerAddress);
   if (addressProblem) throw new ConfigError('TB_SIDECAR_BROKER_ADDRESS', addressProblem);
@@ -60,22 +59,23 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
 
   return {
     brokerAddress,
-    port: read.int('TB_SIDECAR_PORT', 8181, 0, 65_535),
+    port: read.int('TB_SIDECAR_PORT', 8181, { min: 0, max: 65_535 }),
     socketPath: read.string('TB_SIDECAR_SOCKET'),
-    safetySkewMs: read.int('TB_SIDECAR_SAFETY_SKEW_MS', 10_000, 0, 3_600_000),
+    safetySkewMs: read.int('TB_SIDECAR_SAFETY_SKEW_MS', 10_000, { min: 0, max: 3_600_000 }),
     users,
-    idleUnsubscribeMs: read.int('TB_SIDECAR_IDLE_UNSUBSCRIBE_MS', 900_000, 1_000, 2 ** 31 - 1),
-    maxWaitMs: read.int('TB_SIDECAR_MAX_WAIT_MS', 30_000, 0, 600_000),
+    idleUnsubscribeMs: read.int('TB_SIDECAR_IDLE_UNSUBSCRIBE_MS', 900_000, {
+      min: 1_000,
+      max: 2 ** 31 - 1,
+    }),
+    maxWaitMs: read.int('TB_SIDECAR_MAX_WAIT_MS', 30_000, { min: 0, max: 600_000 }),
     tokenDir,
     logLevel: read.oneOf('TB_SIDECAR_LOG_LEVEL', LOG_LEVELS, 'info'),
-    reconnectMaxMs: read.int('TB_SIDECAR_RECONNECT_MAX_MS', 10_000, 100, 600_000),
-    keepaliveMs: read.int(
-      'TB_SIDECAR_KEEPALIVE_MS',
-      10_000,
-      BROKER_MIN_PING_INTERVAL_MS,
-      600_000,
-      'the broker closes connections that ping more often',
-    ),
+    reconnectMaxMs: read.int('TB_SIDECAR_RECONNECT_MAX_MS', 10_000, { min: 100, max: 600_000 }),
+    keepaliveMs: read.int('TB_SIDECAR_KEEPALIVE_MS', 10_000, {
+      min: BROKER_MIN_PING_INTERVAL_MS,
+      max: 600_000,
+      why: 'the broker closes connections that ping more often',
+    }),
   };
 }
 
@@ -137,42 +137,4 @@ function grpcTargetProblem(target: string): string | undefined {
 function hasPort(hostPort: string): boolean {
   const match = /^(\[[0-9a-f:.]+\]|[^:[\]]+):(\d{1,5})$/i.exec(hostPort);
   return match !== null && Number(match[2]) > 0 && Number(match[2]) <= 65_535;
-}
-
-class EnvReader {
-  constructor(private readonly env: Env) {}
-
-  string(name: string): string | undefined {
-    const value = this.env[name]?.trim();
-    return value ? value : undefined;
-  }
-
-  required(name: string): string {
-    const value = this.string(name);
-    if (!value) throw new ConfigError(name, 'is required');
-    return value;
-  }
-
-  int(name: string, fallback: number, min: number, max: number, why?: string): number {
-    const raw = this.string(name);
-    if (raw === undefined) return fallback;
-    if (!/^\d{1,10}$/.test(raw))
-      throw new ConfigError(name, `must be a whole number, got ${JSON.stringify(raw)}`);
-    const value = Number(raw);
-    if (value < min)
-      throw new ConfigError(name, `must be at least ${min}${why ? ` (${why})` : ''}, got ${value}`);
-    if (value > max) throw new ConfigError(name, `must be at most ${max}, got ${value}`);
-    return value;
-  }
-
-  oneOf<T extends string>(name: string, allowed: readonly T[], fallback: T): T {
-    const raw = this.string(name);
-    if (raw === undefined) return fallback;
-    if (!(allowed as readonly string[]).includes(raw))
-      throw new ConfigError(
-        name,
-        `must be one of ${allowed.join(', ')}, got ${JSON.stringify(raw)}`,
-      );
-    return raw as T;
-  }
 }

@@ -16,7 +16,7 @@ import {
 } from './errors.js';
 import type { SidecarMetrics } from './metrics.js';
 import { decideRead, type ReadDecision } from './read-policy.js';
-import type { SessionRef } from './session-ref.js';
+import type { SessionRef } from '../shared/session-ref.js';
 import { parseTokenRequest, TOKEN_PATH_PREFIX, type TokenRequest } from './token-request.js';
 import type { TokenState, TokenStore, UserEntry } from './token-store.js';
 

@@ -1,5 +1,5 @@
 import { InvalidParameterError } from './errors.js';
-import { idProblem, type SessionRef } from './session-ref.js';
+import { idProblem, type SessionRef } from '../shared/session-ref.js';
 
 export const TOKEN_PATH_PREFIX = '/v1/tokens/';
 

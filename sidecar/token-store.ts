@@ -1,4 +1,4 @@
-import { sessionKey, type SessionRef } from './session-ref.js';
+import { sessionKey, type SessionRef } from '../shared/session-ref.js';
 
 export type SessionState = 'ACTIVE' | 'REAUTH_REQUIRED' | 'REVOKED' | 'IDLE' | 'UNKNOWN';
 

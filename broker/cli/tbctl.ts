@@ -16,6 +16,7 @@ import {
   type Session,
   type WatchResponse,
 } from '../../gen/tokenbroker/v1/token_broker.js';
+import { statusName } from '../../shared/session-status.js';
 
 const USAGE = `tbctl: operate a token-broker over gRPC
 
@@ -46,8 +47,10 @@ const EXIT = { ok: 0, error: 1, usage: 2, notFound: 3, precondition: 4, unavaila
 
 class UsageError extends Error {}
 
-function statusName(status: SessionStatus): string {
-  return SessionStatus[status]?.replace('SESSION_STATUS_', '') ?? String(status);
+function statusText(status: SessionStatus): string {
+  return (
+    statusName(status) ?? SessionStatus[status]?.replace('SESSION_STATUS_', '') ?? String(status)
+  );
 }
 
 function iso(date: Date | undefined): string {
@@ -60,7 +63,7 @@ function describeSession(s: Session): Record<string, unknown> {
     user: s.user,
     idp: s.idp,
     generation: s.generation,
-    status: statusName(s.status),
+    status: statusText(s.status),
     accessTokenExpiresAt: iso(s.accessTokenExpiresAt),
     refreshTokenExpiresAt: iso(s.refreshTokenExpiresAt),
     issuedAt: iso(s.issuedAt),
@@ -311,7 +314,7 @@ async function watch(
         tenant: t.tenant,
         user: t.user,
         generation: t.generation,
-        status: statusName(t.status),
+        status: statusText(t.status),
         expiresAt: iso(t.expiresAt),
         errorCode: t.errorCode || undefined,
       };

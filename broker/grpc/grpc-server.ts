@@ -4,7 +4,6 @@ import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import {
-  SessionStatus,
   TokenBrokerServiceService,
   type EnrollRequest,
   type Session,
@@ -13,21 +12,15 @@ import {
   type WatchRequest,
   type WatchResponse,
 } from '../../gen/tokenbroker/v1/token_broker.js';
+import { STATUS_TO_PROTO } from '../../shared/session-status.js';
 import { FILE_DESCRIPTOR_SET_BASE64 } from '../../gen/tokenbroker/v1/descriptor-set.js';
 import { BrokerError, errorCode, InvalidArgumentError, type BrokerErrorCode } from '../errors.js';
 import { validateRef, type EnrollCredential, type SessionService } from '../session-service.js';
 import { KeySpace } from '../store/keys.js';
-import type { SessionMetadata, SessionRecord, SessionStatusName } from '../store/session-record.js';
+import type { SessionMetadata, SessionRecord } from '../store/session-record.js';
 import type { WatchHub, WatchSink } from '../watch-hub.js';
 
 const SERVICE_NAME = 'tokenbroker.v1.TokenBrokerService';
-
-const STATUS: Record<SessionStatusName, SessionStatus> = {
-  ACTIVE: SessionStatus.SESSION_STATUS_ACTIVE,
-  REAUTH_REQUIRED: SessionStatus.SESSION_STATUS_REAUTH_REQUIRED,
-  REVOKED: SessionStatus.SESSION_STATUS_REVOKED,
-  IDLE: SessionStatus.SESSION_STATUS_IDLE,
-};
 
 /**
  * The status of every broker error code; codes mapped to INTERNAL are logged and reach the client
@@ -63,7 +56,7 @@ export function toTokenEvent(record: SessionRecord, now = Date.now()): TokenEven
     tenant: record.tenant,
     user: record.user,
     generation: record.generation,
-    status: STATUS[record.status],
+    status: STATUS_TO_PROTO[record.status],
     accessToken: usable ? record.accessToken : '',
     tokenType: record.tokenType,
     expiresAt: toDate(record.accessExpiresAt),
@@ -79,7 +72,7 @@ export function toSession(meta: SessionMetadata): Session {
     user: meta.user,
     idp: meta.idp,
     generation: meta.generation,
-    status: STATUS[meta.status],
+    status: STATUS_TO_PROTO[meta.status],
     accessTokenExpiresAt: toDate(meta.accessExpiresAt),
     refreshTokenExpiresAt: toDate(meta.refreshExpiresAt),
     issuedAt: toDate(meta.issuedAt),

@@ -1,5 +1,4 @@
 import {
-  ConfigError,
   IdpInvalidGrantError,
   IdpLoginRejectedError,
   IdpProtocolError,
@@ -13,7 +12,6 @@ import {
 } from './idp-adapter.js';
 import {
   displayUrl,
-  isHttpUrl,
   maskAndTruncate,
   parseJsonObject,
   parseRetryAfter,
@@ -40,7 +38,6 @@ export interface FolioAdapterOptions {
 export const ACCESS_TOKEN_COOKIE = 'folioAccessToken';
 export const REFRESH_TOKEN_COOKIE = 'folioRefreshToken';
 const TENANT_HEADER = 'x-okapi-tenant';
-const SETTING = 'idp';
 /**
  * Used only when neither the body nor the cookie gives the access token's expiry (FOLIO always
  * sends both). Short on purpose: refreshing early is cheap, serving a dead token is not.
@@ -68,15 +65,10 @@ export class FolioAdapter implements IdpAdapter {
   private readonly fetch: typeof fetch;
   private readonly label: string;
 
+  /** `options` are already valid: config.ts checks every IdP setting at start-up. */
   constructor(options: FolioAdapterOptions) {
-    if (typeof options.name !== 'string' || options.name === '')
-      throw new ConfigError(`${SETTING}.name`, 'must be a non-empty string');
     this.name = options.name;
-    if (typeof options.baseUrl !== 'string' || !isHttpUrl(options.baseUrl))
-      throw new ConfigError(`${SETTING}.folioUrl`, 'must be an http(s) URL');
     this.baseUrl = options.baseUrl.replace(/\/+$/, '');
-    if (!Number.isInteger(options.timeoutMs) || options.timeoutMs <= 0)
-      throw new ConfigError(`${SETTING}.timeoutMs`, 'must be a positive integer');
     this.timeoutMs = options.timeoutMs;
     this.now = options.now ?? Date.now;
     this.fetch = options.fetch ?? ((input, init) => fetch(input, init));

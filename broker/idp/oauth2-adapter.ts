@@ -1,5 +1,4 @@
 import {
-  ConfigError,
   IdpInvalidClientError,
   IdpInvalidGrantError,
   IdpProtocolError,
@@ -47,13 +46,6 @@ export interface OAuth2AdapterOptions {
   now?: () => number;
   fetch?: typeof fetch;
 }
-
-const SETTING = 'idp';
-const AUTH_METHODS: readonly ClientAuthMethod[] = [
-  'client_secret_basic',
-  'client_secret_post',
-  'none',
-];
 
 /**
  * RFC 6749 makes expires_in only RECOMMENDED, and opaque access tokens cannot be inspected. Without
@@ -110,48 +102,18 @@ export class OAuth2Adapter implements IdpAdapter {
   private readonly label: string;
   private discovery: Promise<Discovered> | undefined;
 
+  /** `options` are already valid: config.ts checks every IdP setting at start-up. */
   constructor(options: OAuth2AdapterOptions) {
-    this.name = requireText(options.name, 'name');
-    this.tokenEndpoint = optionalHttpUrl(options.tokenEndpoint, 'tokenEndpoint');
-    this.issuer = optionalHttpUrl(options.issuer, 'issuer')?.replace(/\/+$/, '');
-    if (this.tokenEndpoint === undefined && this.issuer === undefined) {
-      throw new ConfigError(
-        `${SETTING}.tokenEndpoint`,
-        `is required when ${SETTING}.issuer is not set`,
-      );
-    }
-    this.revocationEndpoint = optionalHttpUrl(options.revocationEndpoint, 'revocationEndpoint');
-    this.introspectionEndpoint = optionalHttpUrl(
-      options.introspectionEndpoint,
-      'introspectionEndpoint',
-    );
-    this.clientId = requireText(options.clientId, 'clientId');
-    if (!AUTH_METHODS.includes(options.authMethod)) {
-      throw new ConfigError(`${SETTING}.authMethod`, `must be one of ${AUTH_METHODS.join(', ')}`);
-    }
+    this.name = options.name;
+    this.tokenEndpoint = options.tokenEndpoint;
+    this.issuer = options.issuer?.replace(/\/+$/, '');
+    this.revocationEndpoint = options.revocationEndpoint;
+    this.introspectionEndpoint = options.introspectionEndpoint;
+    this.clientId = options.clientId;
     this.authMethod = options.authMethod;
-    if (this.authMethod === 'none') {
-      if (options.clientSecret !== undefined) {
-        throw new ConfigError(
-          `${SETTING}.clientSecret`,
-          `must not be set when ${SETTING}.authMethod is none`,
-        );
-      }
-    } else {
-      this.clientSecret = requireText(
-        options.clientSecret,
-        'clientSecret',
-        `when ${SETTING}.authMethod is ${this.authMethod}`,
-      );
-    }
-    this.scope = options.scope === undefined ? undefined : requireText(options.scope, 'scope');
-    this.exchangeTokenType =
-      options.exchangeTokenType === undefined
-        ? REFRESH_TOKEN_TYPE
-        : requireText(options.exchangeTokenType, 'exchangeTokenType');
-    if (!Number.isInteger(options.timeoutMs) || options.timeoutMs <= 0) {
-      throw new ConfigError(`${SETTING}.timeoutMs`, 'must be a positive integer');
-    }
+    this.clientSecret = options.authMethod === 'none' ? undefined : options.clientSecret;
+    this.scope = options.scope;
+    this.exchangeTokenType = options.exchangeTokenType ?? REFRESH_TOKEN_TYPE;
     this.timeoutMs = options.timeoutMs;
     this.now = options.now ?? Date.now;
     this.fetch = options.fetch ?? ((input, init) => fetch(input, init));
@@ -453,20 +415,4 @@ function describeError(
 
 function formEncode(value: string): string {
   return new URLSearchParams({ v: value }).toString().slice('v='.length);
-}
-
-function optionalHttpUrl(value: unknown, option: string): string | undefined {
-  if (value === undefined) return undefined;
-  if (typeof value !== 'string' || !isHttpUrl(value)) {
-    throw new ConfigError(`${SETTING}.${option}`, 'must be an http(s) URL');
-  }
-  return value;
-}
-
-function requireText(value: unknown, option: string, condition?: string): string {
-  if (typeof value !== 'string' || value === '') {
-    const when = condition === undefined ? '' : ` ${condition}`;
-    throw new ConfigError(`${SETTING}.${option}`, `must be a non-empty string${when}`);
-  }
-  return value;
 }

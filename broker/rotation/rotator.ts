@@ -8,7 +8,7 @@ import { BrokerMetrics } from '../broker-metrics.js';
 import { type IdpAdapter, type IdpContext, type TokenSet } from '../idp/idp-adapter.js';
 import { type LoginSecrets } from '../idp/login-secrets.js';
 import { type LockService, type HeldLock } from '../lock/lock-service.js';
-import type { RotationPolicy } from '../rotation-policy.js';
+import type { RotationPolicy } from './rotation-policy.js';
 import { KeySpace } from '../store/keys.js';
 import {
   IdpInvalidClientError,

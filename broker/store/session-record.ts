@@ -1,10 +1,7 @@
-/** A session's identity: one user of one tenant. */
-export interface SessionRef {
-  tenant: string;
-  user: string;
-}
+import type { SessionRef } from '../../shared/session-ref.js';
+import type { SessionStatusName } from '../../shared/session-status.js';
 
-export type SessionStatusName = 'ACTIVE' | 'REAUTH_REQUIRED' | 'REVOKED' | 'IDLE';
+export type { SessionRef, SessionStatusName };
 
 /**
  * A system user's login, kept so the broker can log in again when the token family ends. The

@@ -9,7 +9,7 @@ import { BrokerGrpcServer } from '../../broker/grpc/grpc-server.js';
 import type { IdpAdapter, IdpContext, TokenSet } from '../../broker/idp/idp-adapter.js';
 import { OAuth2Adapter } from '../../broker/idp/oauth2-adapter.js';
 import { MemoryLockService } from '../../broker/lock/memory-lock-service.js';
-import { RotationPolicy } from '../../broker/rotation-policy.js';
+import { RotationPolicy } from '../../broker/rotation/rotation-policy.js';
 import { RotationStats } from '../../broker/rotation/rotation-stats.js';
 import { Rotator } from '../../broker/rotation/rotator.js';
 import { SessionService } from '../../broker/session-service.js';

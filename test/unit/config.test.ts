@@ -125,6 +125,85 @@ describe('loadConfig', () => {
     expect(error.code).toBe('CONFIG_INVALID');
   });
 
+  // Every IdP check happens here, once (the adapters take already-valid settings).
+  it.each<[string, Record<string, string>, string]>([
+    [
+      'ftp token endpoint',
+      { TB_IDP_TOKEN_ENDPOINT: 'ftp://idp.example/token' },
+      'TB_IDP_TOKEN_ENDPOINT',
+    ],
+    ['relative token endpoint', { TB_IDP_TOKEN_ENDPOINT: '/token' }, 'TB_IDP_TOKEN_ENDPOINT'],
+    ['neither endpoint nor issuer', { TB_IDP_TOKEN_ENDPOINT: '' }, 'TB_IDP_TOKEN_ENDPOINT'],
+    ['bad issuer', { TB_IDP_TOKEN_ENDPOINT: '', TB_IDP_ISSUER: 'idp.example' }, 'TB_IDP_ISSUER'],
+    [
+      'bad revocation endpoint',
+      { TB_IDP_REVOCATION_ENDPOINT: 'nope' },
+      'TB_IDP_REVOCATION_ENDPOINT',
+    ],
+    [
+      'bad introspection endpoint',
+      { TB_IDP_INTROSPECTION_ENDPOINT: 'ftp://x/i' },
+      'TB_IDP_INTROSPECTION_ENDPOINT',
+    ],
+    ['empty client id', { TB_IDP_CLIENT_ID: '' }, 'TB_IDP_CLIENT_ID'],
+    ['unknown auth method', { TB_IDP_AUTH_METHOD: 'private_key_jwt' }, 'TB_IDP_AUTH_METHOD'],
+    ['basic without secret', { TB_IDP_CLIENT_SECRET: '' }, 'TB_IDP_CLIENT_SECRET'],
+    [
+      'post without secret',
+      { TB_IDP_AUTH_METHOD: 'client_secret_post', TB_IDP_CLIENT_SECRET: '' },
+      'TB_IDP_CLIENT_SECRET',
+    ],
+    ['none with a secret', { TB_IDP_AUTH_METHOD: 'none' }, 'TB_IDP_CLIENT_SECRET'],
+    ['zero timeout', { TB_IDP_TIMEOUT_MS: '0' }, 'TB_IDP_TIMEOUT_MS'],
+    ['fractional timeout', { TB_IDP_TIMEOUT_MS: '1.5' }, 'TB_IDP_TIMEOUT_MS'],
+    [
+      'folio URL that is not http(s)',
+      {
+        TB_IDP_TYPE: 'folio',
+        TB_IDP_TOKEN_ENDPOINT: '',
+        TB_IDP_CLIENT_ID: '',
+        TB_IDP_CLIENT_SECRET: '',
+        TB_IDP_FOLIO_URL: 'okapi:9130',
+      },
+      'TB_IDP_FOLIO_URL',
+    ],
+  ])('rejects an IdP with %s, naming the variable', (_what, change, setting) => {
+    const error = configError({ ...MINIMAL, ...change });
+    expect(error.setting).toBe(setting);
+    expect(error.message.startsWith(`${setting} `)).toBe(true);
+  });
+
+  it('names the exact problem of an IdP setting, and the TB_IDPS_FILE entry and field', () => {
+    expect(configError({ ...MINIMAL, TB_IDP_TOKEN_ENDPOINT: 'nope' }).message).toBe(
+      'TB_IDP_TOKEN_ENDPOINT must be a URL, got "nope"',
+    );
+    expect(configError({ ...MINIMAL, TB_IDP_AUTH_METHOD: 'none' }).message).toBe(
+      'TB_IDP_CLIENT_SECRET must not be set with TB_IDP_AUTH_METHOD=none (a public client sends no secret)',
+    );
+    const file = join(dir, 'idps-none-with-secret.json');
+    writeFileSync(
+      file,
+      JSON.stringify([
+        { name: 'a', tokenEndpoint: 'https://a.example/token', clientId: 'c', clientSecret: 's' },
+        {
+          name: 'b',
+          tokenEndpoint: 'https://b.example/token',
+          clientId: 'c',
+          clientSecret: 's',
+          authMethod: 'none',
+        },
+      ]),
+    );
+    expect(configError({ TB_IDPS_FILE: file }).setting).toBe('TB_IDPS_FILE[1].clientSecret');
+    writeFileSync(
+      file,
+      JSON.stringify([
+        { name: '', tokenEndpoint: 'https://a.example/token', clientId: 'c', clientSecret: 's' },
+      ]),
+    );
+    expect(configError({ TB_IDPS_FILE: file }).setting).toBe('TB_IDPS_FILE[0].name');
+  });
+
   it('requires the client secret only for authentication methods that use one', () => {
     const config = loadConfig({
       ...MINIMAL,

@@ -9,7 +9,6 @@ import { inspect } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
 
 import {
-  ConfigError,
   IdpInvalidGrantError,
   IdpLoginRejectedError,
   IdpProtocolError,
@@ -275,12 +274,6 @@ describe('FolioAdapter.refresh', () => {
     );
     expect(badTenant).toBeInstanceOf(IdpProtocolError);
     expect(gateway.seen).toHaveLength(0);
-  });
-
-  it('rejects a base URL that is not http(s), naming the setting', () => {
-    expect(
-      () => new FolioAdapter({ name: 'folio', baseUrl: 'okapi:9130', timeoutMs: 1_000 }),
-    ).toThrow(ConfigError);
   });
 });
 

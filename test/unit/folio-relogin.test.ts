@@ -12,7 +12,7 @@ import {
 } from '../../broker/idp/idp-adapter.js';
 import { LoginSecrets } from '../../broker/idp/login-secrets.js';
 import { MemoryLockService } from '../../broker/lock/memory-lock-service.js';
-import { RotationPolicy } from '../../broker/rotation-policy.js';
+import { RotationPolicy } from '../../broker/rotation/rotation-policy.js';
 import { RotationStats } from '../../broker/rotation/rotation-stats.js';
 import { Rotator } from '../../broker/rotation/rotator.js';
 import { KeySpace } from '../../broker/store/keys.js';

@@ -1,11 +1,12 @@
 import { describe, expect, it } from 'vitest';
 
+import { rotationPolicyOptions } from '../../broker/config.js';
 import { ConfigError } from '../../broker/errors.js';
 import {
   DEFAULT_ROTATION_POLICY,
   RotationPolicy,
   type RotationPolicyOptions,
-} from '../../broker/rotation-policy.js';
+} from '../../broker/rotation/rotation-policy.js';
 
 // Frozen clock: every time below is a fixed epoch-ms number.
 const T0 = 1_800_000_000_000;
@@ -225,37 +226,43 @@ describe('RotationPolicy options', () => {
     expect(new RotationPolicy({ ratio: undefined }).options).toEqual(DEFAULT_ROTATION_POLICY);
   });
 
-  it('names the option in each validation error', () => {
-    expect(configError(() => new RotationPolicy({ ratio: 1.2 })).message).toBe(
+  it('config checks the options: each validation error names the option', () => {
+    expect(configError(() => rotationPolicyOptions({ ratio: 1.2 })).message).toBe(
       'ratio must be between 0 and 1 (exclusive), got 1.2',
     );
-    expect(configError(() => new RotationPolicy({ ratio: 0 })).setting).toBe('ratio');
-    expect(configError(() => new RotationPolicy({ jitterRatio: 0.75 })).setting).toBe(
+    expect(configError(() => rotationPolicyOptions({ ratio: 0 })).setting).toBe('ratio');
+    expect(configError(() => rotationPolicyOptions({ jitterRatio: 0.75 })).setting).toBe(
       'jitterRatio',
     );
-    expect(configError(() => new RotationPolicy({ jitterRatio: -0.1 })).setting).toBe(
+    expect(configError(() => rotationPolicyOptions({ jitterRatio: -0.1 })).setting).toBe(
       'jitterRatio',
     );
-    expect(configError(() => new RotationPolicy({ minLeadMs: -1 })).setting).toBe('minLeadMs');
-    expect(configError(() => new RotationPolicy({ minAgeRatio: 1.5 })).setting).toBe('minAgeRatio');
-    expect(configError(() => new RotationPolicy({ retryBaseMs: 0 })).setting).toBe('retryBaseMs');
-    expect(configError(() => new RotationPolicy({ retryMaxMs: 100 })).setting).toBe('retryMaxMs');
-    expect(configError(() => new RotationPolicy({ maxRetryAfterMs: -1 })).setting).toBe(
+    expect(configError(() => rotationPolicyOptions({ minLeadMs: -1 })).setting).toBe('minLeadMs');
+    expect(configError(() => rotationPolicyOptions({ minAgeRatio: 1.5 })).setting).toBe(
+      'minAgeRatio',
+    );
+    expect(configError(() => rotationPolicyOptions({ retryBaseMs: 0 })).setting).toBe(
+      'retryBaseMs',
+    );
+    expect(configError(() => rotationPolicyOptions({ retryMaxMs: 100 })).setting).toBe(
+      'retryMaxMs',
+    );
+    expect(configError(() => rotationPolicyOptions({ maxRetryAfterMs: -1 })).setting).toBe(
       'maxRetryAfterMs',
     );
-    expect(configError(() => new RotationPolicy({ minLeadMs: Number.NaN })).message).toBe(
+    expect(configError(() => rotationPolicyOptions({ minLeadMs: Number.NaN })).message).toBe(
       'minLeadMs must be a finite number, got NaN',
     );
   });
 
   it('names the setting the caller says the option came from', () => {
     const names = { ratio: 'TB_REFRESH_RATIO', retryBaseMs: 'TB_RETRY_BASE_MS' };
-    const error = configError(() => new RotationPolicy({ ratio: 1.2 }, Math.random, names));
+    const error = configError(() => rotationPolicyOptions({ ratio: 1.2 }, names));
     expect(error.setting).toBe('TB_REFRESH_RATIO');
     expect(error.message).toBe('TB_REFRESH_RATIO must be between 0 and 1 (exclusive), got 1.2');
-    expect(
-      configError(() => new RotationPolicy({ retryMaxMs: 1 }, Math.random, names)).message,
-    ).toBe('retryMaxMs must be at least TB_RETRY_BASE_MS (500), got 1');
+    expect(configError(() => rotationPolicyOptions({ retryMaxMs: 1 }, names)).message).toBe(
+      'retryMaxMs must be at least TB_RETRY_BASE_MS (500), got 1',
+    );
   });
 
   it('keeps results in bounds when the random source misbehaves', () => {

@@ -4,7 +4,7 @@ import { beforeEach, describe, expect, it } from 'vitest';
 import { type IdpAdapter, type TokenSet } from '../../broker/idp/idp-adapter.js';
 import type { HeldLock, LockService } from '../../broker/lock/lock-service.js';
 import { MemoryLockService } from '../../broker/lock/memory-lock-service.js';
-import { RotationPolicy } from '../../broker/rotation-policy.js';
+import { RotationPolicy } from '../../broker/rotation/rotation-policy.js';
 import { RotationStats } from '../../broker/rotation/rotation-stats.js';
 import { Rotator, type RotatorOptions } from '../../broker/rotation/rotator.js';
 import { KeySpace } from '../../broker/store/keys.js';

@@ -1,5 +1,3 @@
-import { ConfigError } from './errors.js';
-
 /**
  * Every rotation timing decision the broker makes. Pure: times are epoch milliseconds passed in
  * by the caller, randomness is injected, and nothing here reads a clock or does I/O.
@@ -38,9 +36,6 @@ export const DEFAULT_ROTATION_POLICY: Readonly<RotationPolicyOptions> = Object.f
   expiryMarginMs: 2_000,
 });
 
-/** The setting each option came from (e.g. an environment variable), for error messages. */
-export type RotationPolicyNames = Partial<Record<keyof RotationPolicyOptions, string>>;
-
 /**
  * Decides when a session is due for rotation and when a failed rotation is retried.
  *
@@ -69,11 +64,8 @@ export class RotationPolicy {
   readonly options: Readonly<RotationPolicyOptions>;
   readonly #random: () => number;
 
-  constructor(
-    options: Partial<RotationPolicyOptions> = {},
-    random: () => number = Math.random,
-    names: RotationPolicyNames = {},
-  ) {
+  /** `options` are already valid (config.ts checks them at start-up); unset ones take defaults. */
+  constructor(options: Partial<RotationPolicyOptions> = {}, random: () => number = Math.random) {
     const merged: RotationPolicyOptions = { ...DEFAULT_ROTATION_POLICY };
     for (const [key, value] of Object.entries(options) as [
       keyof RotationPolicyOptions,
@@ -82,7 +74,6 @@ export class RotationPolicy {
       // An unset setting arrives as undefined and keeps its default.
       if (value !== undefined) merged[key] = value as number;
     }
-    validate(merged, (key) => names[key] ?? key);
     this.options = Object.freeze(merged);
     this.#random = random;
   }
@@ -133,33 +124,6 @@ export class RotationPolicy {
     const value = this.#random();
     return Number.isFinite(value) ? Math.min(1, Math.max(0, value)) : 0;
   }
-}
-
-function validate(
-  o: RotationPolicyOptions,
-  name: (key: keyof RotationPolicyOptions) => string,
-): void {
-  const fail = (key: keyof RotationPolicyOptions, problem: string): never => {
-    throw new ConfigError(name(key), `${problem}, got ${String(o[key])}`);
-  };
-  for (const key of Object.keys(o) as (keyof RotationPolicyOptions)[]) {
-    if (typeof o[key] !== 'number' || !Number.isFinite(o[key]))
-      fail(key, 'must be a finite number');
-  }
-  if (!(o.ratio > 0 && o.ratio < 1)) fail('ratio', 'must be between 0 and 1 (exclusive)');
-  if (!(o.jitterRatio >= 0 && o.jitterRatio < o.ratio)) {
-    fail('jitterRatio', `must be at least 0 and below ${name('ratio')} (${o.ratio})`);
-  }
-  if (!(o.minLeadMs >= 0)) fail('minLeadMs', 'must be at least 0');
-  if (!(o.minAgeRatio >= 0 && o.minAgeRatio <= 1)) {
-    fail('minAgeRatio', 'must be between 0 and 1 (inclusive)');
-  }
-  if (!(o.retryBaseMs >= 1)) fail('retryBaseMs', 'must be at least 1');
-  if (!(o.retryMaxMs >= o.retryBaseMs)) {
-    fail('retryMaxMs', `must be at least ${name('retryBaseMs')} (${o.retryBaseMs})`);
-  }
-  if (!(o.maxRetryAfterMs >= 0)) fail('maxRetryAfterMs', 'must be at least 0');
-  if (!(o.expiryMarginMs >= 0)) fail('expiryMarginMs', 'must be at least 0');
 }
 
 function requireFinite(what: string, value: number): void {
