@@ -14,11 +14,11 @@
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { BrokerClient } from '../test/harness/broker-client.js';
-import { brokerEnv } from '../test/harness/broker-env.js';
-import { startBrokerProcess } from '../test/harness/broker-process.js';
-import { startOidcProvider } from '../test/harness/oidc-provider.js';
-import { startSidecarProcess, TOKEN_HEADER } from '../test/harness/sidecar-process.js';
+import { BrokerClient } from '../scripts/dev/broker-client.js';
+import { brokerEnv } from '../scripts/dev/broker-env.js';
+import { startBrokerProcess } from '../scripts/dev/broker-process.js';
+import { startOidcProvider } from '../scripts/dev/oidc-provider.js';
+import { startSidecarProcess, TOKEN_HEADER } from '../scripts/dev/sidecar-process.js';
 import { percentile, runLoad, type LoadResult } from './load-generator.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 5);

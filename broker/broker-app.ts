@@ -1,3 +1,4 @@
+import type { Meter } from '@opentelemetry/api';
 import type { Logger } from 'pino';
 import { BrokerMetrics } from './broker-metrics.js';
 import type { BrokerConfig } from './config.js';
@@ -10,7 +11,6 @@ import { MemoryLockService } from './lock/memory-lock-service.js';
 import { RedlockLockService } from './lock/redlock-lock-service.js';
 import { RotationPolicy } from './rotation/rotation-policy.js';
 import { DueWorker } from './rotation/due-worker.js';
-import { RotationStats } from './rotation/rotation-stats.js';
 import { Rotator } from './rotation/rotator.js';
 import { generateSealingKey, parseSealingKeys, Sealer } from './sealing.js';
 import { SessionService } from './session-service.js';
@@ -22,7 +22,6 @@ import { WatchHub } from './watch-hub.js';
 
 export interface RunningBroker {
   port: number;
-  stats: RotationStats;
   service: SessionService;
   /** Graceful stop: stop claiming, finish rotations, release locks, end streams. */
   stop(): Promise<void>;
@@ -32,6 +31,8 @@ export interface BrokerOverrides {
   /** Replace the configured IdP adapters (tests). */
   idps?: ReadonlyMap<string, IdpAdapter>;
   clock?: () => number;
+  /** Where the broker's instruments live (tests and the demo read them back); default global. */
+  meter?: Meter;
 }
 
 export async function startBroker(
@@ -88,8 +89,7 @@ export async function startBroker(
   const idpTimeoutMs = Math.max(...config.idps.map((idp) => idp.timeoutMs));
   const secrets = config.secretsDir ? new LoginSecrets(config.secretsDir) : undefined;
   const policy = new RotationPolicy(config.rotation);
-  const stats = new RotationStats();
-  const metrics = new BrokerMetrics();
+  const metrics = new BrokerMetrics(overrides.meter);
   const clock = overrides.clock ?? Date.now;
   const rotator = new Rotator(
     {
@@ -100,7 +100,7 @@ export async function startBroker(
       busyRetryMs: 250,
       persistRetryMs: config.persistRetryMs,
     },
-    { store, locks, keys, idps, policy, stats, metrics, log, clock, secrets },
+    { store, locks, keys, idps, policy, metrics, log, clock, secrets },
   );
   const hub = new WatchHub(store, log);
   metrics.observe({ sessionCounts: () => store.sessionCounts(), watchers: () => hub.watcherCount });
@@ -142,5 +142,5 @@ export async function startBroker(
       await locks.close();
       log.info('broker stopped');
     })());
-  return { port, stats, service, stop };
+  return { port, service, stop };
 }

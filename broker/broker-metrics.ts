@@ -31,6 +31,8 @@ const ROTATION_OUTCOMES = [
   'error',
 ];
 
+const INTROSPECTION_RESULTS = ['active', 'consumed', 'unknown', 'failed'] as const;
+
 const SECONDS_FAST = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
 const SECONDS_IDP = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 const SECONDS_LAG = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
@@ -42,6 +44,8 @@ export class BrokerMetrics {
   private readonly dueLagSeconds;
   private readonly reuseSuspicions;
   private readonly persistFailures;
+  private readonly takeovers;
+  private readonly introspections;
 
   constructor(private readonly meter: Meter = metrics.getMeter('token-broker')) {
     this.rotations = meter.createCounter('tb_broker_rotations', {
@@ -69,7 +73,17 @@ export class BrokerMetrics {
     this.persistFailures = meter.createCounter('tb_broker_persist_failures', {
       description: 'The IdP answered but the new token pair could not be stored.',
     });
+    this.takeovers = meter.createCounter('tb_broker_takeovers', {
+      description:
+        'Rotations that took over a presentation whose replica ended without an outcome (died?).',
+    });
+    this.introspections = meter.createCounter('tb_broker_introspections', {
+      description:
+        'IdP introspections of a refresh token whose last presentation had no known outcome, by result (active, consumed, unknown, failed).',
+    });
     for (const outcome of ROTATION_OUTCOMES) this.rotations.add(0, { outcome });
+    for (const result of INTROSPECTION_RESULTS) this.introspections.add(0, { result });
+    this.takeovers.add(0);
     this.reuseSuspicions.add(0);
     this.persistFailures.add(0);
   }
@@ -96,6 +110,14 @@ export class BrokerMetrics {
 
   persistFailure(): void {
     this.persistFailures.add(1);
+  }
+
+  takeover(): void {
+    this.takeovers.add(1);
+  }
+
+  introspection(result: (typeof INTROSPECTION_RESULTS)[number]): void {
+    this.introspections.add(1, { result });
   }
 
   /** Registers the gauges; a failed read skips that collection instead of failing it. */

@@ -28,6 +28,7 @@ import {
   type StoredSession,
 } from './store/session-record.js';
 import type { SessionStore } from './store/session-store.js';
+import { enrolled, reactivated, revoked, type FamilySeed } from './session-transitions.js';
 import type { WatchHub } from './watch-hub.js';
 
 export interface SessionServiceOptions {
@@ -58,8 +59,11 @@ export interface EnrollInput extends Partial<SessionRef> {
   refreshToken?: string | undefined;
 }
 
+/** What the session service needs of the store. */
+export type SessionServiceStore = Pick<SessionStore, 'get' | 'commit' | 'touch' | 'list'>;
+
 export interface SessionServiceDeps {
-  store: SessionStore;
+  store: SessionServiceStore;
   locks: LockService;
   keys: KeySpace;
   idps: ReadonlyMap<string, IdpAdapter>;
@@ -132,7 +136,7 @@ export class SessionService {
     if (credential.kind === 'token_exchange')
       return this.enrollByExchange(ref, idpName, idp, credential);
 
-    let seed: Pick<SessionRecord, 'refreshToken' | 'login'>;
+    let seed: FamilySeed;
     if (credential.kind === 'refresh_token') {
       if (!credential.refreshToken) throw new InvalidArgumentError('refresh_token', 'is required');
       seed = { refreshToken: credential.refreshToken, login: undefined };
@@ -231,52 +235,28 @@ export class SessionService {
   private replaceFamily(
     ref: SessionRef,
     idp: string,
-    seed: Pick<SessionRecord, 'refreshToken' | 'login'>,
+    seed: FamilySeed,
     now: number,
     tokens?: TokenSet,
   ): Promise<number> {
     return this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
-      const existing = await this.deps.store.get(ref);
-      const previous = existing?.record;
-      const base: SessionRecord = {
-        tenant: ref.tenant,
-        user: ref.user,
-        idp,
-        generation: previous?.generation ?? 0,
-        status: 'ACTIVE',
-        accessToken: previous?.accessToken ?? '',
-        tokenType: previous?.tokenType ?? 'Bearer',
-        accessExpiresAt: previous?.accessExpiresAt ?? 0,
-        refreshToken: seed.refreshToken,
-        refreshExpiresAt: 0,
-        issuedAt: previous?.issuedAt ?? 0,
-        nextRefreshAt: now,
-        lastErrorCode: '',
-        failedAttempts: 0,
-        traceparent: currentTraceparent(),
-        login: seed.login,
-        reloginStreak: 0,
+      const previous = (await this.deps.store.get(ref))?.record;
+      const issued = tokens && {
+        tokens,
+        nextRefreshAt: this.deps.rotator.nextRefreshAt(now, tokens.accessExpiresAt),
       };
-      const record: SessionRecord = tokens
-        ? {
-            ...base,
-            generation: base.generation + 1,
-            accessToken: tokens.accessToken,
-            tokenType: tokens.tokenType,
-            accessExpiresAt: tokens.accessExpiresAt,
-            refreshExpiresAt: tokens.refreshExpiresAt ?? 0,
-            issuedAt: now,
-            nextRefreshAt: this.deps.rotator.nextRefreshAt(now, tokens.accessExpiresAt),
-          }
-        : base;
-      const written = await this.deps.store.write(
-        record,
-        previous ? previous.generation : null,
-        now,
+      const transition = enrolled(
+        ref,
+        idp,
+        seed,
+        previous,
+        { now, traceparent: currentTraceparent() },
+        issued,
       );
-      if (!written) throw new UnavailableError('session changed during enrollment; retry');
-      await this.deps.store.schedule(ref, record.nextRefreshAt);
-      return record.generation;
+      const expected = previous ? previous.generation : null;
+      if (!(await this.deps.store.commit(transition, expected, now)))
+        throw new UnavailableError('session changed during enrollment; retry');
+      return transition.next.generation;
     });
   }
 
@@ -324,22 +304,13 @@ export class SessionService {
   async revoke(input: Partial<SessionRef>): Promise<SessionMetadata> {
     this.checkOpen();
     const ref = validateRef(input);
-    const revoked = await this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
+    const done = await this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
       const stored = await this.mustGet(ref);
       const record = stored.record;
       if (record.status === 'REVOKED') return stored;
-      const next: SessionRecord = {
-        ...record,
-        generation: record.generation + 1,
-        status: 'REVOKED',
-        accessToken: '',
-        refreshToken: '',
-        nextRefreshAt: 0,
-        traceparent: currentTraceparent(),
-      };
-      if (!(await this.deps.store.write(next, record.generation, this.clock())))
+      const transition = revoked(record, currentTraceparent());
+      if (!(await this.deps.store.commit(transition, record.generation, this.clock())))
         throw new UnavailableError('session changed during revocation; retry');
-      await this.deps.store.unschedule(ref);
       const idp = this.deps.idps.get(record.idp);
       if (idp && record.refreshToken) {
         const signal = AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000);
@@ -350,9 +321,9 @@ export class SessionService {
           );
         });
       }
-      return { ...stored, record: next };
+      return { ...stored, record: transition.next };
     });
-    return metadataOf(revoked);
+    return metadataOf(done);
   }
 
   async list(
@@ -446,17 +417,10 @@ export class SessionService {
       const current = await this.mustGet(ref);
       if (current.record.status !== 'IDLE') return current;
       const now = this.clock();
-      const next: SessionRecord = {
-        ...current.record,
-        generation: current.record.generation + 1,
-        status: 'ACTIVE',
-        nextRefreshAt: now,
-        traceparent: currentTraceparent(),
-      };
-      if (!(await this.deps.store.write(next, current.record.generation, now)))
+      const transition = reactivated(current.record, now, currentTraceparent());
+      if (!(await this.deps.store.commit(transition, current.record.generation, now)))
         return this.mustGet(ref);
-      await this.deps.store.schedule(ref, now);
-      return { ...current, record: next };
+      return { ...current, record: transition.next };
     });
   }
 

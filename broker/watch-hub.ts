@@ -4,6 +4,9 @@ import { KeySpace } from './store/keys.js';
 import type { SessionEvent, SessionRecord, SessionRef } from './store/session-record.js';
 import type { SessionStore } from './store/session-store.js';
 
+/** What the hub reads: one session's current state. */
+export type WatchHubStore = Pick<SessionStore, 'get'>;
+
 /** One watcher of sessions (a Watch stream). It keeps only the newest pending state. */
 export interface WatchSink {
   deliver(record: SessionRecord): void;
@@ -30,7 +33,7 @@ export class WatchHub {
   private readonly watched = new Map<string, Watched>();
 
   constructor(
-    private readonly store: SessionStore,
+    private readonly store: WatchHubStore,
     private readonly log: Logger,
   ) {}
 

@@ -17,9 +17,10 @@ import { startBroker, type RunningBroker } from '../broker/broker-app.js';
 import { loadConfig } from '../broker/config.js';
 import { loadSidecarConfig } from '../sidecar/config.js';
 import { startSidecar, type RunningSidecar } from '../sidecar/sidecar-app.js';
-import { BrokerClient } from '../test/harness/broker-client.js';
-import { startOidcProvider, type OidcProviderHarness } from '../test/harness/oidc-provider.js';
-import { startResourceServer } from '../test/harness/resource-server.js';
+import { MetricSnapshot } from '../shared/telemetry/metric-snapshot.js';
+import { BrokerClient } from './dev/broker-client.js';
+import { startOidcProvider, type OidcProviderHarness } from './dev/oidc-provider.js';
+import { startResourceServer } from './dev/resource-server.js';
 
 const MODE = process.env.MODE === 'naive' ? 'naive' : 'broker';
 const SECONDS = positive('DEMO_SECONDS', 60);
@@ -150,6 +151,8 @@ console.log(
 );
 
 let broker: RunningBroker | undefined;
+// The broker's own instruments, read back for the status line and the summary.
+const brokerMetrics = new MetricSnapshot();
 const sidecars: RunningSidecar[] = [];
 const minted = await oidc.mintTokens(USER);
 const started = Date.now();
@@ -169,6 +172,7 @@ if (MODE === 'broker') {
       TB_LOG_LEVEL: 'error',
     }),
     pino({ level: 'error' }),
+    { meter: brokerMetrics.meter },
   );
   const client = new BrokerClient(`127.0.0.1:${broker.port}`);
   await client.enroll(TENANT, USER, minted.refresh_token);
@@ -198,8 +202,10 @@ if (MODE === 'broker') {
 
 const tty = process.stdout.isTTY;
 let lastPrinted = 0;
-const ticker = setInterval(() => {
-  const rotations = broker?.stats.rotations ?? oidc.counters.refreshes;
+const ticker = setInterval(async () => {
+  const rotations = broker
+    ? await brokerMetrics.value('tb_broker_rotations', { outcome: 'rotated' })
+    : oidc.counters.refreshes;
   if (tty) process.stdout.write(`\r${statusLine(started, rotations)}`);
   else if (Date.now() - lastPrinted >= 5_000) {
     lastPrinted = Date.now();
@@ -210,7 +216,9 @@ await Promise.all(jobs);
 clearInterval(ticker);
 if (tty) process.stdout.write('\n');
 
-const rotations = broker?.stats.rotations ?? oidc.counters.refreshes;
+const rotations = broker
+  ? await brokerMetrics.value('tb_broker_rotations', { outcome: 'rotated' })
+  : oidc.counters.refreshes;
 for (const sidecar of sidecars) await sidecar.stop();
 await broker?.stop();
 await resource.close();

@@ -3,6 +3,9 @@ import { BrokerMetrics } from '../broker-metrics.js';
 import type { SessionStore } from '../store/session-store.js';
 import type { Rotator } from './rotator.js';
 
+/** What the worker needs of the store: the due queue only. */
+export type DueQueue = Pick<SessionStore, 'claimDue' | 'schedule' | 'nextDueAt'>;
+
 export interface DueWorkerOptions {
   /** Longest sleep between claims when nothing is due sooner. */
   pollIntervalMs: number;
@@ -23,8 +26,8 @@ export class DueWorker {
 
   constructor(
     private readonly options: DueWorkerOptions,
-    private readonly store: SessionStore,
-    private readonly rotator: Rotator,
+    private readonly store: DueQueue,
+    private readonly rotator: Pick<Rotator, 'rotate'>,
     private readonly log: Logger,
     private readonly clock: () => number = Date.now,
     private readonly metrics: BrokerMetrics = new BrokerMetrics(),

@@ -9,8 +9,17 @@ import { type IdpAdapter, type IdpContext, type TokenSet } from '../idp/idp-adap
 import { type LoginSecrets } from '../idp/login-secrets.js';
 import { type LockService, type HeldLock } from '../lock/lock-service.js';
 import type { RotationPolicy } from './rotation-policy.js';
+import {
+  familyForgotten,
+  idle,
+  reauthRequired,
+  retryScheduled,
+  rotated,
+  type Transition,
+} from '../session-transitions.js';
 import { KeySpace } from '../store/keys.js';
 import {
+  errorCode,
   IdpInvalidClientError,
   IdpInvalidGrantError,
   IdpLoginRejectedError,
@@ -19,15 +28,10 @@ import {
   LoginSecretError,
 } from '../errors.js';
 import type { SessionRecord, SessionRef, StoredSession } from '../store/session-record.js';
-import type { SessionStore } from '../store/session-store.js';
-import type { RotationStats } from './rotation-stats.js';
+import type { MarkResult, SessionStore } from '../store/session-store.js';
+import { presentationGate, type RotationDemand } from './presentation-gate.js';
 
-/** Why a rotation is asked for. */
-export type RotationDemand =
-  /** The due queue says so: rotate if the session is still due. */
-  | { kind: 'due' }
-  /** A caller holds `generation` and needs a newer one: rotate only if it is still current. */
-  | { kind: 'generation'; generation: number };
+export type { RotationDemand };
 
 export type RotationOutcome =
   | 'rotated'
@@ -75,13 +79,18 @@ export interface RotatorOptions {
   maxRelogins?: number;
 }
 
+/** What the rotator needs of the store. */
+export type RotatorStore = Pick<
+  SessionStore,
+  'get' | 'commit' | 'markInflight' | 'schedule' | 'unschedule'
+>;
+
 export interface RotatorDeps {
-  store: SessionStore;
+  store: RotatorStore;
   locks: LockService;
   keys: KeySpace;
   idps: ReadonlyMap<string, IdpAdapter>;
   policy: RotationPolicy;
-  stats: RotationStats;
   /** OpenTelemetry instruments (default: on the global meter). */
   metrics?: BrokerMetrics;
   log: Logger;
@@ -150,7 +159,6 @@ export class Rotator {
       try {
         result = await this.deps.locks.withLock(this.deps.keys.lock(ref), async (lock) => {
           const waited = this.clock() - requestedAt;
-          this.deps.stats.lockWaitMs.push(waited);
           this.metrics.lockWait(waited);
           span.setAttribute(ATTR.lockWaitMs, waited);
           const stored = await this.deps.store.get(ref);
@@ -173,6 +181,10 @@ export class Rotator {
     });
   }
 
+  /**
+   * Steps 3 to 5 of the rotation, under the lock: the gate (may this attempt present?), claiming
+   * the presentation, the orphan check, presenting once, committing the outcome.
+   */
   private async rotateHeld(
     ref: SessionRef,
     demand: RotationDemand,
@@ -182,137 +194,168 @@ export class Rotator {
     const { store, log } = this.deps;
     const record = stored.record;
     const now = this.clock();
-    if (record.status !== 'ACTIVE') {
-      await store.unschedule(ref);
-      return { outcome: 'inactive', record };
-    }
-    if (demand.kind === 'generation' && record.generation !== demand.generation)
-      return { outcome: 'not-needed', record };
-    if (demand.kind === 'due') {
-      if (stored.lastUsedAt + this.options.idleTimeoutMs < now) return this.goIdle(record, now);
-      // An attempt that started and never finished (its replica died) must be resolved now.
-      const unfinished = stored.inflight?.generation === record.generation;
-      if (record.nextRefreshAt > now && !unfinished) {
-        await store.schedule(ref, record.nextRefreshAt);
+    const gate = presentationGate(stored, demand, lock.validUntil(), now, this.options);
+    switch (gate.kind) {
+      case 'inactive':
+        await store.unschedule(ref);
+        return { outcome: 'inactive', record };
+      case 'stale':
         return { outcome: 'not-needed', record };
-      }
+      case 'idle':
+        return this.goIdle(record, now);
+      case 'not-due':
+        await store.schedule(ref, gate.dueAt);
+        return { outcome: 'not-needed', record };
+      case 'lock-too-short':
+        await store.schedule(ref, gate.retryAt);
+        return { outcome: 'busy', record };
     }
+    const claim = await this.claimPresentation(ref, record, gate.deadline, lock, now);
+    if (claim.kind === 'stale') return { outcome: 'not-needed', record };
+    if (claim.kind === 'busy') return { outcome: 'busy', record };
 
-    // Present the token only if the call can finish, or be aborted, well before the lock ends.
-    const deadline = now + this.options.idpTimeoutMs;
-    if (lock.validUntil() - this.options.lockMarginMs < deadline) {
-      await store.schedule(ref, now + this.options.busyRetryMs);
-      return { outcome: 'busy', record };
+    const idp = this.deps.idps.get(record.idp);
+    if (!idp) {
+      log.error({ tenant: ref.tenant, idp: record.idp }, 'session names an unknown IdP');
+      return this.failTransient(record, now, 'IDP_UNKNOWN', undefined, false);
     }
-    const attemptId = randomUUID();
+    const call: IdpCall = {
+      idp,
+      signal: AbortSignal.any([lock.signal, AbortSignal.timeout(gate.deadline - now)]),
+      context: { tenant: record.tenant, user: record.user },
+      deadline: gate.deadline,
+    };
+    // No refresh token: a login session that has not logged in yet, or whose family ended.
+    const loggingIn = record.refreshToken === '';
+    if ((claim.tookOver || record.outcomeUnknown) && !loggingIn && idp.isActive) {
+      const resolved = await this.checkOrphan(ref, stored, lock, call);
+      if (resolved) return resolved;
+    }
+    return this.presentOnce(ref, stored, lock, call, loggingIn);
+  }
+
+  /**
+   * Marks the presentation in flight (compare-and-set on the generation, with the call's
+   * deadline), so no replica presents the same token while this call could still be running.
+   */
+  private async claimPresentation(
+    ref: SessionRef,
+    record: SessionRecord,
+    deadline: number,
+    lock: HeldLock,
+    now: number,
+  ): Promise<MarkResult> {
+    const { store, log } = this.deps;
     const mark = await store.markInflight(
       ref,
-      { generation: record.generation, deadline, replica: this.options.replica, attemptId },
+      {
+        generation: record.generation,
+        deadline,
+        replica: this.options.replica,
+        attemptId: randomUUID(),
+      },
       now,
     );
-    if (mark.kind === 'stale') return { outcome: 'not-needed', record };
-    if (mark.kind === 'busy') {
-      await store.schedule(ref, mark.until + this.options.busyRetryMs);
-      return { outcome: 'busy', record };
-    }
+    if (mark.kind === 'busy') await store.schedule(ref, mark.until + this.options.busyRetryMs);
+    if (mark.kind !== 'marked') return mark;
     // If this replica dies mid-call, the session comes back to the due queue as soon as
     // another replica could take the lock, instead of waiting for its next due time.
     await store.schedule(ref, lock.validUntil() + this.options.busyRetryMs);
     if (mark.tookOver) {
-      this.deps.stats.takeovers += 1;
+      this.metrics.takeover();
       log.warn(
         { tenant: ref.tenant, generation: record.generation },
         'taking over a rotation whose earlier attempt ended without an outcome (replica died?)',
       );
     }
+    return mark;
+  }
 
-    const idp = this.deps.idps.get(record.idp);
-    if (!idp) {
-      log.error({ tenant: ref.tenant, idp: record.idp }, 'session names an unknown IdP');
-      return this.failTransient(record, now, 'IDP_UNKNOWN', undefined);
+  /**
+   * The last presentation of this token has no known outcome. Ask before presenting it again: if
+   * the IdP consumed it, presenting it would be a reuse that revokes the family. Returns the
+   * result when the question settles the attempt, undefined when the token may be presented.
+   */
+  private async checkOrphan(
+    ref: SessionRef,
+    stored: StoredSession,
+    lock: HeldLock,
+    call: IdpCall,
+  ): Promise<RotationResult | undefined> {
+    const { store, log } = this.deps;
+    const record = stored.record;
+    let active: boolean | undefined;
+    try {
+      active = await inSpan('idp.introspect', { [ATTR.idp]: call.idp.name }, () =>
+        call.idp.isActive!(record.refreshToken, call.signal, call.context),
+      );
+    } catch (err) {
+      this.metrics.introspection('failed');
+      // Keep the marker, so the next attempt asks again instead of presenting blindly.
+      const at = this.deps.policy.retryAt(this.clock(), record.failedAttempts + 1, undefined, 0);
+      await store.schedule(ref, Math.max(at, call.deadline + this.options.busyRetryMs));
+      log.warn(
+        { tenant: ref.tenant, err: err instanceof Error ? err.message : String(err) },
+        'could not ask the IdP whether an orphaned refresh token is still unused; will ask again',
+      );
+      return { outcome: 'retry-scheduled', record, errorCode: 'IDP_UNAVAILABLE' };
     }
-    const signal = AbortSignal.any([lock.signal, AbortSignal.timeout(deadline - now)]);
-    const context: IdpContext = { tenant: record.tenant, user: record.user };
-    // No refresh token: a login session that has not logged in yet, or whose family ended.
-    const loggingIn = record.refreshToken === '';
+    if (active !== false) {
+      this.metrics.introspection(active ? 'active' : 'unknown');
+      return undefined;
+    }
+    this.metrics.introspection('consumed');
+    const lost = new IdpInvalidGrantError(
+      'the refresh token was consumed by an attempt whose answer was lost (its replica died)',
+    );
+    if (this.mayLogInAgain(record, lost)) return this.logInAgain(ref, stored, lock, lost);
+    return this.onIdpFailure(record, lost);
+  }
+
+  /** Presents the refresh token (or logs in) exactly once, then commits what the IdP said. */
+  private async presentOnce(
+    ref: SessionRef,
+    stored: StoredSession,
+    lock: HeldLock,
+    call: IdpCall,
+    loggingIn: boolean,
+  ): Promise<RotationResult> {
+    const record = stored.record;
+    const { idp, signal, context } = call;
     const kind = loggingIn ? 'login' : 'refresh';
-    if ((mark.tookOver || record.outcomeUnknown) && !loggingIn && idp.isActive) {
-      // The last presentation of this token has no known outcome. Ask before presenting it
-      // again: if the IdP consumed it, presenting it would be a reuse that revokes the family.
-      let active: boolean | undefined;
-      try {
-        active = await inSpan('idp.introspect', { [ATTR.idp]: idp.name }, () =>
-          idp.isActive!(record.refreshToken, signal, context),
-        );
-      } catch (err) {
-        // Keep the marker, so the next attempt asks again instead of presenting blindly.
-        const at = this.deps.policy.retryAt(this.clock(), record.failedAttempts + 1, undefined, 0);
-        await store.schedule(ref, Math.max(at, deadline + this.options.busyRetryMs));
-        log.warn(
-          { tenant: ref.tenant, err: err instanceof Error ? err.message : String(err) },
-          'could not ask the IdP whether an orphaned refresh token is still unused; will ask again',
-        );
-        return { outcome: 'retry-scheduled', record, errorCode: 'IDP_UNAVAILABLE' };
-      }
-      this.deps.stats.introspections += 1;
-      if (active === false) {
-        this.deps.stats.consumedByLostAttempt += 1;
-        const lost = new IdpInvalidGrantError(
-          'the refresh token was consumed by an attempt whose answer was lost (its replica died)',
-        );
-        if (this.mayLogInAgain(record, lost))
-          return this.logInAgain(ref, stored, record, lock, lost);
-        return this.onIdpFailure(record, lost);
-      }
-    }
-    let tokens: TokenSet;
     const rotation = trace.getActiveSpan();
     const callStart = this.clock();
     const called = (outcome: string) => {
       const ms = this.clock() - callStart;
-      this.deps.stats.idpLatencyMs.push(ms);
       this.metrics.idpCall(kind, outcome, ms);
       rotation?.setAttributes({ [ATTR.idpLatencyMs]: ms, [ATTR.idp]: idp.name });
     };
+    let tokens: TokenSet;
     try {
-      this.deps.stats.idpCalls += 1;
       tokens = await inSpan(`idp.${kind}`, { [ATTR.idp]: idp.name }, () =>
         loggingIn
           ? this.logIn(idp, record, signal, context)
           : idp.refresh(record.refreshToken, signal, context),
       );
     } catch (err) {
-      called((err as { code?: string }).code ?? 'INTERNAL');
+      called(errorCode(err));
       if (!loggingIn && this.mayLogInAgain(record, err))
-        return this.logInAgain(ref, stored, record, lock, err as IdpInvalidGrantError);
+        return this.logInAgain(ref, stored, lock, err as IdpInvalidGrantError);
       return this.onIdpFailure(record, err);
     }
     called('ok');
     if (loggingIn)
-      log.info(
+      this.deps.log.info(
         { tenant: ref.tenant, generation: record.generation + 1 },
         'logged in: a new token family',
       );
-    const next: SessionRecord = {
-      ...record,
-      generation: record.generation + 1,
-      status: 'ACTIVE',
-      accessToken: tokens.accessToken,
-      tokenType: tokens.tokenType,
-      accessExpiresAt: tokens.accessExpiresAt,
-      refreshToken: tokens.refreshToken ?? record.refreshToken,
-      refreshExpiresAt:
-        tokens.refreshExpiresAt ?? (tokens.refreshToken ? 0 : record.refreshExpiresAt),
+    const transition = rotated(record, tokens, {
       issuedAt: callStart,
       nextRefreshAt: this.deps.policy.nextRefreshAt(callStart, tokens.accessExpiresAt),
-      lastErrorCode: '',
-      failedAttempts: 0,
       traceparent: currentTraceparent(),
-      // Only a refresh that worked proves the family lives; a login alone does not.
-      reloginStreak: loggingIn ? record.reloginStreak : 0,
-      outcomeUnknown: false,
-    };
-    return this.persist(next, record.generation, lock);
+      loggedIn: loggingIn,
+    });
+    return this.persist(transition, record.generation, lock);
   }
 
   private async logIn(
@@ -351,32 +394,23 @@ export class Rotator {
   private async logInAgain(
     ref: SessionRef,
     stored: StoredSession,
-    record: SessionRecord,
     lock: HeldLock,
     err: IdpInvalidGrantError,
   ): Promise<RotationResult> {
-    const { store, log } = this.deps;
+    const record = stored.record;
     const now = this.clock();
-    const next: SessionRecord = {
-      ...record,
-      refreshToken: '',
-      refreshExpiresAt: 0,
-      reloginStreak: (record.reloginStreak ?? 0) + 1,
-      nextRefreshAt: now,
-      lastErrorCode: err.code,
-    };
-    log.warn(
-      { tenant: ref.tenant, generation: record.generation, relogins: next.reloginStreak },
+    const forgotten = familyForgotten(record, err.code, now);
+    this.deps.log.warn(
+      { tenant: ref.tenant, generation: record.generation, relogins: forgotten.next.reloginStreak },
       'token family ended (invalid_grant): logging in again with the enrolled login',
     );
-    // Same generation: nothing to publish; the write also clears the in-flight marker.
-    if (!(await store.write(next, record.generation, now)))
+    // Same generation: nothing to publish; the commit also clears the in-flight marker.
+    if (!(await this.deps.store.commit(forgotten, record.generation, now)))
       return { outcome: 'not-needed', record: undefined };
-    await store.schedule(ref, now);
     return this.rotateHeld(
       ref,
       { kind: 'generation', generation: record.generation },
-      { ...stored, record: next, inflight: undefined },
+      { ...stored, record: forgotten.next, inflight: undefined },
       lock,
     );
   }
@@ -386,39 +420,40 @@ export class Rotator {
    * until `persistRetryMs` passes or the lock is lost: the old refresh token is consumed, so the
    * new pair is the session's only future.
    */
-  private persist(next: SessionRecord, expected: number, lock: HeldLock): Promise<RotationResult> {
-    return inSpan('broker.persist', { [ATTR.generation]: next.generation }, (span) =>
-      this.persistHeld(next, expected, lock, span),
+  private persist(
+    transition: Transition,
+    expected: number,
+    lock: HeldLock,
+  ): Promise<RotationResult> {
+    return inSpan('broker.persist', { [ATTR.generation]: transition.next.generation }, (span) =>
+      this.persistHeld(transition, expected, lock, span),
     );
   }
 
   private async persistHeld(
-    next: SessionRecord,
+    transition: Transition,
     expected: number,
     lock: HeldLock,
     span: Span,
   ): Promise<RotationResult> {
-    const { store, log, stats } = this.deps;
+    const { store, log } = this.deps;
+    const next = transition.next;
     const giveUpAt = this.clock() + (this.options.persistRetryMs ?? 30_000);
     for (let attempt = 1; ; attempt++) {
       try {
-        const written = await store.write(next, expected, this.clock());
-        if (!written) {
-          // Under a held lock the generation cannot move: someone presented beside us.
-          stats.reuseSuspicions += 1;
-          this.metrics.reuseSuspicion();
-          markFailed(span, undefined, 'PERSIST_CONFLICT');
-          log.error(
-            { tenant: next.tenant, generation: expected },
-            'generation moved during a locked rotation: possible double presentation',
-          );
-          return { outcome: 'persist-failed', record: undefined, errorCode: 'PERSIST_CONFLICT' };
-        }
-        break;
+        if (await store.commit(transition, expected, this.clock()))
+          return { outcome: 'rotated', record: next };
+        // Under a held lock the generation cannot move: someone presented beside us.
+        this.metrics.reuseSuspicion();
+        markFailed(span, undefined, 'PERSIST_CONFLICT');
+        log.error(
+          { tenant: next.tenant, generation: expected },
+          'generation moved during a locked rotation: possible double presentation',
+        );
+        return { outcome: 'persist-failed', record: undefined, errorCode: 'PERSIST_CONFLICT' };
       } catch (err) {
         const wait = Math.min(2_000, 100 * 2 ** (attempt - 1));
         if (lock.signal.aborted || this.clock() + wait > giveUpAt) {
-          stats.persistFailures += 1;
           this.metrics.persistFailure();
           markFailed(span, err);
           log.error(
@@ -434,36 +469,23 @@ export class Rotator {
         await new Promise((resolve) => setTimeout(resolve, wait));
       }
     }
-    stats.rotations += 1;
-    await store.schedule(next, next.nextRefreshAt);
-    return { outcome: 'rotated', record: next };
   }
 
   private async onIdpFailure(record: SessionRecord, err: unknown): Promise<RotationResult> {
     const { store, log } = this.deps;
     const now = this.clock();
     if (err instanceof IdpInvalidGrantError || err instanceof IdpLoginRejectedError) {
-      this.deps.stats.reauth += 1;
       log.warn(
         { tenant: record.tenant, generation: record.generation, code: err.code },
         err instanceof IdpLoginRejectedError
           ? 'login refused by the IdP: session needs re-enrollment'
           : 'refresh token rejected (invalid_grant): session needs re-authentication',
       );
-      const next: SessionRecord = {
-        ...record,
-        generation: record.generation + 1,
-        status: 'REAUTH_REQUIRED',
-        nextRefreshAt: 0,
-        lastErrorCode: err.code,
-        failedAttempts: record.failedAttempts + 1,
-        traceparent: currentTraceparent(),
-      };
-      const written = await store.write(next, record.generation, now);
-      await store.unschedule(record);
+      const transition = reauthRequired(record, err.code, currentTraceparent());
+      const written = await store.commit(transition, record.generation, now);
       return {
         outcome: 'reauth-required',
-        record: written ? next : undefined,
+        record: written ? transition.next : undefined,
         errorCode: err.code,
       };
     }
@@ -481,22 +503,16 @@ export class Rotator {
       log.warn(
         {
           tenant: record.tenant,
-          code: (err as { code?: string }).code,
+          code: errorCode(err),
           err: err instanceof Error ? err.message : String(err),
         },
         'refresh failed, will retry',
       );
     }
-    const code = (err as { code?: string }).code ?? 'INTERNAL';
     const retryAfter = err instanceof IdpTransientError ? err.retryAfterMs : undefined;
     // Sent, but no answer: the token may be consumed. The next attempt asks before presenting.
     const unknown = err instanceof IdpTransientError && err.presented && record.refreshToken !== '';
-    return this.failTransient(
-      unknown ? { ...record, outcomeUnknown: true } : record,
-      now,
-      code,
-      retryAfter,
-    );
+    return this.failTransient(record, now, errorCode(err), retryAfter, unknown);
   }
 
   private async failTransient(
@@ -504,41 +520,40 @@ export class Rotator {
     now: number,
     code: string,
     retryAfterMs: number | undefined,
+    outcomeUnknown: boolean,
   ): Promise<RotationResult> {
-    const attempts = record.failedAttempts + 1;
-    this.deps.stats.retries += 1;
-    const at = this.deps.policy.retryAt(now, attempts, retryAfterMs, record.accessExpiresAt);
+    const retryAt = this.deps.policy.retryAt(
+      now,
+      record.failedAttempts + 1,
+      retryAfterMs,
+      record.accessExpiresAt,
+    );
     // Same generation: nothing new to publish, but the attempt is recorded and its marker cleared.
-    const next: SessionRecord = {
-      ...record,
-      nextRefreshAt: at,
-      lastErrorCode: code,
-      failedAttempts: attempts,
-    };
-    const written = await this.deps.store.write(next, record.generation, now);
-    await this.deps.store.schedule(record, at);
+    const transition = retryScheduled(record, { code, retryAt, outcomeUnknown });
+    const written = await this.deps.store.commit(transition, record.generation, now);
     return {
       outcome: 'retry-scheduled',
-      record: written ? next : record,
+      record: written ? transition.next : record,
       errorCode: code,
-      retryAfterMs: at - now,
+      retryAfterMs: retryAt - now,
     };
   }
 
   private async goIdle(record: SessionRecord, now: number): Promise<RotationResult> {
-    const next: SessionRecord = {
-      ...record,
-      generation: record.generation + 1,
-      status: 'IDLE',
-      nextRefreshAt: 0,
-      traceparent: currentTraceparent(),
-    };
-    const written = await this.deps.store.write(next, record.generation, now);
-    await this.deps.store.unschedule(record);
+    const transition = idle(record, currentTraceparent());
+    const written = await this.deps.store.commit(transition, record.generation, now);
     this.deps.log.info(
       { tenant: record.tenant },
       'session idle: no reader or watcher; not refreshed',
     );
-    return { outcome: 'went-idle', record: written ? next : record };
+    return { outcome: 'went-idle', record: written ? transition.next : record };
   }
+}
+
+/** One presentation's IdP, abort signal (lock lost or deadline), session context and deadline. */
+interface IdpCall {
+  idp: IdpAdapter;
+  signal: AbortSignal;
+  context: IdpContext;
+  deadline: number;
 }

@@ -1,11 +1,6 @@
+import type { Transition } from '../session-transitions.js';
 import { KeySpace } from './keys.js';
-import type {
-  InflightMarker,
-  SessionEvent,
-  SessionRecord,
-  SessionRef,
-  StoredSession,
-} from './session-record.js';
+import type { InflightMarker, SessionEvent, SessionRef, StoredSession } from './session-record.js';
 import type {
   DueClaim,
   MarkResult,
@@ -25,7 +20,8 @@ export class MemorySessionStore implements SessionStore {
     return Promise.resolve(stored && structuredClone(stored));
   }
 
-  write(record: SessionRecord, expectedGeneration: number | null, now: number): Promise<boolean> {
+  commit(transition: Transition, expectedGeneration: number | null, now: number): Promise<boolean> {
+    const record = transition.next;
     const id = KeySpace.sessionId(record);
     const current = this.sessions.get(id);
     if (expectedGeneration === null ? current : current?.record.generation !== expectedGeneration)
@@ -35,6 +31,8 @@ export class MemorySessionStore implements SessionStore {
       lastUsedAt: current?.lastUsedAt ?? now,
       inflight: undefined,
     });
+    if (transition.dueAt === undefined) this.due.delete(id);
+    else this.due.set(id, transition.dueAt);
     if (current?.record.generation !== record.generation) {
       const event = { tenant: record.tenant, user: record.user, generation: record.generation };
       // Delivered after the write returns, as a Redis subscriber would see it.
@@ -55,12 +53,6 @@ export class MemorySessionStore implements SessionStore {
       kind: 'marked',
       tookOver: earlier?.generation === marker.generation,
     });
-  }
-
-  clearInflight(ref: SessionRef, attemptId: string): Promise<void> {
-    const stored = this.sessions.get(KeySpace.sessionId(ref));
-    if (stored?.inflight?.attemptId === attemptId) stored.inflight = undefined;
-    return Promise.resolve();
   }
 
   touch(ref: SessionRef, now: number): Promise<void> {

@@ -1,17 +1,19 @@
 /**
- * Every atomic change of session state is one of these Lua scripts. Each touches one key, so each
- * runs in one Redis Cluster slot.
+ * Every atomic change of session state is one of these Lua scripts. Each touches one session's
+ * hash; COMMIT_SESSION also keeps the due queue and the two indexes in the same step, which under
+ * Redis Cluster needs those keys in the session's slot (see keys.ts).
  */
 
 /**
- * Compare-and-set write of a session, then publish.
- * KEYS[1] session hash
+ * Commits a session transition: compare-and-set write, due-queue entry, indexes, then publish.
+ * KEYS[1] session hash   KEYS[2] due sorted set   KEYS[3] session index   KEYS[4] reauth index
  * ARGV[1] expected generation ('' = the session must not exist)
  * ARGV[2] new generation   ARGV[3] sealed record   ARGV[4] now (epoch ms)
  * ARGV[5] events channel   ARGV[6] event payload (JSON, no token values)
- * Returns 1 when written, 0 on a compare-and-set miss.
+ * ARGV[7] session id   ARGV[8] due time ('' = leave the due queue)   ARGV[9] '1' if REAUTH_REQUIRED
+ * Returns 1 when committed, 0 on a compare-and-set miss (nothing changed).
  */
-export const WRITE_SESSION = `
+export const COMMIT_SESSION = `
 local current = redis.call('HGET', KEYS[1], 'gen')
 if ARGV[1] == '' then
   if current then return 0 end
@@ -20,7 +22,20 @@ elseif current ~= ARGV[1] then
 end
 redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'sealed', ARGV[3])
 redis.call('HDEL', KEYS[1], 'inflight')
-if not current then redis.call('HSET', KEYS[1], 'used', ARGV[4]) end
+if not current then
+  redis.call('HSET', KEYS[1], 'used', ARGV[4])
+  redis.call('ZADD', KEYS[3], 0, ARGV[7])
+end
+if ARGV[8] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[7])
+else
+  redis.call('ZADD', KEYS[2], ARGV[8], ARGV[7])
+end
+if ARGV[9] == '1' then
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[7])
+else
+  redis.call('ZREM', KEYS[4], ARGV[7])
+end
 if current ~= ARGV[2] then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 return 1
 `;
@@ -45,19 +60,6 @@ if earlier then
 end
 redis.call('HSET', KEYS[1], 'inflight', ARGV[2])
 return {1, tookOver}
-`;
-
-/**
- * Clears the in-flight marker if it still belongs to the given attempt.
- * KEYS[1] session hash   ARGV[1] attempt id
- * Returns 1 when cleared, 0 otherwise.
- */
-export const CLEAR_INFLIGHT = `
-local earlier = redis.call('HGET', KEYS[1], 'inflight')
-if not earlier then return 0 end
-if cjson.decode(earlier).attemptId ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[1], 'inflight')
-return 1
 `;
 
 /**

@@ -2,13 +2,8 @@ import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import type { Sealer } from '../sealing.js';
 import { KeySpace } from './keys.js';
-import {
-  CLAIM_DUE,
-  CLEAR_INFLIGHT,
-  MARK_INFLIGHT,
-  TOUCH_SESSION,
-  WRITE_SESSION,
-} from './redis-scripts.js';
+import type { Transition } from '../session-transitions.js';
+import { CLAIM_DUE, COMMIT_SESSION, MARK_INFLIGHT, TOUCH_SESSION } from './redis-scripts.js';
 import type {
   InflightMarker,
   SessionEvent,
@@ -25,9 +20,8 @@ import type {
 } from './session-store.js';
 
 interface ScriptCommands {
-  tbWrite(key: string, ...args: string[]): Promise<number>;
+  tbCommit(...keysAndArgs: string[]): Promise<number>;
   tbMark(key: string, ...args: string[]): Promise<[number, number]>;
-  tbClear(key: string, attemptId: string): Promise<number>;
   tbTouch(key: string, now: string): Promise<number>;
   /** Flat pairs: id, due time, id, due time, ... */
   tbClaim(key: string, now: string, limit: string, leaseUntil: string): Promise<string[]>;
@@ -48,9 +42,8 @@ export class RedisSessionStore implements SessionStore {
     this.keys = new KeySpace(prefix);
     const redis = new Redis(url, { maxRetriesPerRequest: 2, commandTimeout: 5_000 });
     redis.on('error', (err: Error) => log.warn({ err: err.message }, 'state store error'));
-    redis.defineCommand('tbWrite', { numberOfKeys: 1, lua: WRITE_SESSION });
+    redis.defineCommand('tbCommit', { numberOfKeys: 4, lua: COMMIT_SESSION });
     redis.defineCommand('tbMark', { numberOfKeys: 1, lua: MARK_INFLIGHT });
-    redis.defineCommand('tbClear', { numberOfKeys: 1, lua: CLEAR_INFLIGHT });
     redis.defineCommand('tbTouch', { numberOfKeys: 1, lua: TOUCH_SESSION });
     redis.defineCommand('tbClaim', { numberOfKeys: 1, lua: CLAIM_DUE });
     this.redis = redis as Redis & ScriptCommands;
@@ -81,11 +74,12 @@ export class RedisSessionStore implements SessionStore {
     };
   }
 
-  async write(
-    record: SessionRecord,
+  async commit(
+    transition: Transition,
     expectedGeneration: number | null,
     now: number,
   ): Promise<boolean> {
+    const record: SessionRecord = transition.next;
     const id = KeySpace.sessionId(record);
     const sealed = await this.sealer.seal(record, id);
     const event: SessionEvent = {
@@ -93,21 +87,22 @@ export class RedisSessionStore implements SessionStore {
       user: record.user,
       generation: record.generation,
     };
-    const written = await this.redis.tbWrite(
+    const committed = await this.redis.tbCommit(
       this.keys.session(record),
+      this.keys.due,
+      this.keys.index,
+      this.keys.reauth,
       expectedGeneration === null ? '' : String(expectedGeneration),
       String(record.generation),
       sealed,
       String(now),
       this.keys.events,
       JSON.stringify(event),
+      id,
+      transition.dueAt === undefined ? '' : String(transition.dueAt),
+      record.status === 'REAUTH_REQUIRED' ? '1' : '0',
     );
-    if (written !== 1) return false;
-    if (expectedGeneration === null) await this.redis.zadd(this.keys.index, 0, id);
-    // The REAUTH_REQUIRED index for the gauge; not atomic with the write, and only ever a count.
-    if (record.status === 'REAUTH_REQUIRED') await this.redis.zadd(this.keys.reauth, now, id);
-    else if (expectedGeneration !== null) await this.redis.zrem(this.keys.reauth, id);
-    return true;
+    return committed === 1;
   }
 
   async markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult> {
@@ -120,10 +115,6 @@ export class RedisSessionStore implements SessionStore {
     if (status === 1) return { kind: 'marked', tookOver: value === 1 };
     if (status === -1) return { kind: 'busy', until: value };
     return { kind: 'stale' };
-  }
-
-  async clearInflight(ref: SessionRef, attemptId: string): Promise<void> {
-    await this.redis.tbClear(this.keys.session(ref), attemptId);
   }
 
   async touch(ref: SessionRef, now: number): Promise<void> {

@@ -1,10 +1,5 @@
-import type {
-  InflightMarker,
-  SessionEvent,
-  SessionRecord,
-  SessionRef,
-  StoredSession,
-} from './session-record.js';
+import type { Transition } from '../session-transitions.js';
+import type { InflightMarker, SessionEvent, SessionRef, StoredSession } from './session-record.js';
 
 /** Result of marking a presentation in flight. */
 export type MarkResult =
@@ -42,17 +37,17 @@ export interface SessionPage {
 export interface SessionStore {
   get(ref: SessionRef): Promise<StoredSession | undefined>;
   /**
-   * Writes `record` if the stored generation equals `expectedGeneration` (null: the session must
-   * not exist). Clears any in-flight marker. Publishes when the generation changed. Returns false
-   * on a compare-and-set miss.
+   * Commits a transition in one atomic step, if the stored generation equals
+   * `expectedGeneration` (null: the session must not exist): writes the record, clears any
+   * in-flight marker, puts the session in the due queue at `dueAt` (or takes it out), and
+   * publishes when the generation changed. Returns false on a compare-and-set miss (then nothing
+   * changed).
    */
-  write(record: SessionRecord, expectedGeneration: number | null, now: number): Promise<boolean>;
+  commit(transition: Transition, expectedGeneration: number | null, now: number): Promise<boolean>;
   markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult>;
-  /** Clears the marker if it is still `attemptId`'s (the token was surely not presented). */
-  clearInflight(ref: SessionRef, attemptId: string): Promise<void>;
   /** Records a read or watch, which keeps the session's lease. */
   touch(ref: SessionRef, now: number): Promise<void>;
-  /** Puts the session in the due queue at `at` (replacing any earlier entry). */
+  /** Moves the session's due-queue entry to `at` without changing it (retry later). */
   schedule(ref: SessionRef, at: number): Promise<void>;
   unschedule(ref: SessionRef): Promise<void>;
   /**

@@ -39,7 +39,7 @@ import { createHmac, randomBytes, randomUUID, timingSafeEqual } from 'node:crypt
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { TEST_TIMINGS, withRedis } from './broker-env.js';
+import { TEST_TIMINGS, withRedis } from '../../scripts/dev/broker-env.js';
 
 export const PROTECTED_PATH = '/data-import/records';
 

@@ -18,7 +18,7 @@ import { builtinModules } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort } from '../harness/free-port.js';
+import { freePort } from '../../scripts/dev/free-port.js';
 import { find, HelmCharts, REPO, type K8sObject } from './helm-harness.js';
 
 const dockerfile = readFileSync(join(REPO, 'deploy', 'docker', 'Dockerfile'), 'utf8');

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort } from '../harness/free-port.js';
+import { freePort } from '../../scripts/dev/free-port.js';
 import { find, HelmCharts } from './helm-harness.js';
 
 const PASSWORD = 'Zq4pTn8vW2xY6bC1dF3gH5jK7mL9';

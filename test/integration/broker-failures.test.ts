@@ -10,17 +10,18 @@ import type { IdpAdapter, IdpContext, TokenSet } from '../../broker/idp/idp-adap
 import { OAuth2Adapter } from '../../broker/idp/oauth2-adapter.js';
 import { MemoryLockService } from '../../broker/lock/memory-lock-service.js';
 import { RotationPolicy } from '../../broker/rotation/rotation-policy.js';
-import { RotationStats } from '../../broker/rotation/rotation-stats.js';
+import { BrokerMetrics } from '../../broker/broker-metrics.js';
+import { MetricSnapshot } from '../../shared/telemetry/metric-snapshot.js';
 import { Rotator } from '../../broker/rotation/rotator.js';
 import { SessionService } from '../../broker/session-service.js';
 import { KeySpace } from '../../broker/store/keys.js';
+import type { Transition } from '../../broker/session-transitions.js';
 import { MemorySessionStore } from '../../broker/store/memory-session-store.js';
-import type { SessionRecord } from '../../broker/store/session-record.js';
 import { WatchHub } from '../../broker/watch-hub.js';
 import { SessionStatus, type TokenEvent } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient, eventually } from '../harness/broker-client.js';
-import { brokerEnv, redisTopology } from '../harness/broker-env.js';
-import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
+import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
+import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
+import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
 
 const silent = pino({ level: 'silent' });
@@ -114,7 +115,12 @@ function oauth2For(oidc: OidcProviderHarness, timeoutMs = 2_000): OAuth2Adapter 
   });
 }
 
-type TestBroker = RunningBroker & { address: string; idp: RecordingIdp; client: BrokerClient };
+type TestBroker = RunningBroker & {
+  address: string;
+  idp: RecordingIdp;
+  client: BrokerClient;
+  metrics: MetricSnapshot;
+};
 
 const running: TestBroker[] = [];
 
@@ -126,9 +132,18 @@ async function startTestBroker(
 ): Promise<TestBroker> {
   const config = loadConfig(brokerEnv(oidc, topology, extra));
   const idp = new RecordingIdp(oauth2For(oidc, config.idp.timeoutMs));
-  const broker = await startBroker(config, silent, { idps: new Map([[config.idp.name, idp]]) });
+  const metrics = new MetricSnapshot();
+  const broker = await startBroker(config, silent, {
+    idps: new Map([[config.idp.name, idp]]),
+    meter: metrics.meter,
+  });
   const address = `127.0.0.1:${broker.port}`;
-  const started = Object.assign(broker, { address, idp, client: new BrokerClient(address) });
+  const started = Object.assign(broker, {
+    address,
+    idp,
+    client: new BrokerClient(address),
+    metrics,
+  });
   running.push(started);
   return started;
 }
@@ -261,7 +276,9 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
       expect(outage[answered503 + 1]!.at - outage[answered503]!.at).toBeGreaterThanOrEqual(950);
       for (let i = 1; i < outage.length; i++)
         expect(outage[i]!.at - outage[i - 1]!.at).toBeGreaterThanOrEqual(90);
-      expect(broker.stats.retries).toBeGreaterThanOrEqual(2);
+      expect(
+        await broker.metrics.value('tb_broker_rotations', { outcome: 'retry-scheduled' }),
+      ).toBeGreaterThanOrEqual(2);
 
       // The IdP is back: the next retry rotates, before the old token expires.
       await watcher.until(
@@ -320,8 +337,12 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
     await sleep(2_500);
     expect(steady.counters.refreshRequests).toBe(requests);
     expect(broker.idp.calls.length).toBe(calls);
-    expect(broker.stats.reauth).toBe(1);
-    expect(broker.stats.retries).toBe(0);
+    expect(await broker.metrics.value('tb_broker_rotations', { outcome: 'reauth-required' })).toBe(
+      1,
+    );
+    expect(await broker.metrics.value('tb_broker_rotations', { outcome: 'retry-scheduled' })).toBe(
+      0,
+    );
     watcher.close();
     await stopAll();
   });
@@ -534,7 +555,10 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
     }
     expect(steady.counters.refreshRequests).toBe(requests);
     expect(steady.counters.reuses).toBe(0);
-    expect(a.stats.reuseSuspicions + b.stats.reuseSuspicions).toBe(0);
+    expect(
+      (await a.metrics.value('tb_broker_reuse_suspicions')) +
+        (await b.metrics.value('tb_broker_reuse_suspicions')),
+    ).toBe(0);
     await stopAll();
   });
 
@@ -620,16 +644,16 @@ class FailingStore extends MemorySessionStore {
   failGeneration = -1;
   failedWrites = 0;
 
-  override write(
-    record: SessionRecord,
+  override commit(
+    transition: Transition,
     expectedGeneration: number | null,
     now: number,
   ): Promise<boolean> {
-    if (record.generation === this.failGeneration) {
+    if (transition.next.generation === this.failGeneration) {
       this.failedWrites++;
       return Promise.reject(new Error('state store unreachable'));
     }
-    return super.write(record, expectedGeneration, now);
+    return super.commit(transition, expectedGeneration, now);
   }
 }
 
@@ -640,7 +664,7 @@ describe('persist, then publish (promise 3)', () => {
     const keys = new KeySpace('tb:');
     const idp = new RecordingIdp(oauth2For(steady, 1_000));
     const idps = new Map([[idp.name, idp]]);
-    const stats = new RotationStats();
+    const metrics = new MetricSnapshot();
     const policy = new RotationPolicy({ minLeadMs: 500, retryBaseMs: 200, retryMaxMs: 2_000 });
     const rotator = new Rotator(
       {
@@ -651,7 +675,7 @@ describe('persist, then publish (promise 3)', () => {
         busyRetryMs: 250,
         persistRetryMs: 300,
       },
-      { store, locks, keys, idps, policy, stats, log: silent },
+      { store, locks, keys, idps, policy, metrics: new BrokerMetrics(metrics.meter), log: silent },
     );
     const hub = new WatchHub(store, silent);
     await store.subscribe((event) => hub.onEvent(event));
@@ -681,9 +705,9 @@ describe('persist, then publish (promise 3)', () => {
       expect(steady.counters.refreshes - refreshes).toBe(1); // the IdP did answer
       const lost = idp.calls.at(-1)!;
       expect(lost.outcome).toBe('ok');
-      expect(stats.persistFailures).toBe(1);
+      expect(await metrics.value('tb_broker_persist_failures')).toBe(1);
       expect(store.failedWrites).toBeGreaterThanOrEqual(1);
-      expect(stats.rotations).toBe(1); // the enrollment's only
+      expect(await metrics.value('tb_broker_rotations', { outcome: 'rotated' })).toBe(1); // the enrollment's only
 
       // Readers keep the stored generation; nothing of the lost pair leaves the broker.
       const read = (await client.getToken('diku', 'persist')).token!;

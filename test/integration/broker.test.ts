@@ -4,9 +4,9 @@ import { loadSync } from '@grpc/proto-loader';
 import { service as healthService } from 'grpc-health-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient } from '../harness/broker-client.js';
-import { brokerEnv, redisTopology, startInProcessBroker } from '../harness/broker-env.js';
-import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
+import { BrokerClient } from '../../scripts/dev/broker-client.js';
+import { brokerEnv, redisTopology, startInProcessBroker } from '../../scripts/dev/broker-env.js';
+import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
 
 let oidc: OidcProviderHarness;
@@ -176,7 +176,9 @@ describe('a refresh whose answer is lost', () => {
       if (introspection) {
         expect(twice).toBe(0);
         expect(idp.counters.reuses).toBe(0);
-        expect(broker.stats.consumedByLostAttempt).toBe(1);
+        expect(await broker.metrics.value('tb_broker_introspections', { result: 'consumed' })).toBe(
+          1,
+        );
       } else {
         expect(twice).toBe(1);
         expect(idp.counters.reuses).toBe(1);

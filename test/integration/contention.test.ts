@@ -1,10 +1,10 @@
 import { status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
 import { afterEach, describe, expect, it } from 'vitest';
 import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient, type Watcher } from '../harness/broker-client.js';
-import { brokerEnv, redisTopology } from '../harness/broker-env.js';
-import { startBrokerProcess, type BrokerProcess } from '../harness/broker-process.js';
-import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
+import { BrokerClient, type Watcher } from '../../scripts/dev/broker-client.js';
+import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
+import { startBrokerProcess, type BrokerProcess } from '../../scripts/dev/broker-process.js';
+import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
 
 /**

@@ -3,9 +3,9 @@ import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient } from '../harness/broker-client.js';
-import { brokerEnv, startInProcessBroker } from '../harness/broker-env.js';
-import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
+import { BrokerClient } from '../../scripts/dev/broker-client.js';
+import { brokerEnv, startInProcessBroker } from '../../scripts/dev/broker-env.js';
+import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 
 /** Access tokens live 2 s: with TB_REFRESH_RATIO 0.5 a session rotates about every second. */
 let oidc: OidcProviderHarness;

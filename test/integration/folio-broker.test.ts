@@ -18,8 +18,8 @@ import {
   type EnrollRequest,
   type EnrollResponse,
 } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient, eventually } from '../harness/broker-client.js';
-import { redisTopology, startInProcessBroker } from '../harness/broker-env.js';
+import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
+import { redisTopology, startInProcessBroker } from '../../scripts/dev/broker-env.js';
 import {
   folioBrokerEnv,
   startFolioEmulator,

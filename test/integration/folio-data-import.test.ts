@@ -14,9 +14,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient, eventually } from '../harness/broker-client.js';
-import { redisTopology } from '../harness/broker-env.js';
-import { startBrokerProcess, type BrokerProcess } from '../harness/broker-process.js';
+import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
+import { redisTopology } from '../../scripts/dev/broker-env.js';
+import { startBrokerProcess, type BrokerProcess } from '../../scripts/dev/broker-process.js';
 import {
   folioBrokerEnv,
   startFolioEmulator,
@@ -28,7 +28,7 @@ import {
   startSidecarProcess,
   type SidecarProcess,
   type TokenBody,
-} from '../harness/sidecar-process.js';
+} from '../../scripts/dev/sidecar-process.js';
 
 const TENANT = 'diku';
 const PASSWORD = 'pw-FAKE-diku-admin';

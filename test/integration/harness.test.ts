@@ -8,7 +8,7 @@ import {
   startOidcProvider,
   type ClientKind,
   type OidcProviderHarness,
-} from '../harness/oidc-provider.js';
+} from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
 
 /** Connects once, without retries, and returns the PING reply. */

@@ -8,10 +8,10 @@ import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BrokerClient, eventually } from '../harness/broker-client.js';
-import { brokerEnv, startInProcessBroker } from '../harness/broker-env.js';
-import { startBrokerProcess } from '../harness/broker-process.js';
-import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
+import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
+import { brokerEnv, startInProcessBroker } from '../../scripts/dev/broker-env.js';
+import { startBrokerProcess } from '../../scripts/dev/broker-process.js';
+import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import {
   errorOf,
   metricValue,
@@ -20,7 +20,7 @@ import {
   TOKEN_HEADER,
   type SidecarProcess,
   type TokenBody,
-} from '../harness/sidecar-process.js';
+} from '../../scripts/dev/sidecar-process.js';
 
 const TENANT = 'diku';
 const MAX_WAIT_MS = 1_500;

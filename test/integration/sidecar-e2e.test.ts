@@ -8,19 +8,19 @@
 import { createHash } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BrokerClient, eventually } from '../harness/broker-client.js';
-import { brokerEnv, redisTopology } from '../harness/broker-env.js';
-import { startBrokerProcess, type BrokerProcess } from '../harness/broker-process.js';
-import { freePort } from '../harness/free-port.js';
-import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
+import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
+import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
+import { startBrokerProcess, type BrokerProcess } from '../../scripts/dev/broker-process.js';
+import { freePort } from '../../scripts/dev/free-port.js';
+import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
-import { startResourceServer, type ResourceServer } from '../harness/resource-server.js';
+import { startResourceServer, type ResourceServer } from '../../scripts/dev/resource-server.js';
 import {
   errorOf,
   startSidecarProcess,
   type SidecarProcess,
   type TokenBody,
-} from '../harness/sidecar-process.js';
+} from '../../scripts/dev/sidecar-process.js';
 
 const E2E_MS = Number(process.env.TB_SIDECAR_E2E_MS ?? 60_000);
 const AT_TTL_S = 5;

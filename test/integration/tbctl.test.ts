@@ -5,8 +5,8 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../../broker/cli/tbctl.js';
-import { brokerEnv, startInProcessBroker } from '../harness/broker-env.js';
-import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
+import { brokerEnv, startInProcessBroker } from '../../scripts/dev/broker-env.js';
+import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 
 let oidc: OidcProviderHarness;
 let broker: Awaited<ReturnType<typeof startInProcessBroker>>;

@@ -10,11 +10,11 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BrokerClient, eventually } from '../harness/broker-client.js';
-import { brokerEnv, redisTopology } from '../harness/broker-env.js';
-import { startBrokerProcess, type BrokerProcess } from '../harness/broker-process.js';
-import { freePort } from '../harness/free-port.js';
-import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
+import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
+import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
+import { startBrokerProcess, type BrokerProcess } from '../../scripts/dev/broker-process.js';
+import { freePort } from '../../scripts/dev/free-port.js';
+import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startOtlpReceiver, type OtlpReceiver } from '../harness/otlp-receiver.js';
 import { sampleValue, samples } from '../harness/prometheus-text.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
@@ -22,7 +22,7 @@ import {
   startSidecarProcess,
   type SidecarProcess,
   type TokenBody,
-} from '../harness/sidecar-process.js';
+} from '../../scripts/dev/sidecar-process.js';
 
 const TENANT = 'diku';
 const GRPC_SERVICE = 'grpc.tokenbroker.v1.TokenBrokerService';

@@ -18,9 +18,9 @@ import { createIdpAdapter } from '../../broker/idp/idp-factory.js';
 import { traceLogFields } from '../../shared/telemetry/log-mixin.js';
 import { loadSidecarConfig } from '../../sidecar/config.js';
 import { startSidecar, type RunningSidecar } from '../../sidecar/sidecar-app.js';
-import { BrokerClient, eventually } from '../harness/broker-client.js';
-import { brokerEnv, redisTopology } from '../harness/broker-env.js';
-import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
+import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
+import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
+import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
 import type { ReadableSpan } from '@opentelemetry/sdk-trace';
 

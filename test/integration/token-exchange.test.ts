@@ -12,9 +12,9 @@ import {
   type EnrollRequest,
   type EnrollResponse,
 } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient } from '../harness/broker-client.js';
-import { brokerEnv, redisTopology, startInProcessBroker } from '../harness/broker-env.js';
-import { startOidcProvider, type OidcProviderHarness } from '../harness/oidc-provider.js';
+import { BrokerClient } from '../../scripts/dev/broker-client.js';
+import { brokerEnv, redisTopology, startInProcessBroker } from '../../scripts/dev/broker-env.js';
+import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
 
 const TENANT = 'diku';

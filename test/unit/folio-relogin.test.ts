@@ -13,7 +13,6 @@ import {
 import { LoginSecrets } from '../../broker/idp/login-secrets.js';
 import { MemoryLockService } from '../../broker/lock/memory-lock-service.js';
 import { RotationPolicy } from '../../broker/rotation/rotation-policy.js';
-import { RotationStats } from '../../broker/rotation/rotation-stats.js';
 import { Rotator } from '../../broker/rotation/rotator.js';
 import { KeySpace } from '../../broker/store/keys.js';
 import { MemorySessionStore } from '../../broker/store/memory-session-store.js';
@@ -118,7 +117,6 @@ function rotator(secrets?: LoginSecrets): Rotator {
         { ratio: 0.75, jitterRatio: 0, minLeadMs: 500, retryBaseMs: 200, retryMaxMs: 2_000 },
         () => 0.5,
       ),
-      stats: new RotationStats(),
       log: pino({ level: 'silent' }),
       clock: () => now,
       secrets,
@@ -146,7 +144,7 @@ async function enrollLogin(login: StoredLogin = { username: 'sys', password: PAS
     login,
     reloginStreak: 0,
   };
-  expect(await store.write(record, null, now)).toBe(true);
+  expect(await store.commit({ next: record, dueAt: undefined }, null, now)).toBe(true);
 }
 
 async function current(): Promise<SessionRecord> {
@@ -262,7 +260,7 @@ describe('login sessions (system users)', () => {
   it('a session enrolled with a refresh token only is still REAUTH_REQUIRED on invalid_grant', async () => {
     await enrollLogin();
     const record = { ...(await current()), login: undefined, refreshToken: 'rt-0' };
-    expect(await store.write(record, 0, now)).toBe(true);
+    expect(await store.commit({ next: record, dueAt: undefined }, 0, now)).toBe(true);
     idp.onRefresh(invalidGrant());
     const result = await rotator().rotate(REF, { kind: 'generation', generation: 0 });
     expect(result.outcome).toBe('reauth-required');
@@ -284,7 +282,9 @@ describe('login sessions (system users)', () => {
 
     rmSync(join(dir, file));
     const record = { ...(await current()), refreshToken: '' };
-    expect(await store.write(record, record.generation, now)).toBe(true);
+    expect(await store.commit({ next: record, dueAt: undefined }, record.generation, now)).toBe(
+      true,
+    );
     const result = await r.rotate(REF, { kind: 'generation', generation: record.generation });
     expect(result.outcome).toBe('retry-scheduled');
     expect(result.errorCode).toBe('LOGIN_SECRET_UNREADABLE');

@@ -1,11 +1,12 @@
 import { pino } from 'pino';
+import { BrokerMetrics } from '../../broker/broker-metrics.js';
+import { MetricSnapshot } from '../../shared/telemetry/metric-snapshot.js';
 import { beforeEach, describe, expect, it } from 'vitest';
 
 import { type IdpAdapter, type TokenSet } from '../../broker/idp/idp-adapter.js';
 import type { HeldLock, LockService } from '../../broker/lock/lock-service.js';
 import { MemoryLockService } from '../../broker/lock/memory-lock-service.js';
 import { RotationPolicy } from '../../broker/rotation/rotation-policy.js';
-import { RotationStats } from '../../broker/rotation/rotation-stats.js';
 import { Rotator, type RotatorOptions } from '../../broker/rotation/rotator.js';
 import { KeySpace } from '../../broker/store/keys.js';
 import { MemorySessionStore } from '../../broker/store/memory-session-store.js';
@@ -70,7 +71,7 @@ const failure =
 let now: number;
 let store: MemorySessionStore;
 let idp: ScriptedIdp;
-let stats: RotationStats;
+let metrics: MetricSnapshot;
 let policy: RotationPolicy;
 let events: SessionEvent[];
 
@@ -81,7 +82,7 @@ function rotator(locks: LockService = new MemoryLockService(1_000)): Rotator {
     keys: new KeySpace('tb:'),
     idps: new Map([[idp.name, idp]]),
     policy,
-    stats,
+    metrics: new BrokerMetrics(metrics.meter),
     log: pino({ level: 'silent' }),
     clock: () => now,
   });
@@ -105,8 +106,7 @@ async function seed(): Promise<SessionRecord> {
     failedAttempts: 0,
     traceparent: '',
   };
-  expect(await store.write(record, null, now)).toBe(true);
-  await store.schedule(REF, record.nextRefreshAt);
+  expect(await store.commit({ next: record, dueAt: record.nextRefreshAt }, null, now)).toBe(true);
   return record;
 }
 
@@ -131,7 +131,7 @@ beforeEach(async () => {
   now = T0;
   store = new MemorySessionStore();
   idp = new ScriptedIdp();
-  stats = new RotationStats();
+  metrics = new MetricSnapshot();
   policy = new RotationPolicy(
     { ratio: 0.75, jitterRatio: 0.05, minLeadMs: 500, retryBaseMs: 200, retryMaxMs: 2_000 },
     () => 0.5,
@@ -161,8 +161,8 @@ describe('Rotator', () => {
     expect(b.record?.generation).toBe(2);
     expect(idp.presented.length).toBe(1);
     expect(idp.presented[0] === 'rt-1').toBe(true);
-    expect(stats.idpCalls).toBe(1);
-    expect(stats.rotations).toBe(1);
+    expect(await metrics.value('tb_broker_idp_request_duration_seconds')).toBe(1);
+    expect(await metrics.value('tb_broker_rotations', { outcome: 'rotated' })).toBe(1);
 
     // A later demand for the old generation is already satisfied.
     const late = await r.rotate(REF, { kind: 'generation', generation: 1 });
@@ -223,7 +223,7 @@ describe('Rotator', () => {
     expect(busy.outcome).toBe('busy');
     expect(idp.presented.length).toBe(0);
     expect(await store.nextDueAt()).toBe(deadline + OPTIONS.busyRetryMs);
-    expect(stats.takeovers).toBe(0);
+    expect(await metrics.value('tb_broker_takeovers')).toBe(0);
 
     now = deadline - 1;
     const stillBusy = await rotator().rotate(REF, { kind: 'generation', generation: 1 });
@@ -234,7 +234,7 @@ describe('Rotator', () => {
     idp.next(tokens(2));
     const taken = await rotator().rotate(REF, { kind: 'generation', generation: 1 });
     expect(taken.outcome).toBe('rotated');
-    expect(stats.takeovers).toBe(1);
+    expect(await metrics.value('tb_broker_takeovers')).toBe(1);
     expect(idp.presented.length).toBe(1);
     const after = await stored();
     expect(after.record.generation).toBe(2);
@@ -260,7 +260,7 @@ describe('Rotator', () => {
     expect(await store.nextDueAt()).toBe(retryAt);
     expect(retryAt - now).toBeGreaterThanOrEqual(100);
     expect(retryAt - now).toBeLessThanOrEqual(200);
-    expect(stats.retries).toBe(1);
+    expect(await metrics.value('tb_broker_rotations', { outcome: 'retry-scheduled' })).toBe(1);
     // Same generation: nothing new was published.
     expect(events.map((e) => e.generation)).toEqual([1]);
 
@@ -291,8 +291,8 @@ describe('Rotator', () => {
     expect(after.lastErrorCode).toBe('IDP_INVALID_GRANT');
     expect(after.nextRefreshAt).toBe(0);
     expect(await store.nextDueAt()).toBeUndefined();
-    expect(stats.reauth).toBe(1);
-    expect(stats.retries).toBe(0);
+    expect(await metrics.value('tb_broker_rotations', { outcome: 'reauth-required' })).toBe(1);
+    expect(await metrics.value('tb_broker_rotations', { outcome: 'retry-scheduled' })).toBe(0);
     expect(events.map((e) => e.generation)).toEqual([1, 2]);
 
     now += 60_000;
@@ -356,37 +356,37 @@ describe('Rotator', () => {
 
   it('keeps retrying the store under the lock, and stores the pair once it is back', async () => {
     await seed();
-    const write = store.write.bind(store);
+    const commit = store.commit.bind(store);
     let failures = 0;
-    store.write = (record, expected, at) => {
-      if (record.generation === 2 && failures < 2) {
+    store.commit = (transition, expected, at) => {
+      if (transition.next.generation === 2 && failures < 2) {
         failures++;
         return Promise.reject(new Error('store down'));
       }
-      return write(record, expected, at);
+      return commit(transition, expected, at);
     };
     idp.next(tokens(2));
     const result = await rotator().rotate(REF, { kind: 'generation', generation: 1 });
     expect(result.outcome).toBe('rotated');
     expect(failures).toBe(2);
-    expect(stats.persistFailures).toBe(0);
+    expect(await metrics.value('tb_broker_persist_failures')).toBe(0);
     expect((await stored()).record.generation).toBe(2);
     expect(idp.presented.length).toBe(1);
   });
 
   it('never publishes a generation it could not store', async () => {
     await seed();
-    const write = store.write.bind(store);
-    store.write = (record, expected, at) =>
-      record.generation === 2
+    const commit = store.commit.bind(store);
+    store.commit = (transition, expected, at) =>
+      transition.next.generation === 2
         ? Promise.reject(new Error('store down'))
-        : write(record, expected, at);
+        : commit(transition, expected, at);
     idp.next(tokens(2));
     const result = await rotator().rotate(REF, { kind: 'generation', generation: 1 });
     expect(result.outcome).toBe('persist-failed');
     expect(result.record).toBeUndefined();
-    expect(stats.persistFailures).toBe(1);
-    expect(stats.rotations).toBe(0);
+    expect(await metrics.value('tb_broker_persist_failures')).toBe(1);
+    expect(await metrics.value('tb_broker_rotations', { outcome: 'rotated' })).toBe(0);
     expect((await stored()).record.generation).toBe(1);
     expect(events.map((e) => e.generation)).toEqual([1]);
   });

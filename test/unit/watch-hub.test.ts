@@ -37,11 +37,11 @@ describe('WatchHub', () => {
     const store = new MemorySessionStore();
     const hub = new WatchHub(store, log);
     await store.subscribe((event) => hub.onEvent(event));
-    await store.write(record(1), null, Date.now());
+    await store.commit({ next: record(1), dueAt: undefined }, null, Date.now());
     const sink = collector();
     expect(await hub.subscribe(REF, sink, 0)).toBe(true);
-    await store.write(record(2), 1, Date.now());
-    await store.write(record(3), 2, Date.now());
+    await store.commit({ next: record(2), dueAt: undefined }, 1, Date.now());
+    await store.commit({ next: record(3), dueAt: undefined }, 2, Date.now());
     await new Promise((r) => setTimeout(r, 20));
     // A stale event (generation 2 again) changes nothing.
     hub.onEvent({ ...REF, generation: 2 });
@@ -55,7 +55,7 @@ describe('WatchHub', () => {
   it('skips what the watcher already holds (after_generation)', async () => {
     const store = new MemorySessionStore();
     const hub = new WatchHub(store, log);
-    await store.write(record(5), null, Date.now());
+    await store.commit({ next: record(5), dueAt: undefined }, null, Date.now());
     const sink = collector();
     await hub.subscribe(REF, sink, 5);
     expect(sink.seen).toEqual([]);

@@ -1,8 +1,9 @@
 import { randomBytes } from 'node:crypto';
 import { pino, type Logger } from 'pino';
 import { startBroker, type RunningBroker } from '../../broker/broker-app.js';
+import { MetricSnapshot } from '../../shared/telemetry/metric-snapshot.js';
 import { loadConfig } from '../../broker/config.js';
-import type { OidcProviderHarness } from './oidc-provider.js';
+import type { OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 
 export function sealingKeys(): string {
   return `k1:${randomBytes(32).toString('base64')}`;
@@ -68,9 +69,10 @@ export function withRedis(
 export async function startInProcessBroker(
   env: Record<string, string>,
   log: Logger = pino({ level: 'silent' }),
-): Promise<RunningBroker & { address: string }> {
-  const broker = await startBroker(loadConfig(env), log);
-  return Object.assign(broker, { address: `127.0.0.1:${broker.port}` });
+): Promise<RunningBroker & { address: string; metrics: MetricSnapshot }> {
+  const metrics = new MetricSnapshot();
+  const broker = await startBroker(loadConfig(env), log, { meter: metrics.meter });
+  return Object.assign(broker, { address: `127.0.0.1:${broker.port}`, metrics });
 }
 
 /**
