@@ -74,3 +74,21 @@ export class SealError extends BrokerError {
 export class ShuttingDownError extends BrokerError {
   readonly code = 'SHUTTING_DOWN';
 }
+
+// --- caller identity and access policy ---
+
+/**
+ * The access policy file is invalid. `line` is 1-based (0 when the file could not be read at all)
+ * and `field` the path within the file (`rules[1].verbs[0]`), empty for a YAML syntax error.
+ */
+export class PolicyError extends BrokerError {
+  readonly code = 'POLICY_INVALID';
+  constructor(
+    readonly source: string,
+    readonly line: number,
+    readonly field: string,
+    problem: string,
+  ) {
+    super(`${source} line ${line}: ${field === '' ? '' : `${field} `}${problem}`);
+  }
+}
