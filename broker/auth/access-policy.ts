@@ -67,7 +67,7 @@ export class AccessPolicy {
 
   /** Parses and validates a policy document; `source` (the file name) starts every error message. */
   static parse(text: string, source: string): AccessPolicy {
-    const { rules } = new PolicyReader(text, source).read();
+    const rules = new PolicyReader(text, source).read();
     const byVerb = new Map<Verb, CompiledRule[]>(VERBS.map((verb) => [verb, []]));
     for (const { rule, verbs } of rules) for (const verb of verbs) byVerb.get(verb)!.push(rule);
     return new AccessPolicy(byVerb, rules.length);
@@ -137,7 +137,7 @@ class PolicyReader {
     });
   }
 
-  read(): { rules: { rule: CompiledRule; verbs: Verb[] }[] } {
+  read(): { rule: CompiledRule; verbs: Verb[] }[] {
     const problem = this.doc.errors[0] ?? this.doc.warnings[0];
     if (problem) {
       // An unquoted `*` reads as an (empty) alias: the one YAML mistake this format invites.
@@ -170,7 +170,7 @@ class PolicyReader {
       names.set(compiled.rule.name, `rules[${i}]`);
       return compiled;
     });
-    return { rules };
+    return rules;
   }
 
   private rule(node: Node | null, fallback: number, field: string) {
