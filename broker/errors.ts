@@ -151,3 +151,21 @@ export class IdpProtocolError extends BrokerError {
 export class LoginSecretError extends BrokerError {
   readonly code = 'LOGIN_SECRET_UNREADABLE';
 }
+
+// --- caller identity and access policy ---
+
+/**
+ * The access policy file is invalid. `line` is 1-based (0 when the file could not be read at all)
+ * and `field` the path within the file (`rules[1].verbs[0]`), empty for a YAML syntax error.
+ */
+export class PolicyError extends BrokerError {
+  readonly code = 'POLICY_INVALID';
+  constructor(
+    readonly source: string,
+    readonly line: number,
+    readonly field: string,
+    problem: string,
+  ) {
+    super(`${source} line ${line}: ${field === '' ? '' : `${field} `}${problem}`);
+  }
+}
