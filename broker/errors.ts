@@ -74,3 +74,31 @@ export class SealError extends BrokerError {
 export class ShuttingDownError extends BrokerError {
   readonly code = 'SHUTTING_DOWN';
 }
+
+// --- caller identity and access policy ---
+
+/** Why a caller's bearer token was refused; stable strings for audit lines and metrics. */
+export type UnauthenticatedReason =
+  | 'missing'
+  | 'malformed'
+  | 'expired'
+  | 'not-yet-valid'
+  | 'wrong-audience'
+  | 'wrong-issuer'
+  | 'unknown-key'
+  | 'bad-algorithm'
+  | 'bad-signature'
+  | 'not-a-service-account'
+  | 'keys-unavailable';
+
+/** The call names no caller the broker can verify. The message never echoes the token. */
+export class UnauthenticatedError extends BrokerError {
+  readonly code = 'UNAUTHENTICATED';
+  constructor(
+    readonly reason: UnauthenticatedReason,
+    message: string,
+    options?: { detail?: string },
+  ) {
+    super(message, options);
+  }
+}
