@@ -19,7 +19,10 @@ export type BrokerErrorCode =
   | 'IDP_INVALID_CLIENT'
   | 'IDP_UNAVAILABLE'
   | 'IDP_PROTOCOL_ERROR'
-  | 'LOGIN_SECRET_UNREADABLE';
+  | 'LOGIN_SECRET_UNREADABLE'
+  | 'POLICY_INVALID'
+  | 'UNAUTHENTICATED'
+  | 'PERMISSION_DENIED';
 
 export abstract class BrokerError extends Error {
   abstract readonly code: BrokerErrorCode;
@@ -168,4 +171,35 @@ export class PolicyError extends BrokerError {
   ) {
     super(`${source} line ${line}: ${field === '' ? '' : `${field} `}${problem}`);
   }
+}
+
+/** Why a caller's bearer token was refused; stable strings for audit lines and metrics. */
+export type UnauthenticatedReason =
+  | 'missing'
+  | 'malformed'
+  | 'expired'
+  | 'not-yet-valid'
+  | 'wrong-audience'
+  | 'wrong-issuer'
+  | 'unknown-key'
+  | 'bad-algorithm'
+  | 'bad-signature'
+  | 'not-a-service-account'
+  | 'keys-unavailable';
+
+/** The call names no caller the broker can verify. The message never echoes the token. */
+export class UnauthenticatedError extends BrokerError {
+  readonly code = 'UNAUTHENTICATED';
+  constructor(
+    readonly reason: UnauthenticatedReason,
+    message: string,
+    options?: { detail?: string },
+  ) {
+    super(message, options);
+  }
+}
+
+/** The caller is known but no policy rule allows this verb on this session. */
+export class PermissionDeniedError extends BrokerError {
+  readonly code = 'PERMISSION_DENIED';
 }

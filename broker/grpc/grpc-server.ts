@@ -35,6 +35,10 @@ const GRPC_CODE: Record<BrokerErrorCode, grpc.status> = {
   UNAVAILABLE: grpc.status.UNAVAILABLE,
   LOCK_UNAVAILABLE: grpc.status.UNAVAILABLE,
   SHUTTING_DOWN: grpc.status.UNAVAILABLE,
+  UNAUTHENTICATED: grpc.status.UNAUTHENTICATED,
+  PERMISSION_DENIED: grpc.status.PERMISSION_DENIED,
+  // A broken policy file is refused when it is read; it never reaches a call.
+  POLICY_INVALID: grpc.status.INTERNAL,
   // The session service turns IdP failures into the codes above; one that escapes is a bug.
   IDP_INVALID_GRANT: grpc.status.INTERNAL,
   IDP_LOGIN_REJECTED: grpc.status.INTERNAL,
