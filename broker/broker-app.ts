@@ -1,8 +1,12 @@
 import type { Meter } from '@opentelemetry/api';
 import type { Logger } from 'pino';
 import { BrokerMetrics } from './broker-metrics.js';
-import type { BrokerConfig } from './config.js';
+import type { AuthConfig, BrokerConfig } from './config.js';
+import { AccessControl } from './auth/access-control.js';
+import { PolicyFile } from './auth/policy-file.js';
+import { ServiceAccountVerifier } from './auth/service-account-verifier.js';
 import { BrokerGrpcServer } from './grpc/grpc-server.js';
+import { serverTlsCredentials } from './grpc/server-tls.js';
 import type { IdpAdapter } from './idp/idp-adapter.js';
 import { createIdpAdapter } from './idp/idp-factory.js';
 import { LoginSecrets } from './idp/login-secrets.js';
@@ -119,12 +123,22 @@ export async function startBroker(
     { store, locks, keys, idps, rotator, hub, log, clock, secrets },
   );
   const worker = new DueWorker(config.worker, store, rotator, log, clock, metrics);
-  const grpcServer = new BrokerGrpcServer({ sessions: service, hub, log });
+  const access = config.auth ? await startAccessControl(config.auth, log) : undefined;
+  const credentials = config.tls ? serverTlsCredentials(config.tls, log) : undefined;
+  const grpcServer = new BrokerGrpcServer({ sessions: service, hub, log, access, credentials });
   const port = await grpcServer.listen(config.grpcAddress);
   const stopWorker = new AbortController();
   const working = worker.run(stopWorker.signal);
+  const watchingPolicy = access?.run(stopWorker.signal);
+  const insecure = warnWhileInsecure(config, log);
   log.info(
-    { port, replica: config.replicaId, mode: config.redisUrl ? 'redis' : 'embedded' },
+    {
+      port,
+      replica: config.replicaId,
+      mode: config.redisUrl ? 'redis' : 'embedded',
+      tls: config.tls !== undefined,
+      auth: config.auth !== undefined,
+    },
     'broker serving',
   );
 
@@ -135,12 +149,64 @@ export async function startBroker(
       service.close();
       grpcServer.setServing(false);
       stopWorker.abort();
+      clearInterval(insecure);
       await working;
+      await watchingPolicy;
       await rotator.drain();
       await grpcServer.shutdown(config.shutdownGraceMs);
       await store.close();
       await locks.close();
+      access?.close();
       log.info('broker stopped');
     })());
   return { port, service, stop };
+}
+
+/** Loads the policy (the broker does not start without a valid one) and the issuer's keys. */
+async function startAccessControl(auth: AuthConfig, log: Logger): Promise<AccessControl> {
+  const policy = new PolicyFile(auth.policyFile, { log });
+  const rules = policy.load();
+  const verifier = new ServiceAccountVerifier(
+    {
+      issuer: auth.issuer,
+      audience: auth.audience,
+      discovery: auth.discovery,
+      jwksFile: auth.jwksFile,
+      issuerCaFile: auth.issuerCaFile,
+      issuerTokenFile: auth.issuerTokenFile,
+    },
+    { log },
+  );
+  await verifier.start();
+  log.info(
+    { issuer: auth.issuer, audience: auth.audience, rules: rules.ruleCount },
+    'caller authentication on: every call but health needs a ServiceAccount token the policy allows',
+  );
+  return new AccessControl(verifier, policy, log);
+}
+
+const INSECURE_REMINDER_MS = 5 * 60_000;
+
+/**
+ * Says loudly, at start and every few minutes, that TLS or caller authentication is off (an
+ * explicit TB_TLS=off or TB_AUTH=off, or embedded mode without certificates).
+ */
+function warnWhileInsecure(config: BrokerConfig, log: Logger): NodeJS.Timeout | undefined {
+  const problems: string[] = [];
+  if (!config.tls)
+    problems.push(
+      'TLS is OFF: access and refresh tokens cross the network in clear (set TB_TLS_CERT_FILE and TB_TLS_KEY_FILE)',
+    );
+  if (!config.auth)
+    problems.push(
+      'caller authentication is OFF (TB_AUTH=off): anyone who reaches the broker can read, replace or revoke any session',
+    );
+  if (problems.length === 0) return undefined;
+  const warn = () => {
+    for (const problem of problems) log.warn(`INSECURE: ${problem}. Not for production.`);
+  };
+  warn();
+  const timer = setInterval(warn, INSECURE_REMINDER_MS);
+  timer.unref();
+  return timer;
 }

@@ -43,8 +43,32 @@ export interface IdpConfig {
   timeoutMs: number;
 }
 
+/** TLS on the gRPC listener; the files are re-read when they change. */
+export interface TlsConfig {
+  certFile: string;
+  keyFile: string;
+  /** When set, client certificates are required and verified against this CA bundle. */
+  clientCaFile: string | undefined;
+}
+
+/** Caller authentication (projected ServiceAccount tokens) and the access policy. */
+export interface AuthConfig {
+  issuer: string;
+  audience: string;
+  /** true: keys from the issuer's OIDC discovery; false: from `jwksFile`. */
+  discovery: boolean;
+  jwksFile: string | undefined;
+  issuerCaFile: string | undefined;
+  issuerTokenFile: string | undefined;
+  policyFile: string;
+}
+
 export interface BrokerConfig {
   grpcAddress: string;
+  /** undefined: plaintext (embedded mode without certificates, or TB_TLS=off). */
+  tls: TlsConfig | undefined;
+  /** undefined: TB_AUTH=off, every caller may do anything. */
+  auth: AuthConfig | undefined;
   replicaId: string;
   logLevel: string;
   /** State store; undefined selects embedded mode (memory, one replica). */
@@ -130,6 +154,8 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
 
   const config: BrokerConfig = {
     grpcAddress: read.string('TB_GRPC_ADDRESS') ?? '0.0.0.0:50051',
+    tls: readTls(read, redisUrl !== undefined),
+    auth: readAuth(read),
     replicaId: read.string('TB_REPLICA_ID') ?? `${hostname()}-${process.pid}`,
     logLevel: read.oneOf(
       'TB_LOG_LEVEL',
@@ -179,6 +205,86 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
   if (config.worker.claimLeaseMs <= lockTtlMs)
     throw new ConfigError('TB_CLAIM_LEASE_MS', `must exceed TB_LOCK_TTL_MS (${lockTtlMs})`);
   return config;
+}
+
+/**
+ * TLS is on whenever certificate files are given. In Redis mode (a production topology) it is
+ * required unless TB_TLS=off says otherwise explicitly; embedded mode may stay plaintext.
+ */
+function readTls(read: EnvReader, redisMode: boolean): TlsConfig | undefined {
+  const certFile = read.string('TB_TLS_CERT_FILE');
+  const keyFile = read.string('TB_TLS_KEY_FILE');
+  const clientCaFile = read.string('TB_TLS_CLIENT_CA_FILE');
+  if (!read.onOff('TB_TLS', true)) {
+    for (const [name, value] of [
+      ['TB_TLS_CERT_FILE', certFile],
+      ['TB_TLS_KEY_FILE', keyFile],
+      ['TB_TLS_CLIENT_CA_FILE', clientCaFile],
+    ] as const)
+      if (value) throw new ConfigError(name, 'is set but TB_TLS=off turns TLS off: unset one');
+    return undefined;
+  }
+  if (certFile && !keyFile)
+    throw new ConfigError('TB_TLS_KEY_FILE', 'is required with TB_TLS_CERT_FILE');
+  if (keyFile && !certFile)
+    throw new ConfigError('TB_TLS_CERT_FILE', 'is required with TB_TLS_KEY_FILE');
+  if (!certFile || !keyFile) {
+    if (clientCaFile)
+      throw new ConfigError('TB_TLS_CLIENT_CA_FILE', 'needs TB_TLS_CERT_FILE and TB_TLS_KEY_FILE');
+    if (redisMode)
+      throw new ConfigError(
+        'TB_TLS_CERT_FILE',
+        'and TB_TLS_KEY_FILE are required with TB_REDIS_URL: tokens cross the network. ' +
+          'Set TB_TLS=off explicitly to run plaintext (not for production)',
+      );
+    return undefined;
+  }
+  return { certFile, keyFile, clientCaFile };
+}
+
+/**
+ * Caller authentication is on unless TB_AUTH=off says otherwise explicitly: then every caller
+ * that reaches the broker may read, replace or revoke any session.
+ */
+function readAuth(read: EnvReader): AuthConfig | undefined {
+  if (!read.onOff('TB_AUTH', true)) return undefined;
+  const issuer = read.url('TB_AUTH_ISSUER', ['https:', 'http:']);
+  if (!issuer)
+    throw new ConfigError(
+      'TB_AUTH_ISSUER',
+      "is required: the cluster's service-account issuer (e.g. https://kubernetes.default.svc.cluster.local). " +
+        'Set TB_AUTH=off explicitly to accept every caller (not for production)',
+    );
+  const jwksFile = read.string('TB_AUTH_JWKS_FILE');
+  if (!jwksFile && !issuer.startsWith('https:'))
+    throw new ConfigError(
+      'TB_AUTH_ISSUER',
+      'must be an https URL for OIDC discovery (or set TB_AUTH_JWKS_FILE)',
+    );
+  const issuerCaFile = read.string('TB_AUTH_ISSUER_CA_FILE');
+  const issuerTokenFile = read.string('TB_AUTH_ISSUER_TOKEN_FILE');
+  if (jwksFile)
+    for (const [name, value] of [
+      ['TB_AUTH_ISSUER_CA_FILE', issuerCaFile],
+      ['TB_AUTH_ISSUER_TOKEN_FILE', issuerTokenFile],
+    ] as const)
+      if (value) throw new ConfigError(name, 'applies to OIDC discovery, not to TB_AUTH_JWKS_FILE');
+  const policyFile = read.string('TB_POLICY_FILE');
+  if (!policyFile)
+    throw new ConfigError(
+      'TB_POLICY_FILE',
+      'is required with caller authentication: which service accounts may do what on which sessions (README, "Access policy")',
+    );
+  const audience = read.string('TB_AUTH_AUDIENCE') ?? 'token-broker';
+  return {
+    issuer,
+    audience,
+    discovery: jwksFile === undefined,
+    jwksFile,
+    issuerCaFile,
+    issuerTokenFile,
+    policyFile,
+  };
 }
 
 /** The setting each rotation option came from, for error messages. */

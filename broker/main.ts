@@ -4,7 +4,7 @@ import { stopOnSignals } from '../shared/stop-on-signals.js';
 import { telemetryStatus } from '../shared/telemetry/telemetry-runtime.js';
 import { startBroker } from './broker-app.js';
 import { loadConfig } from './config.js';
-import { ConfigError } from './errors.js';
+import { ConfigError, PolicyError } from './errors.js';
 
 const log = pino({
   name: 'token-broker',
@@ -26,6 +26,13 @@ try {
 } catch (err) {
   if (err instanceof ConfigError) {
     log.fatal({ setting: err.setting }, `configuration error: ${err.message}`);
+    process.exit(2);
+  }
+  if (err instanceof PolicyError) {
+    log.fatal(
+      { setting: 'TB_POLICY_FILE', line: err.line, field: err.field },
+      `policy error: ${err.message}`,
+    );
     process.exit(2);
   }
   log.fatal({ err: err instanceof Error ? err.message : String(err) }, 'broker failed to start');

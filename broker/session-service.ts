@@ -57,6 +57,8 @@ export interface EnrollInput extends Partial<SessionRef> {
   credential?: EnrollCredential | undefined;
   /** Shorthand for `credential: { kind: 'refresh_token', refreshToken }`. */
   refreshToken?: string | undefined;
+  /** The authenticated caller (namespace/serviceaccount), recorded with the family. */
+  enrolledBy?: string | undefined;
 }
 
 /** What the session service needs of the store. */
@@ -134,14 +136,22 @@ export class SessionService {
         'is required: refresh_token, login or token_exchange',
       );
     if (credential.kind === 'token_exchange')
-      return this.enrollByExchange(ref, idpName, idp, credential);
+      return this.enrollByExchange(ref, idpName, idp, credential, input.enrolledBy);
 
     let seed: FamilySeed;
     if (credential.kind === 'refresh_token') {
       if (!credential.refreshToken) throw new InvalidArgumentError('refresh_token', 'is required');
-      seed = { refreshToken: credential.refreshToken, login: undefined };
+      seed = {
+        refreshToken: credential.refreshToken,
+        login: undefined,
+        enrolledBy: input.enrolledBy,
+      };
     } else {
-      seed = { refreshToken: '', login: await this.checkLogin(idp, credential) };
+      seed = {
+        refreshToken: '',
+        login: await this.checkLogin(idp, credential),
+        enrolledBy: input.enrolledBy,
+      };
     }
     const generation = await this.replaceFamily(ref, idpName, seed, this.clock());
     await this.deps.store.touch(ref, this.clock());
@@ -187,6 +197,7 @@ export class SessionService {
     idpName: string,
     idp: IdpAdapter,
     exchange: Extract<EnrollCredential, { kind: 'token_exchange' }>,
+    enrolledBy: string | undefined,
   ): Promise<SessionMetadata> {
     if (!idp.exchange)
       throw new InvalidArgumentError(
@@ -218,7 +229,7 @@ export class SessionService {
     const generation = await this.replaceFamily(
       ref,
       idpName,
-      { refreshToken: tokens.refreshToken ?? '', login: undefined },
+      { refreshToken: tokens.refreshToken ?? '', login: undefined, enrolledBy },
       issuedAt,
       tokens,
     );

@@ -25,6 +25,8 @@ export interface FamilySeed {
   /** A dedicated refresh token, or '' for a login session that still has to log in. */
   refreshToken: string;
   login: StoredLogin | undefined;
+  /** The caller enrolling it (namespace/serviceaccount), for ListSessions and the audit. */
+  enrolledBy: string | undefined;
 }
 
 /**
@@ -58,6 +60,7 @@ export function enrolled(
     traceparent: at.traceparent,
     login: seed.login,
     reloginStreak: 0,
+    enrolledBy: seed.enrolledBy,
   };
   if (!issued) return { next: base, dueAt: at.now };
   const { tokens, nextRefreshAt } = issued;

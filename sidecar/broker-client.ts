@@ -4,12 +4,17 @@ import {
   type RefreshRequest,
   type RefreshResponse,
 } from '../gen/tokenbroker/v1/token_broker.js';
+import { clientTransport } from '../shared/grpc-client-credentials.js';
+import type { TlsLog } from '../shared/watched-tls-files.js';
 import type { BrokerApi } from './broker-link.js';
+import type { SidecarConfig } from './config.js';
 
 export interface BrokerClientOptions {
   address: string;
   keepaliveMs: number;
   reconnectMaxMs: number;
+  tls: SidecarConfig['brokerTls'];
+  tokenFile: string | undefined;
 }
 
 /**
@@ -17,8 +22,18 @@ export interface BrokerClientOptions {
  * one replica dies the next Watch call goes to one that is already connected. Keepalive pings
  * notice a silent dead peer within keepalive + keepalive/2.
  */
-export function connectBroker(options: BrokerClientOptions): BrokerApi {
-  const client = new TokenBrokerServiceClient(options.address, grpc.credentials.createInsecure(), {
+export function connectBroker(options: BrokerClientOptions, log?: TlsLog): BrokerApi {
+  const transport = clientTransport(
+    {
+      tls: options.tls,
+      tokenFile: options.tokenFile,
+      settingNames: { caFile: 'TB_SIDECAR_BROKER_CA_FILE', tokenFile: 'TB_SIDECAR_TOKEN_FILE' },
+    },
+    log,
+  );
+  const client = new TokenBrokerServiceClient(options.address, transport.credentials, {
+    ...transport.options,
+    interceptors: transport.interceptors,
     'grpc.service_config': JSON.stringify({ loadBalancingConfig: [{ round_robin: {} }] }),
     'grpc.service_config_disable_resolution': 1,
     'grpc.keepalive_time_ms': options.keepaliveMs,

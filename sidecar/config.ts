@@ -1,4 +1,6 @@
+import { accessSync, constants, statSync } from 'node:fs';
 import { EnvReader, type Env } from '../shared/env-reader.js';
+import { compileGlob } from '../shared/glob.js';
 import { ConfigError } from './errors.js';
 import { idProblem, type SessionRef } from '../shared/session-ref.js';
 
@@ -21,7 +23,34 @@ export interface SidecarConfig {
   logLevel: LogLevel;
   reconnectMaxMs: number;
   keepaliveMs: number;
+  /** TLS to the broker ('off' only when TB_SIDECAR_BROKER_TLS=off says so). */
+  brokerTls: 'off' | { caFile: string | undefined; serverName: string | undefined };
+  /** The projected ServiceAccount token sent with every call; undefined: TB_SIDECAR_AUTH=off. */
+  tokenFile: string | undefined;
+  /** Users this sidecar may serve (tenant/user globs); undefined: any user. */
+  allowedUsers: AllowedUser[] | undefined;
+  /** The most users held (subscribed) at once. */
+  maxUsers: number;
 }
+
+/** One TB_SIDECAR_ALLOWED_USERS entry, compiled. */
+export interface AllowedUser {
+  pattern: string;
+  tenant: RegExp;
+  user: RegExp;
+}
+
+/** Whether `ref` matches one of `allowed` (any user when undefined). */
+export function isAllowedUser(
+  allowed: readonly AllowedUser[] | undefined,
+  ref: SessionRef,
+): boolean {
+  return (
+    allowed === undefined || allowed.some((a) => a.tenant.test(ref.tenant) && a.user.test(ref.user))
+  );
+}
+
+export const DEFAULT_TOKEN_FILE = '/var/run/secrets/tokens/token-broker';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -41,6 +70,13 @@ const KNOWN = new Set([
   'TB_SIDECAR_LOG_LEVEL',
   'TB_SIDECAR_RECONNECT_MAX_MS',
   'TB_SIDECAR_KEEPALIVE_MS',
+  'TB_SIDECAR_BROKER_TLS',
+  'TB_SIDECAR_BROKER_CA_FILE',
+  'TB_SIDECAR_BROKER_SERVER_NAME',
+  'TB_SIDECAR_TOKEN_FILE',
+  'TB_SIDECAR_AUTH',
+  'TB_SIDECAR_ALLOWED_USERS',
+  'TB_SIDECAR_MAX_USERS',
 ]);
 
 export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
@@ -56,6 +92,46 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
 
   const tokenDir = read.string('TB_SIDECAR_TOKEN_DIR');
   const users = parseUsers(read.string('TB_SIDECAR_USERS') ?? '', tokenDir !== undefined);
+  const allowedText = read.string('TB_SIDECAR_ALLOWED_USERS');
+  const allowedUsers =
+    allowedText !== undefined
+      ? parseAllowedUsers(allowedText)
+      : users.length > 0
+        ? users.map((u) => exactUser(u))
+        : undefined;
+  if (allowedUsers)
+    for (const [i, ref] of users.entries())
+      if (!isAllowedUser(allowedUsers, ref))
+        throw new ConfigError(
+          `TB_SIDECAR_USERS[${i}]`,
+          'is not matched by TB_SIDECAR_ALLOWED_USERS: the sidecar could never serve it',
+        );
+  const maxUsers = read.int('TB_SIDECAR_MAX_USERS', 1000, { min: 1, max: 1_000_000 });
+  if (users.length > maxUsers)
+    throw new ConfigError(
+      'TB_SIDECAR_USERS',
+      `lists ${users.length} users, more than TB_SIDECAR_MAX_USERS (${maxUsers})`,
+    );
+  const tlsOn = read.onOff('TB_SIDECAR_BROKER_TLS', true);
+  const caFile = read.string('TB_SIDECAR_BROKER_CA_FILE');
+  const serverName = read.string('TB_SIDECAR_BROKER_SERVER_NAME');
+  if (!tlsOn && (caFile || serverName))
+    throw new ConfigError(
+      caFile ? 'TB_SIDECAR_BROKER_CA_FILE' : 'TB_SIDECAR_BROKER_SERVER_NAME',
+      'is set but TB_SIDECAR_BROKER_TLS=off turns TLS off: unset one',
+    );
+  const authOn = read.onOff('TB_SIDECAR_AUTH', true);
+  const tokenFile = read.string('TB_SIDECAR_TOKEN_FILE') ?? DEFAULT_TOKEN_FILE;
+  if (!authOn && read.string('TB_SIDECAR_TOKEN_FILE'))
+    throw new ConfigError(
+      'TB_SIDECAR_TOKEN_FILE',
+      'is set but TB_SIDECAR_AUTH=off sends no token: unset one',
+    );
+  if (authOn && !isReadableFile(tokenFile))
+    throw new ConfigError(
+      'TB_SIDECAR_TOKEN_FILE',
+      `(${tokenFile}) cannot be read: mount the projected ServiceAccount token with audience token-broker there (the sidecar chart does), or set TB_SIDECAR_AUTH=off for a broker without authentication`,
+    );
 
   return {
     brokerAddress,
@@ -76,7 +152,47 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
       max: 600_000,
       why: 'the broker closes connections that ping more often',
     }),
+    brokerTls: tlsOn ? { caFile, serverName } : 'off',
+    tokenFile: authOn ? tokenFile : undefined,
+    allowedUsers,
+    maxUsers,
   };
+}
+
+function isReadableFile(path: string): boolean {
+  try {
+    accessSync(path, constants.R_OK);
+    return statSync(path).isFile();
+  } catch {
+    return false;
+  }
+}
+
+function exactUser(ref: SessionRef): AllowedUser {
+  const escape = (v: string) => new RegExp(`^${v.replace(/[\\^$.|?*+()[\]{}]/g, '\\$&')}$`, 's');
+  return {
+    pattern: `${ref.tenant}/${ref.user}`,
+    tenant: escape(ref.tenant),
+    user: escape(ref.user),
+  };
+}
+
+function parseAllowedUsers(text: string): AllowedUser[] {
+  const items = text
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
+  if (items.length === 0)
+    throw new ConfigError('TB_SIDECAR_ALLOWED_USERS', 'names no tenant/user pattern');
+  return items.map((item, i) => {
+    const parts = item.split('/');
+    if (parts.length !== 2 || parts[0] === '' || parts[1] === '')
+      throw new ConfigError(
+        `TB_SIDECAR_ALLOWED_USERS[${i}]`,
+        `must be tenant/user (each may use *), got ${JSON.stringify(item)}`,
+      );
+    return { pattern: item, tenant: compileGlob(parts[0]!), user: compileGlob(parts[1]!) };
+  });
 }
 
 function parseUsers(text: string, asFileNames: boolean): SessionRef[] {

@@ -79,6 +79,30 @@ export class MethodNotAllowedError extends SidecarError {
   }
 }
 
+/** The user is outside TB_SIDECAR_ALLOWED_USERS: this sidecar never asks the broker for it. */
+export class UserNotAllowedError extends SidecarError {
+  readonly code = 'USER_NOT_ALLOWED';
+  readonly status = 403;
+  constructor(tenant: string) {
+    super(
+      `this sidecar does not serve users of tenant ${JSON.stringify(tenant)} or this user (TB_SIDECAR_ALLOWED_USERS)`,
+    );
+  }
+}
+
+/** The sidecar already holds TB_SIDECAR_MAX_USERS users; an unread one is dropped in time. */
+export class TooManyUsersError extends SidecarError {
+  readonly code = 'TOO_MANY_USERS';
+  readonly status = 429;
+  constructor(readonly max: number) {
+    super(`this sidecar already holds ${max} users (TB_SIDECAR_MAX_USERS); retry later`);
+  }
+
+  override headers(): Record<string, string> {
+    return { 'Retry-After': '60' };
+  }
+}
+
 export class SessionNotFoundError extends SidecarError {
   readonly code = 'SESSION_NOT_FOUND';
   readonly status = 404;

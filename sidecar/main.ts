@@ -3,6 +3,7 @@ import { traceLogFields } from '../shared/telemetry/log-mixin.js';
 import { stopOnSignals } from '../shared/stop-on-signals.js';
 import { telemetryStatus } from '../shared/telemetry/telemetry-runtime.js';
 import { loadSidecarConfig, LOG_LEVELS, type LogLevel } from './config.js';
+import { TlsFileError } from '../shared/watched-tls-files.js';
 import { ConfigError } from './errors.js';
 import { startSidecar } from './sidecar-app.js';
 
@@ -35,7 +36,7 @@ try {
   );
   stopOnSignals(() => sidecar.stop(), log);
 } catch (err) {
-  if (err instanceof ConfigError) {
+  if (err instanceof ConfigError || err instanceof TlsFileError) {
     log.fatal({ setting: err.setting }, `configuration error: ${err.message}`);
     process.exit(2);
   }

@@ -4,7 +4,8 @@ import type { Logger } from 'pino';
 import { openMetricsEndpoint } from '../shared/telemetry/metrics-endpoint.js';
 import { connectBroker } from './broker-client.js';
 import { BrokerLink, type BrokerApi } from './broker-link.js';
-import type { SidecarConfig } from './config.js';
+import { isAllowedUser, type SidecarConfig } from './config.js';
+import { TooManyUsersError, UserNotAllowedError } from './errors.js';
 import { SidecarHttpApi, type Readiness, type TokenSessions } from './http-api.js';
 import { OtelSidecarMetrics } from './metrics.js';
 import { TokenFileSink } from './token-file-sink.js';
@@ -24,11 +25,16 @@ const STOP_GRACE_MS = 5_000;
 export async function startSidecar(
   config: SidecarConfig,
   log: Logger,
-  api: BrokerApi = connectBroker({
-    address: config.brokerAddress,
-    keepaliveMs: config.keepaliveMs,
-    reconnectMaxMs: config.reconnectMaxMs,
-  }),
+  api: BrokerApi = connectBroker(
+    {
+      address: config.brokerAddress,
+      keepaliveMs: config.keepaliveMs,
+      reconnectMaxMs: config.reconnectMaxMs,
+      tls: config.brokerTls,
+      tokenFile: config.tokenFile,
+    },
+    log,
+  ),
 ): Promise<RunningSidecar> {
   const clock = Date.now;
   const sink = config.tokenDir
@@ -61,9 +67,22 @@ export async function startSidecar(
     metrics,
   );
   for (const ref of config.users) store.ensure(ref, true);
+  if (!config.allowedUsers)
+    log.warn(
+      'neither TB_SIDECAR_ALLOWED_USERS nor TB_SIDECAR_USERS is set: any local process may read any user the broker lets this sidecar read',
+    );
+  if (config.brokerTls === 'off')
+    log.warn(
+      'INSECURE: TB_SIDECAR_BROKER_TLS=off: tokens cross the network in clear. Not for production.',
+    );
 
   const sessions: TokenSessions = {
     read(ref) {
+      if (!store.has(ref)) {
+        // Refused before anything is subscribed: no stream to the broker is asked for them.
+        if (!isAllowedUser(config.allowedUsers, ref)) throw new UserNotAllowedError(ref.tenant);
+        if (store.size >= config.maxUsers) throw new TooManyUsersError(config.maxUsers);
+      }
       const { entry, created } = store.ensure(ref);
       entry.lastReadAt = clock();
       if (created) {

@@ -23,6 +23,7 @@ import {
   type YAMLSeq,
 } from 'yaml';
 import { PolicyError } from '../errors.js';
+import { compileGlob } from '../../shared/glob.js';
 
 export const VERBS = ['enroll', 'read', 'refresh', 'revoke', 'list'] as const;
 /** `read` covers GetToken and Watch. */
@@ -107,12 +108,7 @@ function matchesSubject(rule: CompiledRule, caller: Caller): boolean {
   );
 }
 
-/** `*` is any run of characters (including none); everything else is literal. */
-export function compileGlob(pattern: string): RegExp {
-  const literal = pattern.split('*').map((part) => part.replace(/[\\^$.|?*+()[\]{}]/g, '\\$&'));
-  // `s`: `*` also spans line breaks, so no character can slip past a pattern.
-  return new RegExp(`^${literal.join('.*')}$`, 's');
-}
+export { compileGlob };
 
 const RULE_KEYS = ['name', 'subjects', 'verbs', 'sessions'] as const;
 const SESSION_KEYS = ['tenant', 'user'] as const;

@@ -14,10 +14,19 @@ import {
 } from '../../gen/tokenbroker/v1/token_broker.js';
 import { STATUS_TO_PROTO } from '../../shared/session-status.js';
 import { FILE_DESCRIPTOR_SET_BASE64 } from '../../gen/tokenbroker/v1/descriptor-set.js';
-import { BrokerError, errorCode, InvalidArgumentError, type BrokerErrorCode } from '../errors.js';
+import { auditCaller, type AccessControl } from '../auth/access-control.js';
+import type { Verb } from '../auth/access-policy.js';
+import type { CallerIdentity } from '../auth/service-account-verifier.js';
+import {
+  BrokerError,
+  errorCode,
+  InvalidArgumentError,
+  UnauthenticatedError,
+  type BrokerErrorCode,
+} from '../errors.js';
 import { validateRef, type EnrollCredential, type SessionService } from '../session-service.js';
 import { KeySpace } from '../store/keys.js';
-import type { SessionMetadata, SessionRecord } from '../store/session-record.js';
+import type { SessionMetadata, SessionRecord, SessionRef } from '../store/session-record.js';
 import type { WatchHub, WatchSink } from '../watch-hub.js';
 
 const SERVICE_NAME = 'tokenbroker.v1.TokenBrokerService';
@@ -84,6 +93,7 @@ export function toSession(meta: SessionMetadata): Session {
     lastUsedAt: toDate(meta.lastUsedAt),
     lastErrorCode: meta.lastErrorCode,
     failedAttempts: meta.failedAttempts,
+    enrolledBy: meta.enrolledBy ?? '',
   };
 }
 
@@ -126,16 +136,20 @@ export interface GrpcServerDeps {
   sessions: SessionService;
   hub: WatchHub;
   log: Logger;
+  /** Caller authentication and the access policy; undefined only with TB_AUTH=off. */
+  access?: AccessControl | undefined;
+  /** The listener's credentials (TLS); default plaintext. */
+  credentials?: grpc.ServerCredentials | undefined;
 }
+
+const HEALTH_PREFIX = '/grpc.health.v1.Health/';
+
+/** The caller verified for a call, by the call's metadata (set by the authentication interceptor). */
+const callers = new WeakMap<grpc.Metadata, CallerIdentity>();
 
 /** The gRPC edge: maps requests to SessionService calls and BrokerErrors to status codes. */
 export class BrokerGrpcServer {
-  readonly server = new grpc.Server({
-    'grpc.keepalive_time_ms': 30_000,
-    'grpc.keepalive_timeout_ms': 10_000,
-    'grpc.keepalive_permit_without_calls': 1,
-    'grpc.http2.min_ping_interval_without_data_ms': 5_000,
-  });
+  readonly server: grpc.Server;
   private readonly health = new HealthImplementation({
     '': 'NOT_SERVING',
     [SERVICE_NAME]: 'NOT_SERVING',
@@ -146,6 +160,13 @@ export class BrokerGrpcServer {
   >();
 
   constructor(private readonly deps: GrpcServerDeps) {
+    this.server = new grpc.Server({
+      'grpc.keepalive_time_ms': 30_000,
+      'grpc.keepalive_timeout_ms': 10_000,
+      'grpc.keepalive_permit_without_calls': 1,
+      'grpc.http2.min_ping_interval_without_data_ms': 5_000,
+      interceptors: deps.access ? [this.authenticating(deps.access)] : [],
+    });
     this.server.addService(TokenBrokerServiceService, this.implementation());
     this.health.addToServer(this.server);
     const definition = loadFileDescriptorSetFromBuffer(
@@ -158,8 +179,10 @@ export class BrokerGrpcServer {
   /** Binds and starts serving; returns the bound port (useful with port 0). */
   async listen(address: string): Promise<number> {
     const port = await new Promise<number>((resolve, reject) =>
-      this.server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (err, bound) =>
-        err ? reject(err) : resolve(bound),
+      this.server.bindAsync(
+        address,
+        this.deps.credentials ?? grpc.ServerCredentials.createInsecure(),
+        (err, bound) => (err ? reject(err) : resolve(bound)),
       ),
     );
     this.setServing(true);
@@ -213,9 +236,71 @@ export class BrokerGrpcServer {
     });
   }
 
-  private unary<Req, Res>(handler: (request: Req) => Promise<Res>): grpc.handleUnaryCall<Req, Res> {
+  /**
+   * Every call but health must carry a verifiable bearer token; the verified caller is kept for
+   * the handler, and a call without one ends UNAUTHENTICATED before any handler runs (reflection
+   * included).
+   */
+  private authenticating(access: AccessControl): grpc.ServerInterceptor {
+    return (method, call) => {
+      if (method.path.startsWith(HEALTH_PREFIX)) return new grpc.ServerInterceptingCall(call);
+      return new grpc.ServerInterceptingCall(call, {
+        start: (next) =>
+          next({
+            onReceiveMetadata: (metadata, pass) => {
+              const header = metadata.get('authorization')[0];
+              access
+                .authenticate(typeof header === 'string' ? header : undefined, {
+                  rpc: method.path,
+                  peer: call.getPeer(),
+                })
+                .then(
+                  (caller) => {
+                    callers.set(metadata, caller);
+                    pass(metadata);
+                  },
+                  (err: unknown) => {
+                    const status = this.fail(err);
+                    call.sendStatus({
+                      code: status.code,
+                      details: status.details,
+                      metadata: status.metadata,
+                    });
+                  },
+                );
+            },
+          }),
+      });
+    };
+  }
+
+  /** The call's verified caller; undefined when authentication is off. */
+  private caller(metadata: grpc.Metadata): CallerIdentity | undefined {
+    if (!this.deps.access) return undefined;
+    const caller = callers.get(metadata);
+    // The interceptor runs before every handler; a call without a caller is a wiring bug.
+    if (!caller) throw new UnauthenticatedError('missing', 'the call carries no verified caller');
+    return caller;
+  }
+
+  /** Checks `verb` on `ref` for the caller (a no-op without authentication); returns the rule. */
+  private authorize(caller: CallerIdentity | undefined, verb: Verb, ref: SessionRef): string {
+    if (!caller || !this.deps.access) return '';
+    return this.deps.access.authorize(caller, verb, ref);
+  }
+
+  private unary<Req, Res>(
+    handler: (request: Req, caller: CallerIdentity | undefined) => Promise<Res>,
+  ): grpc.handleUnaryCall<Req, Res> {
     return (call, callback) => {
-      handler(call.request).then(
+      let caller: CallerIdentity | undefined;
+      try {
+        caller = this.caller(call.metadata);
+      } catch (err) {
+        callback(this.fail(err));
+        return;
+      }
+      handler(call.request, caller).then(
         (response) => callback(null, response),
         (err: unknown) => callback(this.fail(err)),
       );
@@ -225,34 +310,82 @@ export class BrokerGrpcServer {
   private implementation(): TokenBrokerServiceServer {
     const { sessions } = this.deps;
     return {
-      enroll: this.unary(async (req) => {
-        const meta = await sessions.enroll({
-          tenant: req.tenant,
-          user: req.user,
-          idp: req.idp,
-          credential: enrollCredential(req),
-        });
+      enroll: this.unary(async (req, caller) => {
+        const ref = validateRef(req);
+        const rule = this.authorize(caller, 'enroll', ref);
+        let meta;
+        try {
+          meta = await sessions.enroll({
+            tenant: req.tenant,
+            user: req.user,
+            idp: req.idp,
+            credential: enrollCredential(req),
+            enrolledBy: caller?.subject,
+          });
+        } catch (err) {
+          if (caller) this.deps.access?.audit.enroll(auditCaller(caller), ref, rule, err);
+          throw err;
+        }
+        if (caller) this.deps.access?.audit.enroll(auditCaller(caller), ref, rule);
         return { session: toSession(meta) };
       }),
-      getToken: this.unary(async (req) => ({
-        token: toTokenEvent(await sessions.getToken(req)),
-      })),
-      refresh: this.unary(async (req) => ({
-        token: toTokenEvent(await sessions.refresh(req)),
-      })),
-      revoke: this.unary(async (req) => ({ session: toSession(await sessions.revoke(req)) })),
-      listSessions: this.unary(async (req) => {
+      getToken: this.unary(async (req, caller) => {
+        const ref = validateRef(req);
+        const rule = this.authorize(caller, 'read', ref);
+        const record = await sessions.getToken(ref);
+        if (caller) this.deps.access?.audit.read(auditCaller(caller), ref, rule);
+        return { token: toTokenEvent(record) };
+      }),
+      refresh: this.unary(async (req, caller) => {
+        this.authorize(caller, 'refresh', validateRef(req));
+        return { token: toTokenEvent(await sessions.refresh(req)) };
+      }),
+      revoke: this.unary(async (req, caller) => {
+        const ref = validateRef(req);
+        const rule = this.authorize(caller, 'revoke', ref);
+        let meta;
+        try {
+          meta = await sessions.revoke(ref);
+        } catch (err) {
+          if (caller) this.deps.access?.audit.revoke(auditCaller(caller), ref, rule, err);
+          throw err;
+        }
+        if (caller) this.deps.access?.audit.revoke(auditCaller(caller), ref, rule);
+        return { session: toSession(meta) };
+      }),
+      listSessions: this.unary(async (req, caller) => {
+        const access = this.deps.access;
+        if (caller && access) access.authorizeList(caller, req.tenant);
         const page = await sessions.list(req.tenant, req.pageSize, req.pageToken);
-        return { sessions: page.sessions.map(toSession), nextPageToken: page.next };
+        // Only what the caller may list; a filtered page may be shorter than asked.
+        const visible =
+          caller && access ? page.sessions.filter((s) => access.mayList(caller, s)) : page.sessions;
+        return { sessions: visible.map(toSession), nextPageToken: page.next };
       }),
       watch: (call) => this.watch(call),
     };
   }
 
   private watch(call: grpc.ServerDuplexStream<WatchRequest, WatchResponse>): void {
+    let caller: CallerIdentity | undefined;
+    try {
+      caller = this.caller(call.metadata);
+    } catch (err) {
+      call.destroy(this.fail(err));
+      return;
+    }
     const sink = new StreamSink(call);
     const { hub, sessions, log } = this.deps;
     this.streams.set(call, sink);
+    // A stream lives on its caller's token: when that expires the stream ends, and the sidecar
+    // reconnects with the fresh token kubelet wrote (its cached tokens keep serving meanwhile).
+    const expiry = caller
+      ? setTimeout(
+          () => call.end(),
+          Math.min(2 ** 31 - 1, Math.max(0, caller.expiresAt - Date.now())),
+        )
+      : undefined;
+    expiry?.unref();
     const subscribed = new Map<string, ReturnType<typeof validateRef>>();
     // Renewed as often as touches count, so a short idle timeout cannot expire a watched session.
     const keepLease = setInterval(() => {
@@ -260,6 +393,7 @@ export class BrokerGrpcServer {
     }, sessions.touchIntervalMs);
     const done = () => {
       clearInterval(keepLease);
+      clearTimeout(expiry);
       this.streams.delete(call);
       hub.detach(sink);
     };
@@ -287,6 +421,15 @@ export class BrokerGrpcServer {
         hub.unsubscribe(ref, sink);
         return;
       }
+      let rule: string;
+      try {
+        rule = this.authorize(caller, 'read', ref);
+      } catch (err) {
+        // Denied: this subscription only; the stream keeps serving the others.
+        sink.send(`error:${id}`, watchError(ref, err));
+        return;
+      }
+      if (caller) this.deps.access?.audit.read(auditCaller(caller), ref, rule);
       subscribed.set(id, ref);
       void sessions.watchStarted(ref).catch(() => undefined);
       hub.subscribe(ref, sink, action.value.afterGeneration).then(

@@ -49,6 +49,8 @@ export interface SessionRecord extends SessionRef {
    * consumed it. The next attempt asks the IdP (introspection) before presenting it again.
    */
   outcomeUnknown?: boolean | undefined;
+  /** Who enrolled the current family (namespace/serviceaccount); undefined without authentication. */
+  enrolledBy?: string | undefined;
 }
 
 /** A stored record with the fields kept beside it in plain text. */

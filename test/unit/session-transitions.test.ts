@@ -49,7 +49,11 @@ const PAIR = {
 
 describe('session transitions (pure)', () => {
   it('enrolled: a new family due now, keeping the generation (and the old token until rotated)', () => {
-    const seed = { refreshToken: 'rt-FAKE-dedicated', login: undefined };
+    const seed = {
+      refreshToken: 'rt-FAKE-dedicated',
+      login: undefined,
+      enrolledBy: 'folio/mod-login',
+    };
     const fresh = enrolled(REF, 'default', seed, undefined, { now: NOW, traceparent: TP });
     expect(fresh.dueAt).toBe(NOW);
     expect(fresh.next).toMatchObject({ generation: 0, status: 'ACTIVE', accessToken: '' });
@@ -68,6 +72,7 @@ describe('session transitions (pure)', () => {
     });
     expect(again.next.accessToken === previous.accessToken).toBe(true);
     expect(again.next.login).toBeUndefined();
+    expect(again.next.enrolledBy).toBe('folio/mod-login');
     expect(again.next.outcomeUnknown).toBeUndefined();
 
     // A token exchange issues the family at once: a new generation, due by the policy's time.

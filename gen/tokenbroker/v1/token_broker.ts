@@ -111,6 +111,11 @@ export interface Session {
   lastErrorCode: string;
   /** Consecutive failed refresh attempts since the last success. */
   failedAttempts: number;
+  /**
+   * The caller that enrolled the current family, as namespace/serviceaccount; empty when the
+   * broker ran without caller authentication (TB_AUTH=off) at that enrollment.
+   */
+  enrolledBy: string;
 }
 
 /** TokenEvent is one state of a session as a watcher or reader sees it. */
@@ -360,6 +365,7 @@ function createBaseSession(): Session {
     lastUsedAt: undefined,
     lastErrorCode: "",
     failedAttempts: 0,
+    enrolledBy: "",
   };
 }
 
@@ -400,6 +406,9 @@ export const Session: MessageFns<Session> = {
     }
     if (message.failedAttempts !== 0) {
       writer.uint32(96).uint32(message.failedAttempts);
+    }
+    if (message.enrolledBy !== "") {
+      writer.uint32(106).string(message.enrolledBy);
     }
     return writer;
   },
@@ -513,6 +522,14 @@ export const Session: MessageFns<Session> = {
             message.failedAttempts = reader.uint32();
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.enrolledBy = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -567,6 +584,11 @@ export const Session: MessageFns<Session> = {
         : isSet(object.failed_attempts)
         ? globalThis.Number(object.failed_attempts)
         : 0,
+      enrolledBy: isSet(object.enrolledBy)
+        ? globalThis.String(object.enrolledBy)
+        : isSet(object.enrolled_by)
+        ? globalThis.String(object.enrolled_by)
+        : "",
     };
   },
 
@@ -608,6 +630,9 @@ export const Session: MessageFns<Session> = {
     if (message.failedAttempts !== 0) {
       obj.failedAttempts = Math.round(message.failedAttempts);
     }
+    if (message.enrolledBy !== "") {
+      obj.enrolledBy = message.enrolledBy;
+    }
     return obj;
   },
 
@@ -628,6 +653,7 @@ export const Session: MessageFns<Session> = {
     message.lastUsedAt = object.lastUsedAt ?? undefined;
     message.lastErrorCode = object.lastErrorCode ?? "";
     message.failedAttempts = object.failedAttempts ?? 0;
+    message.enrolledBy = object.enrolledBy ?? "";
     return message;
   },
 };

@@ -1,0 +1,9 @@
+/**
+ * A glob of tenant, user, namespace or service-account names, for the broker's access policy and
+ * the sidecar's allowed users alike: only `*` is special (any run of characters, none included).
+ */
+export function compileGlob(pattern: string): RegExp {
+  const literal = pattern.split('*').map((part) => part.replace(/[\\^$.|?*+()[\]{}]/g, '\\$&'));
+  // `s`: `*` also spans line breaks, so no character can slip past a pattern.
+  return new RegExp(`^${literal.join('.*')}$`, 's');
+}
