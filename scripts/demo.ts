@@ -18,7 +18,8 @@ import { loadConfig } from '../broker/config.js';
 import { loadSidecarConfig } from '../sidecar/config.js';
 import { startSidecar, type RunningSidecar } from '../sidecar/sidecar-app.js';
 import { MetricSnapshot } from '../shared/telemetry/metric-snapshot.js';
-import { BrokerClient } from './dev/broker-client.js';
+import { BrokerClient, devClientTransport } from './dev/broker-client.js';
+import { devIdentity } from './dev/dev-identity.js';
 import { startOidcProvider, type OidcProviderHarness } from './dev/oidc-provider.js';
 import { startResourceServer } from './dev/resource-server.js';
 
@@ -170,11 +171,14 @@ if (MODE === 'broker') {
       TB_REDLOCK_URLS: process.env.TB_REDLOCK_URLS,
       TB_SEALING_KEYS: process.env.TB_SEALING_KEYS,
       TB_LOG_LEVEL: 'error',
+      // TLS and caller authentication on, as in a cluster: a dev CA, a service-account issuer's
+      // keys and an access policy (scripts/dev/dev-identity.ts).
+      ...devIdentity().brokerEnv(),
     }),
     pino({ level: 'error' }),
     { meter: brokerMetrics.meter },
   );
-  const client = new BrokerClient(`127.0.0.1:${broker.port}`);
+  const client = new BrokerClient(`127.0.0.1:${broker.port}`, devClientTransport('demo-login'));
   await client.enroll(TENANT, USER, minted.refresh_token);
   client.close();
   for (const module of MODULES) {
@@ -182,6 +186,8 @@ if (MODE === 'broker') {
       await startSidecar(
         loadSidecarConfig({
           TB_SIDECAR_BROKER_ADDRESS: `127.0.0.1:${broker.port}`,
+          // Each module's sidecar presents its own pod's ServiceAccount token over TLS.
+          ...devIdentity().sidecarEnv(module),
           TB_SIDECAR_PORT: '0',
           TB_SIDECAR_USERS: `${TENANT}/${USER}`,
           TB_SIDECAR_SAFETY_SKEW_MS: String(Math.min(10_000, AT_TTL * 100)),

@@ -2,7 +2,7 @@
  * tbctl: the operator's command line over the broker's gRPC API. Never prints a token value
  * unless asked with --reveal, and never takes one on the command line (it would show in `ps`).
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
@@ -16,6 +16,7 @@ import {
   type Session,
   type WatchResponse,
 } from '../../gen/tokenbroker/v1/token_broker.js';
+import { clientTransport } from '../../shared/grpc-client-credentials.js';
 import { statusName } from '../../shared/session-status.js';
 
 const USAGE = `tbctl: operate a token-broker over gRPC
@@ -36,6 +37,13 @@ Commands:
 
 Options:
   --broker ADDRESS      broker gRPC address (default $TB_BROKER_ADDRESS or 127.0.0.1:50051)
+  --ca-file FILE        CA bundle the broker's certificate must chain to
+                        (default $TB_BROKER_CA_FILE, else the system's roots)
+  --server-name NAME    name the broker's certificate must carry (default $TB_BROKER_SERVER_NAME)
+  --token-file FILE     bearer token sent with each call, e.g. a ServiceAccount token with
+                        audience token-broker (default $TB_BROKER_TOKEN_FILE, else
+                        /var/run/secrets/tokens/token-broker when it exists)
+  --plaintext           no TLS (only for a broker run with TB_TLS=off)
   --json                machine-readable output
   --timeout MS          deadline of each call (default 10000)
   -h, --help            this text
@@ -46,6 +54,37 @@ Exit codes: 0 ok, 1 unexpected error, 2 usage error, 3 session not found,
 const EXIT = { ok: 0, error: 1, usage: 2, notFound: 3, precondition: 4, unavailable: 5 };
 
 class UsageError extends Error {}
+
+const DEFAULT_TOKEN_FILE = '/var/run/secrets/tokens/token-broker';
+
+/** The broker client, over TLS (unless --plaintext) with the caller's token when there is one. */
+function brokerClient(
+  address: string,
+  values: {
+    'ca-file'?: string;
+    'server-name'?: string;
+    'token-file'?: string;
+    plaintext?: boolean;
+  },
+  env: NodeJS.ProcessEnv,
+): TokenBrokerServiceClient {
+  const caFile = values['ca-file'] ?? (env.TB_BROKER_CA_FILE || undefined);
+  const serverName = values['server-name'] ?? (env.TB_BROKER_SERVER_NAME || undefined);
+  if (values.plaintext && (caFile || serverName))
+    throw new UsageError('--plaintext cannot be combined with --ca-file or --server-name');
+  const tokenFile =
+    values['token-file'] ??
+    (env.TB_BROKER_TOKEN_FILE || (existsSync(DEFAULT_TOKEN_FILE) ? DEFAULT_TOKEN_FILE : undefined));
+  const transport = clientTransport({
+    tls: values.plaintext ? 'off' : { caFile, serverName },
+    tokenFile,
+    settingNames: { caFile: '--ca-file', tokenFile: '--token-file' },
+  });
+  return new TokenBrokerServiceClient(address, transport.credentials, {
+    ...transport.options,
+    interceptors: transport.interceptors,
+  });
+}
 
 function statusText(status: SessionStatus): string {
   return (
@@ -71,6 +110,7 @@ function describeSession(s: Session): Record<string, unknown> {
     lastUsedAt: iso(s.lastUsedAt),
     lastErrorCode: s.lastErrorCode || '-',
     failedAttempts: s.failedAttempts,
+    enrolledBy: s.enrolledBy || '-',
   };
 }
 
@@ -111,6 +151,10 @@ export async function main(
         'page-size': { type: 'string', default: '100' },
         reveal: { type: 'boolean', default: false },
         count: { type: 'string' },
+        'ca-file': { type: 'string' },
+        'server-name': { type: 'string' },
+        'token-file': { type: 'string' },
+        plaintext: { type: 'boolean', default: false },
       },
     });
   } catch (e) {
@@ -125,7 +169,13 @@ export async function main(
   }
   const address = values.broker ?? process.env.TB_BROKER_ADDRESS ?? '127.0.0.1:50051';
   const timeoutMs = Number(values.timeout);
-  const client = new TokenBrokerServiceClient(address, grpc.credentials.createInsecure());
+  let client: TokenBrokerServiceClient;
+  try {
+    client = brokerClient(address, values, process.env);
+  } catch (e) {
+    err.write(`tbctl: ${(e as Error).message}\n`);
+    return EXIT.usage;
+  }
   const pair = (what: string): [string, string] => {
     const [tenant, user] = args;
     if (!tenant || !user) throw new UsageError(`${command} needs TENANT and USER (${what})`);

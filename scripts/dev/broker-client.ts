@@ -1,5 +1,10 @@
 import * as grpc from '@grpc/grpc-js';
 import {
+  clientTransport,
+  type ClientTransportSettings,
+} from '../../shared/grpc-client-credentials.js';
+import { devIdentity } from './dev-identity.js';
+import {
   TokenBrokerServiceClient,
   type EnrollResponse,
   type GetTokenResponse,
@@ -23,12 +28,37 @@ function call<Req, Res>(fn: Unary<Req, Res>, req: Req): Promise<Res> {
   );
 }
 
+/** TLS and a ServiceAccount token of the dev cluster (scripts/dev/dev-identity.ts). */
+export function devClientTransport(serviceAccount = 'test-client'): ClientTransportSettings {
+  const identity = devIdentity();
+  return {
+    tls: { caFile: identity.caFile, serverName: identity.serverName },
+    tokenFile: identity.tokenFile(serviceAccount),
+  };
+}
+
 /** A promise-based client of one broker replica, for tests. */
 export class BrokerClient {
   readonly raw: TokenBrokerServiceClient;
 
-  constructor(readonly address: string) {
-    this.raw = new TokenBrokerServiceClient(address, grpc.credentials.createInsecure());
+  /**
+   * `transport` defaults to what a workload of the dev cluster uses: TLS trusting the dev CA and
+   * the projected token of `token-broker-dev/test-client`. 'plaintext' is for a broker started
+   * without TLS and authentication, and says so at the call site.
+   */
+  constructor(
+    readonly address: string,
+    transport: ClientTransportSettings | 'plaintext' = devClientTransport(),
+  ) {
+    if (transport === 'plaintext') {
+      this.raw = new TokenBrokerServiceClient(address, grpc.credentials.createInsecure());
+      return;
+    }
+    const t = clientTransport(transport);
+    this.raw = new TokenBrokerServiceClient(address, t.credentials, {
+      ...t.options,
+      interceptors: t.interceptors,
+    });
   }
 
   enroll(tenant: string, user: string, refreshToken: string): Promise<EnrollResponse> {

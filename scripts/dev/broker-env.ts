@@ -3,7 +3,8 @@ import { pino, type Logger } from 'pino';
 import { startBroker, type RunningBroker } from '../../broker/broker-app.js';
 import { MetricSnapshot } from '../../shared/telemetry/metric-snapshot.js';
 import { loadConfig } from '../../broker/config.js';
-import type { OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
+import { devIdentity } from './dev-identity.js';
+import type { OidcProviderHarness } from './oidc-provider.js';
 
 export function sealingKeys(): string {
   return `k1:${randomBytes(32).toString('base64')}`;
@@ -29,7 +30,9 @@ export const TEST_TIMINGS: Readonly<Record<string, string>> = {
 
 /**
  * Environment for a broker that refreshes against `oidc`, with timings scaled for short-lived
- * test tokens. `redis` is `{ state, locks }`; omitted means embedded mode.
+ * test tokens. `redis` is `{ state, locks }`; omitted means embedded mode. TLS and caller
+ * authentication are on with the dev cluster's material, as in a cluster (a test that turns them
+ * off passes TB_TLS=off / TB_AUTH=off in `extra`, with the file settings blanked).
  */
 export function brokerEnv(
   oidc: OidcProviderHarness,
@@ -44,6 +47,7 @@ export function brokerEnv(
     TB_IDP_CLIENT_ID: oidc.clients.basic.clientId,
     TB_IDP_CLIENT_SECRET: oidc.clients.basic.clientSecret,
     TB_IDP_AUTH_METHOD: 'client_secret_basic',
+    ...devIdentity().brokerEnv(),
     ...TEST_TIMINGS,
     ...extra,
   };

@@ -142,14 +142,14 @@ function makeDevIdentity(): DevIdentity {
   const { privateKey, publicKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
   const kid = randomUUID();
   const jwk = {
-    ...createPublicKey(publicKey).export({ format: 'jwk' }),
+    ...publicKey.export({ format: 'jwk' }),
     kid,
     alg: 'RS256',
     use: 'sig',
   };
   const jwksFile = join(dir, 'jwks.json');
   writeFileSync(jwksFile, JSON.stringify({ keys: [jwk] }));
-  const signingKey = createPrivateKey(privateKey.export({ format: 'pem', type: 'pkcs8' }));
+  const signingKey = privateKey;
 
   const policyFile = join(dir, 'policy.yaml');
   writeFileSync(

@@ -10,6 +10,7 @@
  * line. Children still alive when the test process exits are killed with SIGKILL.
  */
 import { request } from 'node:http';
+import { devIdentity } from './dev-identity.js';
 import { spawnNodeProcess, waitForLog } from './node-process.js';
 
 export const TOKEN_HEADER = { 'x-token-broker': 'true' } as const;
@@ -87,10 +88,12 @@ export async function runSidecarToExit(
   return { code, logs };
 }
 
+/** Sidecars run as a dev-cluster workload: TLS to the broker and a ServiceAccount token. */
 function spawnSidecar(env: Record<string, string>) {
   return spawnNodeProcess('sidecar/main.ts', {
     TB_SIDECAR_PORT: '0',
     TB_SIDECAR_LOG_LEVEL: 'info',
+    ...devIdentity().sidecarEnv(),
     ...env,
   });
 }

@@ -5,6 +5,8 @@ import { service as healthService } from 'grpc-health-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient } from '../../scripts/dev/broker-client.js';
+import { clientTransport } from '../../shared/grpc-client-credentials.js';
+import { devClientTransport } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology, startInProcessBroker } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
@@ -60,11 +62,10 @@ describe('standard gRPC services', () => {
     const broker = await startInProcessBroker(brokerEnv(oidc, freshTopology()));
     const address = broker.address;
     try {
+      // Over TLS as a cluster's probes and tools reach it; health needs no caller token.
+      const tls = clientTransport({ ...devClientTransport(), tokenFile: undefined });
       const Health = grpc.makeGenericClientConstructor(healthService, 'Health');
-      const health = new Health(
-        address,
-        grpc.credentials.createInsecure(),
-      ) as unknown as grpc.Client & {
+      const health = new Health(address, tls.credentials, tls.options) as unknown as grpc.Client & {
         check: (
           req: { service: string },
           cb: (err: grpc.ServiceError | null, res: { status: string }) => void,
@@ -84,9 +85,12 @@ describe('standard gRPC services', () => {
       const definition = grpc.loadPackageDefinition(loadSync(reflectionProto)) as unknown as {
         grpc: { reflection: { v1: { ServerReflection: typeof grpc.Client } } };
       };
+      // Reflection is an RPC like any other: it needs the caller's token.
+      const withToken = clientTransport(devClientTransport());
       const reflection = new definition.grpc.reflection.v1.ServerReflection(
         address,
-        grpc.credentials.createInsecure(),
+        withToken.credentials,
+        { ...withToken.options, interceptors: withToken.interceptors },
       );
       const stream = (
         reflection as unknown as {

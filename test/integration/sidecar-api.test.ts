@@ -53,6 +53,8 @@ beforeAll(async () => {
   sidecar = await startSidecarProcess({
     TB_SIDECAR_BROKER_ADDRESS: broker.address,
     TB_SIDECAR_USERS: `${TENANT}/alice`,
+    // These tests read other users of the tenant too (by default only the listed ones).
+    TB_SIDECAR_ALLOWED_USERS: `${TENANT}/*`,
     TB_SIDECAR_MAX_WAIT_MS: String(MAX_WAIT_MS),
     TB_SIDECAR_SAFETY_SKEW_MS: '1000',
     TB_SIDECAR_IDLE_UNSUBSCRIBE_MS: '1000',
@@ -260,6 +262,7 @@ describe('sidecar on a Unix socket with a file sink', () => {
         TB_SIDECAR_BROKER_ADDRESS: `dns:///127.0.0.1:${broker.port}`,
         TB_SIDECAR_SOCKET: socket,
         TB_SIDECAR_USERS: `${TENANT}/frank`,
+        TB_SIDECAR_ALLOWED_USERS: `${TENANT}/*`,
         TB_SIDECAR_TOKEN_DIR: tokenDir,
         TB_SIDECAR_SAFETY_SKEW_MS: '1000',
       });

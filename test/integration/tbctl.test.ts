@@ -6,6 +6,7 @@ import { Writable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../../broker/cli/tbctl.js';
 import { brokerEnv, startInProcessBroker } from '../../scripts/dev/broker-env.js';
+import { devIdentity } from '../../scripts/dev/dev-identity.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 
 let oidc: OidcProviderHarness;
@@ -32,7 +33,18 @@ async function tbctl(...args: string[]) {
       },
     });
   const code = await main(
-    ['--broker', broker.address, ...args],
+    [
+      '--broker',
+      broker.address,
+      // As an operator's shell in the cluster would: the broker's CA and a ServiceAccount token.
+      '--ca-file',
+      devIdentity().caFile,
+      '--server-name',
+      devIdentity().serverName,
+      '--token-file',
+      devIdentity().tokenFile('operator'),
+      ...args,
+    ],
     sink((s) => (stdout += s)),
     sink((s) => (stderr += s)),
   );

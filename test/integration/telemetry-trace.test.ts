@@ -16,6 +16,7 @@ import { loadConfig } from '../../broker/config.js';
 import type { IdpAdapter, TokenSet } from '../../broker/idp/idp-adapter.js';
 import { createIdpAdapter } from '../../broker/idp/idp-factory.js';
 import { traceLogFields } from '../../shared/telemetry/log-mixin.js';
+import { devIdentity } from '../../scripts/dev/dev-identity.js';
 import { loadSidecarConfig } from '../../sidecar/config.js';
 import { startSidecar, type RunningSidecar } from '../../sidecar/sidecar-app.js';
 import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
@@ -92,6 +93,7 @@ beforeAll(async () => {
       await startSidecar(
         loadSidecarConfig({
           TB_SIDECAR_BROKER_ADDRESS: `127.0.0.1:${broker.port}`,
+          ...devIdentity().sidecarEnv(),
           TB_SIDECAR_PORT: '0',
           TB_SIDECAR_USERS: `${TENANT}/${USER}`,
           TB_SIDECAR_SAFETY_SKEW_MS: '500',
