@@ -25,8 +25,15 @@ render "$chart" -f "$values/minimal.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/external-redis.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/hpa-servicemonitor.yaml"
 render "$chart" -f "$values/folio.yaml"
+render "$chart" -f "$values/minimal.yaml" -f "$values/tls-cert-manager.yaml"
+render "$chart" -f "$values/minimal.yaml" -f "$values/tls-existing-secret.yaml"
+render "$chart" -f "$values/minimal.yaml" -f "$values/auth-policy.yaml"
+render "$chart" -f "$values/minimal.yaml" -f "$values/auth-jwks.yaml"
+render "$chart" -f "$values/minimal.yaml" -f "$values/insecure.yaml"
 render "$example"
 render "$example" -f "$values/module-container-sidecar.yaml"
+render "$example" -f "$values/module-tls-options.yaml"
+render "$example" -f "$values/module-plaintext.yaml"
 
 # Bad values must be refused (by values.schema.json, or a template's check where noted).
 refused=0
@@ -41,4 +48,4 @@ for bad in "$values"/invalid-*.yaml "$values"/missing-*.yaml; do
   fi
   refused=$((refused + 1))
 done
-echo "helm-check: 3 charts lint clean, 6 value sets render, $refused bad ones are refused"
+echo "helm-check: 3 charts lint clean, 13 value sets render, $refused bad ones are refused"

@@ -3,10 +3,11 @@
  * rendered ConfigMap and container env (secrets and downward-API fields filled in, mounted files
  * written to a temporary folder) go through the broker's own loadConfig().
  */
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { parse } from 'yaml';
 import { loadConfig } from '../../broker/config.js';
 import { telemetrySettings } from '../../shared/telemetry/telemetry-settings.js';
 import { find, findAll, HelmCharts, type K8sObject } from './helm-harness.js';
@@ -22,9 +23,21 @@ interface EnvVar {
     secretKeyRef?: { name: string; key: string };
   };
 }
+interface KeyToPath {
+  key: string;
+  path: string;
+}
 interface Volume {
   name: string;
-  secret?: { secretName: string; items?: Array<{ key: string; path: string }> };
+  secret?: { secretName: string; items?: KeyToPath[] };
+  configMap?: { name: string; items?: KeyToPath[] };
+  projected?: {
+    sources: Array<{
+      serviceAccountToken?: { path: string };
+      configMap?: { items: KeyToPath[] };
+      downwardAPI?: { items: Array<{ path: string }> };
+    }>;
+  };
 }
 interface BrokerPod {
   containers: Array<{
@@ -49,10 +62,19 @@ afterAll(() => {
 /** The broker container's environment as the kubelet would build it, files included. */
 function kubeletEnv(objects: K8sObject[], scenario: string): Record<string, string> {
   const secretValue = (name: string, key: string): string => {
-    const secret = findAll(objects, 'Secret').find((s) => s.metadata.name === name) as
-      (K8sObject & { stringData: Record<string, string> }) | undefined;
-    if (secret) return secret.stringData[key]!;
+    const secrets = findAll(objects, 'Secret') as Array<
+      K8sObject & { stringData?: Record<string, string>; data?: Record<string, string> }
+    >;
+    const secret = secrets.find((s) => s.metadata.name === name);
+    if (secret?.stringData) return secret.stringData[key]!;
+    if (secret?.data) return Buffer.from(secret.data[key]!, 'base64').toString('utf8');
     return key === 'sealing-keys' ? SEALING_KEYS : `value-of-${name}-${key}`;
+  };
+  // A ConfigMap the chart does not render (yours, or the cluster's) holds a stand-in value.
+  const configValue = (name: string, key: string): string => {
+    const config = findAll(objects, 'ConfigMap').find((c) => c.metadata.name === name) as
+      (K8sObject & { data: Record<string, string> }) | undefined;
+    return config ? config.data[key]! : `value-of-${name}-${key}`;
   };
   const pod = (
     find(objects, 'Deployment') as unknown as { spec: { template: { spec: BrokerPod } } }
@@ -65,6 +87,21 @@ function kubeletEnv(objects: K8sObject[], scenario: string): Record<string, stri
     mkdirSync(local, { recursive: true });
     for (const item of volume.secret?.items ?? [])
       writeFileSync(join(local, item.path), secretValue(volume.secret!.secretName, item.key));
+    if (volume.configMap) {
+      const { name, items } = volume.configMap;
+      const config = findAll(objects, 'ConfigMap').find((c) => c.metadata.name === name) as
+        (K8sObject & { data: Record<string, string> }) | undefined;
+      const keys = items ?? Object.keys(config?.data ?? {}).map((key) => ({ key, path: key }));
+      for (const item of keys) writeFileSync(join(local, item.path), configValue(name, item.key));
+    }
+    for (const source of volume.projected?.sources ?? []) {
+      if (source.serviceAccountToken)
+        writeFileSync(join(local, source.serviceAccountToken.path), 'not-a-real-token');
+      for (const item of source.configMap?.items ?? [])
+        writeFileSync(join(local, item.path), `value-of-${item.key}`);
+      for (const item of source.downwardAPI?.items ?? [])
+        writeFileSync(join(local, item.path), 'token-broker');
+    }
     mounts.set(mount.mountPath, local);
   }
   const env: Record<string, string> = {};
@@ -93,6 +130,11 @@ describe('the broker accepts the configuration the chart renders', () => {
     ['external Redis, existing Secret', ['minimal.yaml', 'external-redis.yaml']],
     ['HPA, metrics, OTel, broker.env', ['minimal.yaml', 'hpa-servicemonitor.yaml']],
     ['FOLIO', ['folio.yaml']],
+    ['TLS from cert-manager', ['minimal.yaml', 'tls-cert-manager.yaml']],
+    ['TLS from an existing Secret', ['minimal.yaml', 'tls-existing-secret.yaml']],
+    ['a policy, modules in two namespaces', ['minimal.yaml', 'auth-policy.yaml']],
+    ['keys from a JWKS file', ['minimal.yaml', 'auth-jwks.yaml']],
+    ['plaintext, no caller check', ['minimal.yaml', 'insecure.yaml']],
   ];
   for (const [name, files] of scenarios)
     it(name, () => {
@@ -106,7 +148,9 @@ describe('the broker accepts the configuration the chart renders', () => {
 
   it('with FOLIO: the gateway, and no OAuth2 client', () => {
     const env = kubeletEnv(charts.render(charts.broker, ['folio.yaml']), 'folio-check');
-    expect(Object.keys(env).filter((k) => /CLIENT|AUTH_METHOD|ISSUER/.test(k))).toEqual([]);
+    expect(Object.keys(env).filter((k) => /^TB_IDP_(CLIENT|AUTH_METHOD|ISSUER)/.test(k))).toEqual(
+      [],
+    );
     expect(env.TB_SECRETS_DIR).toBeDefined();
     expect(JSON.stringify(loadConfig(env))).toContain('https://okapi.folio.example.org');
   });
@@ -115,6 +159,36 @@ describe('the broker accepts the configuration the chart renders', () => {
     // The schema keeps chart-managed names out of broker.env; this one is the broker's to refuse.
     const env = kubeletEnv(charts.render(charts.broker, ['folio.yaml']), 'folio-bad');
     expect(() => loadConfig({ ...env, TB_IDP_SCOPE: 'openid' })).toThrow(/TB_IDP_SCOPE/);
+  });
+});
+
+describe('the files the TLS, identity and policy settings name', () => {
+  // What the broker will read: the contract's variables, each naming a file that exists.
+  it('exist in the container, with the rendered certificate, policy and JWKS', () => {
+    const objects = charts.render(charts.broker, ['minimal.yaml', 'auth-policy.yaml']);
+    const env = kubeletEnv(objects, 'files-discovery');
+    for (const name of [
+      'TB_TLS_CERT_FILE',
+      'TB_TLS_KEY_FILE',
+      'TB_POLICY_FILE',
+      'TB_AUTH_ISSUER_CA_FILE',
+      'TB_AUTH_ISSUER_TOKEN_FILE',
+    ])
+      expect(existsSync(env[name]!), name).toBe(true);
+    expect(readFileSync(env.TB_TLS_CERT_FILE!, 'utf8')).toMatch(/^-----BEGIN CERTIFICATE-----/);
+    expect(parse(readFileSync(env.TB_POLICY_FILE!, 'utf8'))).toMatchObject({
+      rules: [{ name: 'folio-modules' }, { subjects: ['folio-jobs/enroller'] }],
+    });
+    expect(env.TB_AUTH_ISSUER).toBe('https://kubernetes.default.svc.cluster.local');
+    expect(env.TB_AUTH_AUDIENCE).toBe('token-broker');
+
+    const jwks = kubeletEnv(
+      charts.render(charts.broker, ['minimal.yaml', 'auth-jwks.yaml']),
+      'files-jwks',
+    );
+    expect(JSON.parse(readFileSync(jwks.TB_AUTH_JWKS_FILE!, 'utf8'))).toMatchObject({
+      keys: [{ kid: 'test-key-1' }],
+    });
   });
 });
 

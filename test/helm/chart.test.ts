@@ -5,127 +5,24 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
+import {
+  brokerContainer,
+  env,
+  expectConsistent,
+  expectValid,
+  prepareValidator,
+  type Service,
+  type Workload,
+} from './chart-checks.js';
 import { find, findAll, HelmCharts, VALUES, type K8sObject } from './helm-harness.js';
-import { K8sValidator, podContainers, type ContainerSpec } from './k8s-schema.js';
-
-interface PodSpec {
-  containers: Container[];
-  initContainers?: Container[];
-  volumes?: Array<{ name: string; [k: string]: unknown }>;
-  terminationGracePeriodSeconds?: number;
-  securityContext?: Record<string, unknown>;
-  topologySpreadConstraints?: Array<{ topologyKey: string }>;
-  serviceAccountName?: string;
-}
-interface Container extends ContainerSpec {
-  name: string;
-  env?: Array<{ name: string; value?: string; valueFrom?: Record<string, unknown> }>;
-  envFrom?: Array<{ configMapRef?: { name: string } }>;
-  volumeMounts?: Array<{ name: string; mountPath: string }>;
-  securityContext?: Record<string, unknown>;
-  restartPolicy?: string;
-  command?: string[];
-  [probe: string]: unknown;
-}
-type Workload = K8sObject & {
-  spec: {
-    replicas?: number;
-    selector: { matchLabels: Record<string, string> };
-    serviceName?: string;
-    volumeClaimTemplates?: Array<{ metadata: { name: string } }>;
-    template: { metadata: { labels: Record<string, string> }; spec: PodSpec };
-  };
-};
-type Service = K8sObject & {
-  spec: {
-    clusterIP?: string;
-    selector: Record<string, string>;
-    ports: Array<{ name: string; port: number; targetPort: string | number }>;
-  };
-};
-
-const ALL_KINDS = [
-  ['v1', 'ConfigMap'],
-  ['v1', 'Secret'],
-  ['v1', 'Service'],
-  ['v1', 'ServiceAccount'],
-  ['apps/v1', 'Deployment'],
-  ['apps/v1', 'StatefulSet'],
-  ['policy/v1', 'PodDisruptionBudget'],
-  ['autoscaling/v2', 'HorizontalPodAutoscaler'],
-  ['networking.k8s.io/v1', 'NetworkPolicy'],
-  ['monitoring.coreos.com/v1', 'ServiceMonitor'],
-].map(([apiVersion, kind]) => ({ apiVersion: apiVersion!, kind: kind! }));
 
 let charts: HelmCharts;
-let validator: K8sValidator;
 
 beforeAll(() => {
   charts = HelmCharts.setUp();
-  validator = new K8sValidator(ALL_KINDS);
+  prepareValidator();
 }, 120_000);
 afterAll(() => charts?.tearDown());
-
-const env = (container: Container, name: string) => container.env?.find((e) => e.name === name);
-
-const brokerContainer = (objects: K8sObject[]): Container =>
-  (find(objects, 'Deployment') as Workload).spec.template.spec.containers[0]!;
-
-async function expectValid(objects: K8sObject[]): Promise<void> {
-  expect(objects.length).toBeGreaterThan(0);
-  const problems = (await Promise.all(objects.map((o) => validator.problems(o)))).flat();
-  expect(problems).toEqual([]);
-}
-
-/** Wiring the API server cannot check: what a cluster would only show by not working. */
-function expectConsistent(objects: K8sObject[]): void {
-  const names = new Set(objects.map((o) => `${o.kind}/${o.metadata.name}`));
-  expect(names.size, 'two objects of one kind share a name').toBe(objects.length);
-  const workloads = [
-    ...findAll(objects, 'Deployment'),
-    ...findAll(objects, 'StatefulSet'),
-  ] as Workload[];
-  for (const workload of workloads) {
-    const { selector, template } = workload.spec;
-    for (const [k, v] of Object.entries(selector.matchLabels))
-      expect(template.metadata.labels[k], `${workload.metadata.name} selector ${k}`).toBe(v);
-    const pod = template.spec;
-    const volumes = new Set(
-      [
-        ...(pod.volumes ?? []),
-        ...(workload.spec.volumeClaimTemplates ?? []).map((t) => t.metadata),
-      ].map((v) => v.name),
-    );
-    for (const c of [...(pod.initContainers ?? []), ...pod.containers]) {
-      for (const mount of c.volumeMounts ?? [])
-        expect(volumes, `${c.name} mounts`).toContain(mount.name);
-      for (const from of c.envFrom ?? [])
-        if (from.configMapRef) expect(names).toContain(`ConfigMap/${from.configMapRef.name}`);
-      // Kubernetes expands $(VAR) only from variables defined earlier in the list.
-      const defined = new Set<string>();
-      for (const e of c.env ?? []) {
-        for (const ref of (e.value ?? '').matchAll(/\$\(([A-Z0-9_]+)\)/g))
-          expect(defined, `${c.name} ${e.name} uses $(${ref[1]})`).toContain(ref[1]);
-        defined.add(e.name);
-      }
-    }
-    if (workload.spec.serviceName) expect(names).toContain(`Service/${workload.spec.serviceName}`);
-  }
-  for (const service of findAll(objects, 'Service') as Service[]) {
-    const backends = workloads.filter((w) =>
-      Object.entries(service.spec.selector).every(
-        ([k, v]) => w.spec.template.metadata.labels[k] === v,
-      ),
-    );
-    expect(backends.length, `Service ${service.metadata.name} selects a workload`).toBe(1);
-    const ports = podContainers(backends[0]!).flatMap((c) => c.ports ?? []);
-    for (const port of service.spec.ports)
-      expect(
-        ports.some((p) => p.name === port.targetPort || p.containerPort === port.targetPort),
-        `Service ${service.metadata.name} port ${port.name}`,
-      ).toBe(true);
-  }
-}
 
 describe('token-broker chart', () => {
   it('passes helm lint --strict', () => {
@@ -232,7 +129,7 @@ describe('token-broker chart', () => {
       expect(env(broker, 'TB_REDIS_URL')!.value).toContain(':$(TB_REDIS_PASSWORD)@');
     });
 
-    it('lets only sidecar pods reach the broker, and only the broker reach Redis', () => {
+    it('lets only labelled pods open connections to the broker, and only the broker reach Redis', () => {
       const [brokerPolicy, redisPolicy] = ['token-broker', 'token-broker-redis'].map(
         (name) =>
           find(objects, 'NetworkPolicy', name) as K8sObject & {
@@ -290,7 +187,8 @@ describe('token-broker chart', () => {
 
     it('bundles no Redis and wires the given URLs, password from the given Secret', () => {
       expect(findAll(objects, 'StatefulSet')).toEqual([]);
-      expect(findAll(objects, 'Secret')).toEqual([]);
+      // Only the generated TLS pair: no Redis password, no secrets of the broker's own.
+      expect(findAll(objects, 'Secret').map((s) => s.metadata.name)).toEqual(['token-broker-tls']);
       const broker = brokerContainer(objects);
       expect(broker.env!.map((e) => e.name).slice(0, 6)).toContain('TB_REDIS_PASSWORD');
       expect(env(broker, 'TB_REDIS_PASSWORD')?.valueFrom).toEqual({
@@ -323,6 +221,8 @@ describe('token-broker chart', () => {
         [53, 53],
         [6379],
         [443],
+        // The issuer's discovery: the API server's Service port and what it is translated to.
+        [443, 6443],
       ]);
     });
   });
@@ -436,7 +336,7 @@ describe('token-broker chart', () => {
     expect(bundled).toContain('3 independent masters');
     const external = charts.notes(charts.broker, ['minimal.yaml', 'external-redis.yaml']);
     expect(external).toContain('external, state at redis://:***@redis-state.data.svc:6379');
-    expect(external).not.toContain('WARNING');
+    expect(external).not.toContain('Redlock nodes');
   });
 
   it('refuses a termination grace period shorter than a rotation plus the shutdown grace', () => {
@@ -517,7 +417,7 @@ describe('example module chart with the sidecar library', () => {
       expect(env(pod.spec.containers[0]!, 'TOKEN_BROKER_URL')?.value).toBe('http://127.0.0.1:8181');
     });
 
-    it('mounts an audience-bound, projected ServiceAccount token into the sidecar', () => {
+    it('mounts an audience-bound, projected ServiceAccount token into the sidecar alone', () => {
       const volume = pod.spec.volumes!.find((v) => v.name === 'token-broker-sa-token');
       expect(volume).toEqual({
         name: 'token-broker-sa-token',
@@ -527,17 +427,27 @@ describe('example module chart with the sidecar library', () => {
               serviceAccountToken: {
                 audience: 'token-broker',
                 expirationSeconds: 3600,
-                path: 'token',
+                path: 'token-broker',
               },
             },
           ],
         },
       });
-      expect(pod.spec.initContainers![0]!.volumeMounts).toContainEqual({
+      const sidecar = pod.spec.initContainers![0]!;
+      expect(sidecar.volumeMounts).toContainEqual({
         name: 'token-broker-sa-token',
-        mountPath: '/var/run/secrets/token-broker',
+        mountPath: '/var/run/secrets/tokens',
         readOnly: true,
       });
+      // The mount's directory and the projected path are the file the sidecar is told to read.
+      expect(env(sidecar, 'TB_SIDECAR_TOKEN_FILE')?.value).toBe(
+        '/var/run/secrets/tokens/token-broker',
+      );
+      for (const container of pod.spec.containers)
+        expect(
+          (container.volumeMounts ?? []).map((m) => m.name),
+          `${container.name} mounts`,
+        ).not.toContain('token-broker-sa-token');
     });
   });
 

@@ -3,7 +3,7 @@
  * deploy/helm in a temporary folder, so nothing is written into the repository, and parses what it
  * renders.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { cpSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -67,6 +67,20 @@ export class HelmCharts {
     const result = spawnSync(HELM, args, { env: this.env, encoding: 'utf8', timeout: 60_000 });
     if (result.error) throw result.error;
     return { ok: result.status === 0, stdout: result.stdout, stderr: result.stderr };
+  }
+
+  /** Like run(), without blocking this process: for helm talking to a server the test runs.
+   * `env`: more variables for this run (KUBECONFIG). */
+  runAsync(args: string[], env: NodeJS.ProcessEnv = {}): Promise<HelmResult> {
+    return new Promise((resolve, reject) => {
+      const child = spawn(HELM, args, { env: { ...this.env, ...env }, timeout: 60_000 });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.setEncoding('utf8').on('data', (chunk: string) => (stdout += chunk));
+      child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
+      child.on('error', reject);
+      child.on('close', (code) => resolve({ ok: code === 0, stdout, stderr }));
+    });
   }
 
   /** `helm template` as release `token-broker` in namespace `token-broker`. */

@@ -29,6 +29,7 @@ const deployment = (): K8sObject => ({
 const validator = new K8sValidator([
   { apiVersion: 'apps/v1', kind: 'Deployment' },
   { apiVersion: 'monitoring.coreos.com/v1', kind: 'ServiceMonitor' },
+  { apiVersion: 'cert-manager.io/v1', kind: 'Certificate' },
 ]);
 
 describe('K8sValidator', () => {
@@ -87,6 +88,36 @@ describe('K8sValidator', () => {
     expect(await validator.problems(monitor)).toEqual([
       'ServiceMonitor/demo: unknown field spec.endpoints[0].intervall',
     ]);
+  });
+
+  it('checks the cert-manager Certificate: unknown fields, required fields, DNS names', async () => {
+    const certificate = (): K8sObject & { spec: Record<string, unknown> } => ({
+      apiVersion: 'cert-manager.io/v1',
+      kind: 'Certificate',
+      metadata: { name: 'demo', namespace: 'demo' },
+      spec: {
+        secretName: 'demo-tls',
+        dnsNames: ['demo', 'demo.demo.svc'],
+        privateKey: { algorithm: 'ECDSA', size: 256, rotationPolicy: 'Always' },
+        issuerRef: { name: 'ca', kind: 'ClusterIssuer', group: 'cert-manager.io' },
+      },
+    });
+    expect(await validator.problems(certificate())).toEqual([]);
+    const typo = certificate();
+    typo.spec.dnsName = typo.spec.dnsNames;
+    delete typo.spec.dnsNames;
+    expect(await validator.problems(typo)).toEqual([
+      'Certificate/demo: spec needs one of commonName, dnsNames, ipAddresses, uris, emailAddresses',
+      'Certificate/demo: unknown field spec.dnsName',
+    ]);
+    const bad = certificate();
+    bad.spec.issuerRef = { kind: 'ClusterIssuer' };
+    bad.spec.dnsNames = ['Demo_Service'];
+    bad.spec.privateKey = { algorithm: 'ECDSA', size: 2048 };
+    const problems = (await validator.problems(bad)).join('\n');
+    expect(problems).toContain('spec.issuerRef.name is required');
+    expect(problems).toContain('spec.dnsNames: "Demo_Service" is not a DNS name');
+    expect(problems).toContain('spec.privateKey.size 2048 does not fit the algorithm');
   });
 
   it('refuses a kind it has no schema for', async () => {

@@ -5,7 +5,8 @@
  *   TypeScript interface (the TypeScript compiler resolves it), and any key the interface lacks
  *   is reported, with its path;
  * - the name rules the OpenAPI schema does not carry (DNS labels, label syntax).
- * The ServiceMonitor CRD is checked the same way through @kubernetes-models/prometheus-operator.
+ * The ServiceMonitor CRD is checked the same way through @kubernetes-models/prometheus-operator,
+ * and cert-manager's Certificate through the minimal model in cert-manager-certificate.ts.
  */
 import { join } from 'node:path';
 import ts from 'typescript';
@@ -19,6 +20,10 @@ interface ModelClass {
 function modelModule(apiVersion: string, kind: string): string {
   if (apiVersion === 'monitoring.coreos.com/v1')
     return `@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/${kind}`;
+  // Resolved from this folder, both by the generated type file and by import() below.
+  if (apiVersion === 'cert-manager.io/v1' && kind === 'Certificate')
+    return './cert-manager-certificate.js';
+  if (apiVersion === 'cert-manager.io/v1') throw new Error(`no schema for ${apiVersion} ${kind}`);
   if (!/^([a-z0-9.]+\/)?v\d+((alpha|beta)\d+)?$/.test(apiVersion) || !/^[A-Z][A-Za-z]+$/.test(kind))
     throw new Error(`no schema for ${apiVersion} ${kind}`);
   return `kubernetes-models/${apiVersion}/${kind}`;

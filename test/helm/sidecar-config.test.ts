@@ -46,6 +46,24 @@ describe('the sidecar accepts the configuration the library chart renders', () =
     expect(config.keepaliveMs).toBe(15_000);
   });
 
+  it('with TLS options and allowed users, and in plaintext', () => {
+    // The variables the library renders for TLS and users, which the sidecar must know.
+    const options = sidecarEnv(['module-tls-options.yaml']);
+    expect(Object.keys(options)).toEqual(
+      expect.arrayContaining([
+        'TB_SIDECAR_TOKEN_FILE',
+        'TB_SIDECAR_BROKER_CA_FILE',
+        'TB_SIDECAR_BROKER_SERVER_NAME',
+        'TB_SIDECAR_ALLOWED_USERS',
+        'TB_SIDECAR_MAX_USERS',
+      ]),
+    );
+    expect(() => loadSidecarConfig(options)).not.toThrow();
+    const plaintext = sidecarEnv(['module-plaintext.yaml']);
+    expect(plaintext.TB_SIDECAR_BROKER_TLS).toBe('off');
+    expect(() => loadSidecarConfig(plaintext)).not.toThrow();
+  });
+
   it('is refused by the sidecar when tokenBroker.env names no sidecar setting', () => {
     const env = sidecarEnv([]);
     expect(() => loadSidecarConfig({ ...env, TB_SIDECAR_TYPO: '1' })).toThrow(/TB_SIDECAR_TYPO/);

@@ -114,6 +114,85 @@ describe('values.schema.json', () => {
     expect(result.stderr).toContain("at '/redis/external': missing property 'stateUrl'");
   });
 
+  it('refuses a policy subject that is not namespace/serviceaccount, naming the rule', () => {
+    const result = charts.template(charts.broker, ['minimal.yaml', 'invalid-policy-subject.yaml']);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain(
+      "at '/authorization/rules/0/subjects/0': 'mod-data-import' does not match pattern",
+    );
+  });
+
+  it('refuses a verb the broker does not know', () => {
+    const result = charts.template(charts.broker, ['minimal.yaml', 'invalid-policy-verb.yaml']);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain(
+      "at '/authorization/rules/0/verbs/1': value must be one of 'enroll', 'read', 'refresh', 'revoke', 'list'",
+    );
+  });
+
+  it('refuses a rule without sessions, or with a session field it does not know', () => {
+    const rule = { subjects: ['folio/mod-x'], verbs: ['read'] };
+    const missing = charts.template(
+      charts.broker,
+      ['minimal.yaml'],
+      ['--set-json', `authorization.rules=${JSON.stringify([rule])}`],
+    );
+    expect(missing.stderr).toContain("at '/authorization/rules/0': missing property 'sessions'");
+    const typo = charts.template(
+      charts.broker,
+      ['minimal.yaml'],
+      [
+        '--set-json',
+        `authorization.rules=${JSON.stringify([{ ...rule, sessions: [{ tenant: 'diku', usr: '*' }] }])}`,
+      ],
+    );
+    expect(typo.stderr).toContain("additional properties 'usr' not allowed");
+  });
+
+  it('refuses two certificate sources, two JWKS sources, and namespaces listed two ways', () => {
+    const tls = charts.template(charts.broker, ['minimal.yaml', 'invalid-tls-two-sources.yaml']);
+    expect(tls.ok).toBe(false);
+    expect(tls.stderr).toContain("at '/tls/existingSecret': value must be ''");
+    const jwks = charts.template(
+      charts.broker,
+      ['minimal.yaml', 'auth-jwks.yaml'],
+      ['--set', 'auth.jwksConfigMap=mine'],
+    );
+    expect(jwks.ok).toBe(false);
+    expect(jwks.stderr).toContain("at '/auth/jwksConfigMap': value must be ''");
+    const namespaces = charts.template(
+      charts.broker,
+      ['minimal.yaml', 'external-redis.yaml'],
+      ['--set', 'networkPolicy.sidecarNamespaces={folio}'],
+    );
+    expect(namespaces.ok).toBe(false);
+    expect(namespaces.stderr).toContain("at '/networkPolicy/sidecarNamespaceSelector'");
+  });
+
+  it('refuses a CA bundle that is no PEM certificate, and a JWKS file that is no JWKS', () => {
+    const ca = charts.template(
+      charts.broker,
+      ['minimal.yaml', 'tls-cert-manager.yaml'],
+      ['--set', 'tls.caBundle=not-a-certificate'],
+    );
+    expect(ca.ok).toBe(false);
+    expect(ca.stderr).toContain("at '/tls/caBundle'");
+    const jwks = charts.template(charts.broker, ['minimal.yaml', 'invalid-jwks-file.yaml']);
+    expect(jwks.ok).toBe(false);
+    expect(jwks.stderr).toContain('auth.jwksFile must be a JWKS document');
+  });
+
+  it('refuses broker.env entries for the TLS, identity and policy settings', () => {
+    for (const name of ['TB_TLS', 'TB_AUTH', 'TB_POLICY_FILE', 'TB_AUTH_ISSUER_TOKEN_FILE']) {
+      const result = charts.template(
+        charts.broker,
+        ['minimal.yaml'],
+        ['--set', `broker.env.${name}=off`],
+      );
+      expect(result.stderr, name).toContain(`invalid propertyName '${name}'`);
+    }
+  });
+
   it('refuses malformed sealing keys without echoing them', () => {
     const result = charts.template(charts.broker, ['minimal.yaml', 'invalid-sealing-keys.yaml']);
     expect(result.ok).toBe(false);

@@ -20,6 +20,8 @@ image:
   pullPolicy: IfNotPresent
 port: 8181
 users: []
+allowedUsers: []
+maxUsers: null
 safetySkewMs: null
 tokenDir: ""
 logLevel: info
@@ -36,6 +38,10 @@ podLabels:
 serviceAccountToken:
   audience: token-broker
   expirationSeconds: 3600
+tls:
+  enabled: true
+  caConfigMap: token-broker-ca
+  serverName: ""
 {{- end }}
 
 {{- define "token-broker-sidecar.config" -}}
@@ -43,6 +49,17 @@ serviceAccountToken:
 {{- range $key, $_ := (default (dict) .Values.tokenBroker) }}
 {{- if not (hasKey $defaults $key) }}
 {{- fail (printf "tokenBroker.%s is not a sidecar setting (known: %s)" $key (keys $defaults | sortAlpha | join ", ")) }}
+{{- end }}
+{{- end }}
+{{- /* One level down too, for the groups of settings (not the free-form maps). */}}
+{{- range $group := list "image" "serviceAccountToken" "tls" }}
+{{- $given := index (default (dict) $.Values.tokenBroker) $group }}
+{{- if kindIs "map" $given }}
+{{- range $key, $_ := $given }}
+{{- if not (hasKey (index $defaults $group) $key) }}
+{{- fail (printf "tokenBroker.%s.%s is not a sidecar setting (known: %s)" $group $key (keys (index $defaults $group) | sortAlpha | join ", ")) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- $config := mustMergeOverwrite $defaults (deepCopy (default (dict) .Values.tokenBroker)) }}
@@ -54,12 +71,22 @@ serviceAccountToken:
 {{- fail (printf "tokenBroker.brokerAddress must be dns:///host:port or host:port, got %q" $config.brokerAddress) }}
 {{- end }}
 {{- end }}
+{{- range $pattern := $config.allowedUsers }}
+{{- if not (regexMatch "^[^/,\\s]+/[^/,\\s]+$" (toString $pattern)) }}
+{{- fail (printf "tokenBroker.allowedUsers: %q must be tenant/user (either part may use * as a glob)" (toString $pattern)) }}
+{{- end }}
+{{- end }}
+{{- if not (kindIs "invalid" $config.maxUsers) }}
+{{- if or (not (regexMatch "^[0-9]+$" (toString $config.maxUsers))) (lt (int64 $config.maxUsers) 1) }}
+{{- fail (printf "tokenBroker.maxUsers must be a whole number of at least 1, got %v" $config.maxUsers) }}
+{{- end }}
+{{- end }}
 {{- range $name, $_ := $config.env }}
 {{- if not (hasPrefix "TB_SIDECAR_" $name) }}
 {{- fail (printf "tokenBroker.env.%s: only TB_SIDECAR_* variables belong here" $name) }}
 {{- end }}
 {{- /* These have their own keys; a Unix socket would leave the probes nothing to ask. */}}
-{{- if has $name (list "TB_SIDECAR_BROKER_ADDRESS" "TB_SIDECAR_PORT" "TB_SIDECAR_LOG_LEVEL" "TB_SIDECAR_USERS" "TB_SIDECAR_SAFETY_SKEW_MS" "TB_SIDECAR_TOKEN_DIR" "TB_SIDECAR_SOCKET") }}
+{{- if has $name (list "TB_SIDECAR_BROKER_ADDRESS" "TB_SIDECAR_PORT" "TB_SIDECAR_LOG_LEVEL" "TB_SIDECAR_USERS" "TB_SIDECAR_SAFETY_SKEW_MS" "TB_SIDECAR_TOKEN_DIR" "TB_SIDECAR_SOCKET" "TB_SIDECAR_ALLOWED_USERS" "TB_SIDECAR_MAX_USERS" "TB_SIDECAR_BROKER_TLS" "TB_SIDECAR_BROKER_CA_FILE" "TB_SIDECAR_BROKER_SERVER_NAME" "TB_SIDECAR_TOKEN_FILE") }}
 {{- fail (printf "tokenBroker.env.%s is set by the chart (use its tokenBroker key); TB_SIDECAR_SOCKET is not supported" $name) }}
 {{- end }}
 {{- end }}
@@ -111,6 +138,31 @@ exec:
     - name: TB_SIDECAR_TOKEN_DIR
       value: {{ . | quote }}
     {{- end }}
+    {{- with $config.allowedUsers }}
+    - name: TB_SIDECAR_ALLOWED_USERS
+      value: {{ join "," . | quote }}
+    {{- end }}
+    {{- if not (kindIs "invalid" $config.maxUsers) }}
+    - name: TB_SIDECAR_MAX_USERS
+      value: {{ $config.maxUsers | int64 | toString | quote }}
+    {{- end }}
+    # Read for every new stream and call: the kubelet rewrites it before it expires.
+    - name: TB_SIDECAR_TOKEN_FILE
+      value: /var/run/secrets/tokens/token-broker
+    {{- if not $config.tls.enabled }}
+    # Plaintext to the broker, as tokenBroker.tls.enabled false asks: not for production.
+    - name: TB_SIDECAR_BROKER_TLS
+      value: "off"
+    {{- else }}
+    {{- if $config.tls.caConfigMap }}
+    - name: TB_SIDECAR_BROKER_CA_FILE
+      value: /var/run/token-broker/ca/ca.crt
+    {{- end }}
+    {{- with $config.tls.serverName }}
+    - name: TB_SIDECAR_BROKER_SERVER_NAME
+      value: {{ . | quote }}
+    {{- end }}
+    {{- end }}
     {{- range $name, $value := $config.env }}
     - name: {{ $name }}
       value: {{ $value | toString | quote }}
@@ -141,10 +193,17 @@ exec:
     seccompProfile:
       type: RuntimeDefault
   volumeMounts:
-    # For the broker to check who is asking (audience-bound, rotated by the kubelet).
+    # The pod's identity for the broker (audience-bound, rotated by the kubelet). Mounted here
+    # only: the module containers never get it (moduleVolumeMounts does not include it).
     - name: token-broker-sa-token
-      mountPath: /var/run/secrets/token-broker
+      mountPath: /var/run/secrets/tokens
       readOnly: true
+    {{- if and $config.tls.enabled $config.tls.caConfigMap }}
+    # A directory, not subPath: a renewed CA reaches the sidecar, which re-reads the file.
+    - name: token-broker-ca
+      mountPath: /var/run/token-broker/ca
+      readOnly: true
+    {{- end }}
     {{- with $config.tokenDir }}
     - name: token-broker-tokens
       mountPath: {{ . }}
@@ -173,7 +232,16 @@ exec:
       - serviceAccountToken:
           audience: {{ $config.serviceAccountToken.audience | quote }}
           expirationSeconds: {{ $config.serviceAccountToken.expirationSeconds | int64 }}
-          path: token
+          path: token-broker
+{{- if and $config.tls.enabled $config.tls.caConfigMap }}
+# The broker release writes this ConfigMap into the namespaces it lists (tls.caBundleNamespaces).
+- name: token-broker-ca
+  configMap:
+    name: {{ $config.tls.caConfigMap }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
 {{- if $config.tokenDir }}
 - name: token-broker-tokens
   emptyDir:

@@ -156,3 +156,37 @@ taking the lock and closing Redis connections. An explicit value below that fail
 {{- define "token-broker.usesClientSecret" -}}
 {{- if and (eq .Values.idp.type "oauth2") (ne .Values.idp.authMethod "none") }}true{{ end }}
 {{- end }}
+
+{{/* Where the server certificate comes from: certManager, existingSecret or generated. */}}
+{{- define "token-broker.tlsSource" -}}
+{{- if .Values.tls.certManager.issuerRef.name }}certManager
+{{- else if .Values.tls.existingSecret }}existingSecret
+{{- else }}generated
+{{- end }}
+{{- end }}
+
+{{/* The kubernetes.io/tls Secret the broker mounts. */}}
+{{- define "token-broker.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "token-broker.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{/* Every DNS name a sidecar or client may dial: both Services, short to fully qualified. */}}
+{{- define "token-broker.tlsDnsNames" -}}
+{{- $names := list }}
+{{- range $service := list (include "token-broker.fullname" .) (printf "%s-headless" (include "token-broker.fullname" .)) }}
+{{- $names = concat $names (list $service (printf "%s.%s" $service $.Release.Namespace) (printf "%s.%s.svc" $service $.Release.Namespace) (printf "%s.%s.svc.%s" $service $.Release.Namespace $.Values.clusterDomain)) }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/* "true" when the broker verifies callers with keys fetched by OIDC discovery from the issuer. */}}
+{{- define "token-broker.authDiscovery" -}}
+{{- if and .Values.auth.enabled (not .Values.auth.jwksFile) (not .Values.auth.jwksConfigMap) }}true{{ end }}
+{{- end }}
+
+{{/* The ConfigMap holding jwks.json, when the keys come from a file instead of discovery. */}}
+{{- define "token-broker.jwksConfigMapName" -}}
+{{- if .Values.auth.jwksConfigMap }}{{ .Values.auth.jwksConfigMap }}
+{{- else if .Values.auth.jwksFile }}{{ printf "%s-jwks" (include "token-broker.fullname" .) }}
+{{- end }}
+{{- end }}
