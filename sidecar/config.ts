@@ -1,4 +1,3 @@
-import { accessSync, constants, statSync } from 'node:fs';
 import { EnvReader, type Env } from '../shared/env-reader.js';
 import { compileGlob } from '../shared/glob.js';
 import { ConfigError } from './errors.js';
@@ -127,11 +126,6 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
       'TB_SIDECAR_TOKEN_FILE',
       'is set but TB_SIDECAR_AUTH=off sends no token: unset one',
     );
-  if (authOn && !isReadableFile(tokenFile))
-    throw new ConfigError(
-      'TB_SIDECAR_TOKEN_FILE',
-      `(${tokenFile}) cannot be read: mount the projected ServiceAccount token with audience token-broker there (the sidecar chart does), or set TB_SIDECAR_AUTH=off for a broker without authentication`,
-    );
 
   return {
     brokerAddress,
@@ -157,15 +151,6 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
     allowedUsers,
     maxUsers,
   };
-}
-
-function isReadableFile(path: string): boolean {
-  try {
-    accessSync(path, constants.R_OK);
-    return statSync(path).isFile();
-  } catch {
-    return false;
-  }
 }
 
 function exactUser(ref: SessionRef): AllowedUser {

@@ -37,6 +37,8 @@ export function devClientTransport(serviceAccount = 'test-client'): ClientTransp
   };
 }
 
+const HEALTH_STATUS = ['UNKNOWN', 'SERVING', 'NOT_SERVING', 'SERVICE_UNKNOWN'];
+
 /** A promise-based client of one broker replica, for tests. */
 export class BrokerClient {
   readonly raw: TokenBrokerServiceClient;
@@ -80,6 +82,33 @@ export class BrokerClient {
 
   revoke(tenant: string, user: string): Promise<RevokeResponse> {
     return call(this.raw.revoke.bind(this.raw), { tenant, user });
+  }
+
+  /** The standard health check of the whole server, over this client's channel. */
+  health(): Promise<string> {
+    const Health = grpc.makeGenericClientConstructor(
+      {
+        check: {
+          path: '/grpc.health.v1.Health/Check',
+          requestStream: false,
+          responseStream: false,
+          // { service: '' } encodes to no bytes; the answer's field 1 is the status enum.
+          requestSerialize: () => Buffer.alloc(0),
+          requestDeserialize: () => ({}),
+          responseSerialize: () => Buffer.alloc(0),
+          responseDeserialize: (bytes: Buffer) => HEALTH_STATUS[bytes[1] ?? 0] ?? 'UNKNOWN',
+        },
+      },
+      'Health',
+    );
+    const client = new Health(this.address, grpc.credentials.createInsecure(), {
+      channelOverride: this.raw.getChannel(),
+    }) as unknown as {
+      check: (req: object, cb: (err: grpc.ServiceError | null, status: string) => void) => void;
+    };
+    return new Promise((resolve, reject) =>
+      client.check({}, (err, status) => (err ? reject(err) : resolve(status))),
+    );
   }
 
   list(tenant = '', pageSize = 0, pageToken = ''): Promise<ListSessionsResponse> {

@@ -40,6 +40,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { TEST_TIMINGS, withRedis } from '../../scripts/dev/broker-env.js';
+import { devIdentity } from '../../scripts/dev/dev-identity.js';
 
 export const PROTECTED_PATH = '/data-import/records';
 
@@ -57,6 +58,8 @@ export function folioBrokerEnv(
     TB_IDP_NAME: 'folio',
     TB_IDP_TYPE: 'folio',
     TB_IDP_FOLIO_URL: folio.url,
+    // TLS and caller authentication on, as in a cluster (scripts/dev/dev-identity.ts).
+    ...devIdentity().brokerEnv(),
     ...TEST_TIMINGS,
     ...extra,
   };

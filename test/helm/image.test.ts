@@ -18,6 +18,7 @@ import { builtinModules } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { devIdentity } from '../../scripts/dev/dev-identity.js';
 import { freePort } from '../../scripts/dev/free-port.js';
 import { find, HelmCharts, REPO, type K8sObject } from './helm-harness.js';
 
@@ -180,6 +181,8 @@ describe('the image layout, replayed', () => {
         OTEL_EXPORTER_PROMETHEUS_HOST: '127.0.0.1',
         OTEL_EXPORTER_PROMETHEUS_PORT: String(metricsPort),
         OTEL_LOGS_EXPORTER: 'none',
+        // TLS and caller authentication on, as the chart runs it.
+        ...devIdentity().brokerEnv(),
       },
       'broker serving',
     );
@@ -195,6 +198,7 @@ describe('the image layout, replayed', () => {
         TB_SIDECAR_BROKER_ADDRESS: `127.0.0.1:${brokerPort}`,
         TB_SIDECAR_PORT: String(sidecarPort),
         OTEL_SDK_DISABLED: 'true',
+        ...devIdentity().sidecarEnv(),
       },
       'sidecar serving',
     );

@@ -688,8 +688,10 @@ describe('persist, then publish (promise 3)', () => {
       },
       { store, locks, keys, idps, rotator, hub, log: silent },
     );
+    // The gRPC edge alone around a failing store: no TLS and no caller authentication here
+    // (both are tested in caller-auth.test.ts), so the client speaks plaintext.
     const server = new BrokerGrpcServer({ sessions, hub, log: silent });
-    const client = new BrokerClient(`127.0.0.1:${await server.listen('127.0.0.1:0')}`);
+    const client = new BrokerClient(`127.0.0.1:${await server.listen('127.0.0.1:0')}`, 'plaintext');
     try {
       const minted = await steady.mintTokens('persist');
       const g1 = (await client.enroll('diku', 'persist', minted.refresh_token)).session!.generation;

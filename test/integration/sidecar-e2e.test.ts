@@ -115,6 +115,8 @@ beforeAll(async () => {
           TB_SIDECAR_SAFETY_SKEW_MS: String(SKEW_MS),
           // One listed user each (prefetched, awaited by /readyz); the others subscribe on read.
           TB_SIDECAR_USERS: `${TENANT}/${usersOf(i)[0]}`,
+          // Its module reads its other users too: the sidecar may serve any user of the tenant.
+          TB_SIDECAR_ALLOWED_USERS: `${TENANT}/*`,
           TB_SIDECAR_RECONNECT_MAX_MS: '1000',
           TB_SIDECAR_KEEPALIVE_MS: '5000',
         }),

@@ -7,11 +7,20 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { loadConfig } from '../../broker/config.js';
 import { ConfigError } from '../../broker/errors.js';
 
+/** What every broker needs: TLS and caller authentication (files are read at start, not here). */
+const SECURE = {
+  TB_TLS_CERT_FILE: '/var/run/secrets/token-broker-tls/tls.crt',
+  TB_TLS_KEY_FILE: '/var/run/secrets/token-broker-tls/tls.key',
+  TB_AUTH_ISSUER: 'https://kubernetes.default.svc.cluster.local',
+  TB_POLICY_FILE: '/etc/token-broker/policy/policy.yaml',
+} as const;
+
 /** The least an embedded-mode broker needs. */
 const MINIMAL = {
   TB_IDP_TOKEN_ENDPOINT: 'https://idp.example/token',
   TB_IDP_CLIENT_ID: 'token-broker',
   TB_IDP_CLIENT_SECRET: 'client-secret',
+  ...SECURE,
 } as const;
 
 const SEALING = 'k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=';
@@ -67,6 +76,7 @@ describe('loadConfig', () => {
       TB_IDP_CLIENT_SECRET_FILE: secret,
       TB_REDIS_URL: 'rediss://cache.example:6380',
       TB_SEALING_KEYS_FILE: keys,
+      ...SECURE,
     });
     expect(config.sealingKeysText).toBe(SEALING);
     expect(config.sealingKeysSetting).toBe('TB_SEALING_KEYS_FILE');
@@ -202,6 +212,50 @@ describe('loadConfig', () => {
       ]),
     );
     expect(configError({ TB_IDPS_FILE: file }).setting).toBe('TB_IDPS_FILE[0].name');
+  });
+
+  it('requires TLS in Redis mode and caller authentication everywhere, unless turned off explicitly', () => {
+    const redis = { TB_REDIS_URL: 'redis://127.0.0.1:6379', TB_SEALING_KEYS: SEALING };
+    const { TB_TLS_CERT_FILE: _c, TB_TLS_KEY_FILE: _k, ...noTls } = MINIMAL;
+    expect(configError({ ...noTls, ...redis }).setting).toBe('TB_TLS_CERT_FILE');
+    expect(loadConfig({ ...noTls }).tls).toBeUndefined(); // embedded mode may stay plaintext
+    expect(loadConfig({ ...noTls, ...redis, TB_TLS: 'off' }).tls).toBeUndefined();
+    expect(loadConfig({ ...MINIMAL, ...redis }).tls).toEqual({
+      certFile: SECURE.TB_TLS_CERT_FILE,
+      keyFile: SECURE.TB_TLS_KEY_FILE,
+      clientCaFile: undefined,
+    });
+    expect(configError({ ...MINIMAL, TB_TLS: 'off' }).setting).toBe('TB_TLS_CERT_FILE');
+    expect(configError({ ...noTls, TB_TLS_CERT_FILE: '/c' }).setting).toBe('TB_TLS_KEY_FILE');
+    expect(configError({ ...MINIMAL, TB_TLS: 'sometimes' }).message).toMatch(
+      /^TB_TLS must be on or off/,
+    );
+
+    const { TB_AUTH_ISSUER: _i, TB_POLICY_FILE: _p, ...noAuth } = MINIMAL;
+    expect(configError({ ...noAuth }).setting).toBe('TB_AUTH_ISSUER');
+    expect(loadConfig({ ...noAuth, TB_AUTH: 'off' }).auth).toBeUndefined();
+    expect(configError({ ...noAuth, TB_AUTH_ISSUER: SECURE.TB_AUTH_ISSUER }).setting).toBe(
+      'TB_POLICY_FILE',
+    );
+    expect(loadConfig({ ...MINIMAL }).auth).toEqual({
+      issuer: SECURE.TB_AUTH_ISSUER,
+      audience: 'token-broker',
+      discovery: true,
+      jwksFile: undefined,
+      issuerCaFile: undefined,
+      issuerTokenFile: undefined,
+      policyFile: SECURE.TB_POLICY_FILE,
+    });
+    expect(
+      loadConfig({ ...MINIMAL, TB_AUTH_JWKS_FILE: '/jwks.json', TB_AUTH_AUDIENCE: 'tb' }).auth,
+    ).toMatchObject({ discovery: false, jwksFile: '/jwks.json', audience: 'tb' });
+    expect(configError({ ...MINIMAL, TB_AUTH_ISSUER: 'http://issuer.local' }).setting).toBe(
+      'TB_AUTH_ISSUER',
+    );
+    expect(
+      configError({ ...MINIMAL, TB_AUTH_JWKS_FILE: '/jwks.json', TB_AUTH_ISSUER_CA_FILE: '/ca' })
+        .setting,
+    ).toBe('TB_AUTH_ISSUER_CA_FILE');
   });
 
   it('requires the client secret only for authentication methods that use one', () => {

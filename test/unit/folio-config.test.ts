@@ -10,8 +10,20 @@ import { FolioAdapter } from '../../broker/idp/folio-adapter.js';
 import { createIdpAdapter } from '../../broker/idp/idp-factory.js';
 import { OAuth2Adapter } from '../../broker/idp/oauth2-adapter.js';
 
-const FOLIO = { TB_IDP_TYPE: 'folio', TB_IDP_FOLIO_URL: 'https://okapi.example.org' } as const;
+/** TLS and caller authentication, as every broker needs (the files are read at start, not here). */
+const SECURE = {
+  TB_TLS_CERT_FILE: '/tls/tls.crt',
+  TB_TLS_KEY_FILE: '/tls/tls.key',
+  TB_AUTH_ISSUER: 'https://kubernetes.default.svc.cluster.local',
+  TB_POLICY_FILE: '/policy/policy.yaml',
+} as const;
+const FOLIO = {
+  TB_IDP_TYPE: 'folio',
+  TB_IDP_FOLIO_URL: 'https://okapi.example.org',
+  ...SECURE,
+} as const;
 const OAUTH2 = {
+  ...SECURE,
   TB_IDP_TOKEN_ENDPOINT: 'https://idp.example/token',
   TB_IDP_CLIENT_ID: 'token-broker',
   TB_IDP_CLIENT_SECRET: 'client-secret',
@@ -96,7 +108,7 @@ describe('TB_IDPS_FILE', () => {
   ];
 
   it('configures several IdPs, the first the default unless TB_IDP_NAME picks one', () => {
-    const config = loadConfig({ TB_IDPS_FILE: idpsFile(two) });
+    const config = loadConfig({ ...SECURE, TB_IDPS_FILE: idpsFile(two) });
     expect(config.idps.map((idp) => [idp.name, idp.type])).toEqual([
       ['keycloak', 'oauth2'],
       ['folio-diku', 'folio'],
@@ -106,7 +118,11 @@ describe('TB_IDPS_FILE', () => {
     expect(config.idps[0]!.timeoutMs).toBe(5_000);
     expect(config.idps[1]!.timeoutMs).toBe(2_000);
 
-    const picked = loadConfig({ TB_IDPS_FILE: idpsFile(two), TB_IDP_NAME: 'folio-diku' });
+    const picked = loadConfig({
+      ...SECURE,
+      TB_IDPS_FILE: idpsFile(two),
+      TB_IDP_NAME: 'folio-diku',
+    });
     expect(picked.idp.name).toBe('folio-diku');
     expect(picked.idps.map((idp) => idp.name)).toEqual(['folio-diku', 'keycloak']);
   });

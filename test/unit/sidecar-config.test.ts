@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { loadSidecarConfig } from '../../sidecar/config.js';
+import { isAllowedUser, loadSidecarConfig } from '../../sidecar/config.js';
 import { ConfigError } from '../../sidecar/errors.js';
 
 const BASE = { TB_SIDECAR_BROKER_ADDRESS: 'dns:///token-broker:50051' };
@@ -28,7 +28,67 @@ describe('sidecar configuration', () => {
       logLevel: 'info',
       reconnectMaxMs: 10_000,
       keepaliveMs: 10_000,
+      brokerTls: { caFile: undefined, serverName: undefined },
+      tokenFile: '/var/run/secrets/tokens/token-broker',
+      allowedUsers: undefined,
+      maxUsers: 1000,
     });
+  });
+
+  it('serves only allowed users: TB_SIDECAR_ALLOWED_USERS, else the listed users, else anyone', () => {
+    const allowed = loadSidecarConfig({
+      ...BASE,
+      TB_SIDECAR_USERS: 'diku/alice',
+      TB_SIDECAR_ALLOWED_USERS: 'diku/*, other/svc-*',
+    }).allowedUsers;
+    expect(isAllowedUser(allowed, { tenant: 'diku', user: 'anyone' })).toBe(true);
+    expect(isAllowedUser(allowed, { tenant: 'other', user: 'svc-import' })).toBe(true);
+    expect(isAllowedUser(allowed, { tenant: 'other', user: 'alice' })).toBe(false);
+    expect(isAllowedUser(allowed, { tenant: 'diku2', user: 'alice' })).toBe(false);
+    const listed = loadSidecarConfig({ ...BASE, TB_SIDECAR_USERS: 'diku/a*' }).allowedUsers;
+    // A listed id is literal, never a pattern.
+    expect(isAllowedUser(listed, { tenant: 'diku', user: 'a*' })).toBe(true);
+    expect(isAllowedUser(listed, { tenant: 'diku', user: 'alice' })).toBe(false);
+    expect(isAllowedUser(loadSidecarConfig(BASE).allowedUsers, { tenant: 'x', user: 'y' })).toBe(
+      true,
+    );
+    expect(failure({ ...BASE, TB_SIDECAR_ALLOWED_USERS: 'diku' }).setting).toBe(
+      'TB_SIDECAR_ALLOWED_USERS[0]',
+    );
+    expect(
+      failure({ ...BASE, TB_SIDECAR_USERS: 'other/bob', TB_SIDECAR_ALLOWED_USERS: 'diku/*' })
+        .setting,
+    ).toBe('TB_SIDECAR_USERS[0]');
+    expect(failure({ ...BASE, TB_SIDECAR_MAX_USERS: '0' }).setting).toBe('TB_SIDECAR_MAX_USERS');
+    expect(
+      failure({ ...BASE, TB_SIDECAR_USERS: 'd/a,d/b', TB_SIDECAR_MAX_USERS: '1' }).setting,
+    ).toBe('TB_SIDECAR_USERS');
+  });
+
+  it('speaks TLS with a token unless told otherwise explicitly', () => {
+    expect(
+      loadSidecarConfig({
+        ...BASE,
+        TB_SIDECAR_BROKER_CA_FILE: '/ca/ca.crt',
+        TB_SIDECAR_BROKER_SERVER_NAME: 'token-broker.tb.svc',
+        TB_SIDECAR_TOKEN_FILE: '/tokens/tb',
+      }),
+    ).toMatchObject({
+      brokerTls: { caFile: '/ca/ca.crt', serverName: 'token-broker.tb.svc' },
+      tokenFile: '/tokens/tb',
+    });
+    expect(
+      loadSidecarConfig({ ...BASE, TB_SIDECAR_BROKER_TLS: 'off', TB_SIDECAR_AUTH: 'off' }),
+    ).toMatchObject({ brokerTls: 'off', tokenFile: undefined });
+    expect(
+      failure({ ...BASE, TB_SIDECAR_BROKER_TLS: 'off', TB_SIDECAR_BROKER_CA_FILE: '/ca' }).setting,
+    ).toBe('TB_SIDECAR_BROKER_CA_FILE');
+    expect(failure({ ...BASE, TB_SIDECAR_AUTH: 'off', TB_SIDECAR_TOKEN_FILE: '/t' }).setting).toBe(
+      'TB_SIDECAR_TOKEN_FILE',
+    );
+    expect(failure({ ...BASE, TB_SIDECAR_BROKER_TLS: 'maybe' }).message).toMatch(
+      /^TB_SIDECAR_BROKER_TLS must be on or off/,
+    );
   });
 
   it('reads every variable', () => {
