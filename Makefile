@@ -71,9 +71,11 @@ MODE ?= broker
 demo: deps
 	MODE=$(MODE) node --import tsx --import ./shared/telemetry/register.ts scripts/demo.ts
 
-# GET-token throughput and latency of the sidecar beside a bare node:http server (prints figures).
+# GET-token throughput and latency of the sidecar beside a bare node:http server, and broker
+# GetToken calls/s with caller authentication on beside off (prints figures).
 bench: deps
 	node --import tsx bench/sidecar-throughput.ts
+	node --import tsx bench/get-token-auth.ts
 
 clean:
 	rm -rf node_modules .tmp dist
