@@ -1,5 +1,6 @@
 import { readFileSync, statSync } from 'node:fs';
 import { getCACertificates } from 'node:tls';
+import { performance } from 'node:perf_hooks';
 import * as grpc from '@grpc/grpc-js';
 import { WatchedTlsFiles, type TlsFile, type TlsLog } from './watched-tls-files.js';
 
@@ -26,6 +27,12 @@ export interface ClientTransportSettings {
   tls: 'off' | ClientTlsSettings;
   /** A file holding the bearer token; undefined: send no token. */
   tokenFile: string | undefined;
+  /**
+   * How long a token read from the file is sent without looking at the file again (default
+   * 1000 ms). kubelet rewrites a projected token at 80% of its life, so a second's delay is
+   * harmless, and calls in between cost no system call.
+   */
+  tokenRecheckMs?: number;
   /** The settings behind each file (e.g. TB_SIDECAR_BROKER_CA_FILE), named in errors. */
   settingNames?: { caFile?: string; certFile?: string; keyFile?: string; tokenFile?: string };
 }
@@ -61,14 +68,19 @@ function errorCode(error: unknown): string {
 /** A bearer token file, re-read only when a stat shows it changed. */
 export class BearerTokenFile {
   private cached: { signature: string; token: string } | undefined;
+  private checkedAt = -Infinity;
 
   constructor(
     readonly path: string,
     readonly setting = 'token file',
+    private readonly recheckMs = 0,
   ) {}
 
   /** The current token; throws TokenFileError. */
   read(): string {
+    const now = performance.now();
+    if (this.cached && now - this.checkedAt < this.recheckMs) return this.cached.token;
+    this.checkedAt = now;
     let signature: string;
     try {
       const s = statSync(this.path, { bigint: true });
@@ -208,6 +220,14 @@ export function clientTransport(
   const interceptors =
     settings.tokenFile === undefined
       ? []
-      : [bearerTokenInterceptor(new BearerTokenFile(settings.tokenFile, names.tokenFile))];
+      : [
+          bearerTokenInterceptor(
+            new BearerTokenFile(
+              settings.tokenFile,
+              names.tokenFile,
+              settings.tokenRecheckMs ?? 1_000,
+            ),
+          ),
+        ];
   return { credentials, options, interceptors };
 }

@@ -78,11 +78,14 @@ export async function startSidecar(
 
   const sessions: TokenSessions = {
     read(ref) {
-      if (!store.has(ref)) {
-        // Refused before anything is subscribed: no stream to the broker is asked for them.
-        if (!isAllowedUser(config.allowedUsers, ref)) throw new UserNotAllowedError(ref.tenant);
-        if (store.size >= config.maxUsers) throw new TooManyUsersError(config.maxUsers);
+      const known = store.get(ref.tenant, ref.user);
+      if (known) {
+        known.lastReadAt = clock();
+        return known;
       }
+      // A new user is refused before anything is subscribed: the broker is never asked for it.
+      if (!isAllowedUser(config.allowedUsers, ref)) throw new UserNotAllowedError(ref.tenant);
+      if (store.size >= config.maxUsers) throw new TooManyUsersError(config.maxUsers);
       const { entry, created } = store.ensure(ref);
       entry.lastReadAt = clock();
       if (created) {

@@ -68,10 +68,6 @@ export class TokenStore {
     return this.entries.get(sessionKey(tenant, user));
   }
 
-  has(ref: SessionRef): boolean {
-    return this.entries.has(sessionKey(ref.tenant, ref.user));
-  }
-
   /** The user's entry, created when missing (`created` tells the caller to subscribe). */
   ensure(ref: SessionRef, pinned = false): { entry: UserEntry; created: boolean } {
     const key = sessionKey(ref.tenant, ref.user);

@@ -248,9 +248,16 @@ export class BrokerGrpcServer {
         start: (next) =>
           next({
             onReceiveMetadata: (metadata, pass) => {
-              const header = metadata.get('authorization')[0];
+              const value = metadata.get('authorization')[0];
+              const header = typeof value === 'string' ? value : undefined;
+              const known = access.cachedCaller(header);
+              if (known) {
+                callers.set(metadata, known);
+                pass(metadata);
+                return;
+              }
               access
-                .authenticate(typeof header === 'string' ? header : undefined, {
+                .authenticate(header, {
                   rpc: method.path,
                   peer: call.getPeer(),
                 })

@@ -141,6 +141,8 @@ function trusting(
   return clientTransport({
     tls: { caFile, serverName: SERVER_NAME, refreshMs: REFRESH_MS, ...extra },
     tokenFile,
+    // Every call looks at the file: these tests change it between calls.
+    tokenRecheckMs: 0,
   });
 }
 
@@ -433,9 +435,29 @@ describe('bearer token interceptor', () => {
     expect(tlsServer.seen.at(-1)!.method).toBe(watchMethod.path);
 
     const plainServer = await startServer(() => grpc.ServerCredentials.createInsecure());
-    const plain = clientTransport({ tls: 'off', tokenFile });
+    const plain = clientTransport({ tls: 'off', tokenFile, tokenRecheckMs: 0 });
     await check(newClient(plainServer.port, plain));
     expect(plainServer.seen.map((s) => s.authorization)).toEqual(['Bearer token-ccc']);
+  });
+
+  it('looks at the token file at most once per recheck interval, then sends the new token', async () => {
+    const tokenFile = join(tempDir(), 'token');
+    writeFileSync(tokenFile, 'token-one');
+    const server = await startServer(() => grpc.ServerCredentials.createInsecure());
+    const client = newClient(
+      server.port,
+      clientTransport({ tls: 'off', tokenFile, tokenRecheckMs: 300 }),
+    );
+    await check(client);
+    writeFileSync(tokenFile, 'token-two');
+    await check(client);
+    await new Promise((r) => setTimeout(r, 350));
+    await check(client);
+    expect(server.seen.map((c) => c.authorization)).toEqual([
+      'Bearer token-one',
+      'Bearer token-one',
+      'Bearer token-two',
+    ]);
   });
 
   it('fails a call clearly, naming the file, when the token file is missing', async () => {
@@ -446,6 +468,7 @@ describe('bearer token interceptor', () => {
       tls: 'off',
       tokenFile,
       settingNames: { tokenFile: 'TB_SIDECAR_TOKEN_FILE' },
+      tokenRecheckMs: 0,
     });
     const client = newClient(server.port, transport);
     await check(client);
