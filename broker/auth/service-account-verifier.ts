@@ -30,7 +30,7 @@ import {
 } from 'jose';
 import type { Logger } from 'pino';
 
-import { ConfigError, UnauthenticatedError, type UnauthenticatedReason } from '../errors.js';
+import { UnauthenticatedError, type UnauthenticatedReason } from '../errors.js';
 
 export interface CallerIdentity {
   /** `namespace/serviceaccount`, what the access policy matches. */
@@ -311,22 +311,6 @@ export class ServiceAccountVerifier {
       fetchTimeoutMs: settings.fetchTimeoutMs ?? DEFAULTS.fetchTimeoutMs,
       fileCheckIntervalMs: settings.fileCheckIntervalMs ?? DEFAULTS.fileCheckIntervalMs,
     };
-    if (settings.audience === '') throw new ConfigError('TB_AUTH_AUDIENCE', 'must not be empty');
-    let issuerUrl: URL;
-    try {
-      issuerUrl = new URL(settings.issuer);
-    } catch {
-      throw new ConfigError('TB_AUTH_ISSUER', 'must be a URL');
-    }
-    if (settings.jwksFile !== undefined && settings.discovery) {
-      throw new ConfigError('TB_AUTH_JWKS_FILE', 'and OIDC discovery exclude each other');
-    }
-    if (settings.jwksFile === undefined && !settings.discovery) {
-      throw new ConfigError('TB_AUTH_JWKS_FILE', 'is required when OIDC discovery is off');
-    }
-    if (settings.discovery && issuerUrl.protocol !== 'https:') {
-      throw new ConfigError('TB_AUTH_ISSUER', 'must be an https URL for OIDC discovery');
-    }
   }
 
   /** A snapshot of what the verifier has done, for metrics and tests. */

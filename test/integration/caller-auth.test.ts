@@ -384,6 +384,8 @@ describe('TLS on the listener', () => {
         TB_SIDECAR_TOKEN_FILE: tokenFile,
         TB_SIDECAR_PORT: '0',
         TB_SIDECAR_USERS: 'a/dora',
+        TB_SIDECAR_ALLOWED_USERS: 'a/d*',
+        TB_SIDECAR_MAX_USERS: '1',
         TB_SIDECAR_SAFETY_SKEW_MS: '1000',
       }),
       pino({ level: 'silent' }),
@@ -420,6 +422,7 @@ describe('TLS on the listener', () => {
 
       // Promise 8, sidecar side: a user outside its allowed list is refused without a subscription.
       const watchers = await broker.metrics.value('tb_broker_watchers');
+      expect(watchers).toBeGreaterThanOrEqual(2); // this test's stream and the sidecar's
       const outside = await read('eve');
       expect(outside.status).toBe(403);
       expect(((await outside.json()) as { error: { code: string } }).error.code).toBe(

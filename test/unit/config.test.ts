@@ -249,6 +249,14 @@ describe('loadConfig', () => {
     expect(
       loadConfig({ ...MINIMAL, TB_AUTH_JWKS_FILE: '/jwks.json', TB_AUTH_AUDIENCE: 'tb' }).auth,
     ).toMatchObject({ discovery: false, jwksFile: '/jwks.json', audience: 'tb' });
+    // The verifier takes these settings as they are: every check of them happens here.
+    expect(configError({ ...MINIMAL, TB_AUTH_ISSUER: 'not a url' }).message).toMatch(
+      /^TB_AUTH_ISSUER must be a URL/,
+    );
+    expect(
+      loadConfig({ ...MINIMAL, TB_AUTH_ISSUER: 'http://issuer.local', TB_AUTH_JWKS_FILE: '/j' })
+        .auth?.issuer,
+    ).toBe('http://issuer.local'); // never fetched: a JWKS file makes http fine
     expect(configError({ ...MINIMAL, TB_AUTH_ISSUER: 'http://issuer.local' }).setting).toBe(
       'TB_AUTH_ISSUER',
     );
