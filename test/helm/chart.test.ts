@@ -126,7 +126,24 @@ describe('token-broker chart', () => {
         [0, 1, 2].map((i) => `token-broker-redis-${i}.${service}.token-broker.svc.cluster.local`),
       );
       expect(new URL(env(broker, 'TB_REDIS_URL')!.value!).hostname).toBe(hosts[0]);
-      expect(env(broker, 'TB_REDIS_URL')!.value).toContain(':$(TB_REDIS_PASSWORD)@');
+      // The password is a mounted file the broker puts into the URLs, in no variable.
+      expect(new URL(env(broker, 'TB_REDIS_URL')!.value!).password).toBe('');
+      expect(env(broker, 'TB_REDIS_PASSWORD')).toBeUndefined();
+      expect(env(broker, 'TB_REDIS_PASSWORD_FILE')?.value).toBe(
+        '/var/run/secrets/token-broker-redis/redis-password',
+      );
+      const brokerPod = (find(objects, 'Deployment') as Workload).spec.template.spec;
+      expect(brokerPod.volumes?.find((v) => v.name === 'redis-password')).toMatchObject({
+        secret: {
+          secretName: 'token-broker-redis',
+          items: [{ key: 'redis-password', path: 'redis-password' }],
+        },
+      });
+      const redisPod = redis.spec.template.spec;
+      expect(redisPod.containers[0]!.env).toBeUndefined();
+      expect(redisPod.volumes?.find((v) => v.name === 'password')).toMatchObject({
+        secret: { secretName: 'token-broker-redis' },
+      });
     });
 
     it('lets only labelled pods open connections to the broker, and only the broker reach Redis', () => {
@@ -190,15 +207,19 @@ describe('token-broker chart', () => {
       // Only the generated TLS pair: no Redis password, no secrets of the broker's own.
       expect(findAll(objects, 'Secret').map((s) => s.metadata.name)).toEqual(['token-broker-tls']);
       const broker = brokerContainer(objects);
-      expect(broker.env!.map((e) => e.name).slice(0, 6)).toContain('TB_REDIS_PASSWORD');
-      expect(env(broker, 'TB_REDIS_PASSWORD')?.valueFrom).toEqual({
-        secretKeyRef: { name: 'redis-credentials', key: 'password' },
-      });
-      expect(env(broker, 'TB_REDIS_URL')?.value).toBe(
-        'redis://:$(TB_REDIS_PASSWORD)@redis-state.data.svc:6379',
+      expect(env(broker, 'TB_REDIS_PASSWORD')).toBeUndefined();
+      expect(env(broker, 'TB_REDIS_PASSWORD_FILE')?.value).toBe(
+        '/var/run/secrets/token-broker-redis/redis-password',
       );
+      expect(env(broker, 'TB_REDIS_URL')?.value).toBe('redis://redis-state.data.svc:6379');
       expect(env(broker, 'TB_REDLOCK_URLS')?.value?.split(',')).toHaveLength(3);
       const pod = (find(objects, 'Deployment') as Workload).spec.template.spec;
+      expect(pod.volumes?.find((v) => v.name === 'redis-password')).toMatchObject({
+        secret: {
+          secretName: 'redis-credentials',
+          items: [{ key: 'password', path: 'redis-password' }],
+        },
+      });
       expect(pod.volumes?.find((v) => v.name === 'secrets')).toMatchObject({
         secret: { secretName: 'token-broker-secrets' },
       });
@@ -335,7 +356,9 @@ describe('token-broker chart', () => {
     expect(bundled).toContain(`For sidecars:  ${address}`);
     expect(bundled).toContain('3 independent masters');
     const external = charts.notes(charts.broker, ['minimal.yaml', 'external-redis.yaml']);
-    expect(external).toContain('external, state at redis://:***@redis-state.data.svc:6379');
+    expect(external).toContain(
+      'external, state at redis://redis-state.data.svc:6379 (password from Secret redis-credentials)',
+    );
     expect(external).not.toContain('Redlock nodes');
   });
 
