@@ -174,6 +174,31 @@ describe('token-broker chart', () => {
         expect(brokerLabels[k]).toBe(v);
     });
 
+    it('limits CPU and memory of every container: broker, Redis, the sidecar of a module', () => {
+      const example = charts.render(charts.example);
+      const workloads = [
+        ...findAll(objects, 'Deployment'),
+        ...findAll(objects, 'StatefulSet'),
+        ...findAll(example, 'Deployment'),
+      ] as Workload[];
+      const limits = new Map<string, unknown>();
+      for (const workload of workloads) {
+        const pod = workload.spec.template.spec;
+        // The example's own module container is the module author's to size.
+        for (const container of [...pod.containers, ...(pod.initContainers ?? [])])
+          if (container.name !== 'module')
+            limits.set(
+              `${workload.metadata.name}/${container.name}`,
+              (container as { resources?: { limits?: unknown } }).resources?.limits,
+            );
+      }
+      expect(Object.fromEntries(limits)).toEqual({
+        'token-broker/broker': { cpu: '1000m', memory: '512Mi' },
+        'token-broker-redis/redis': { cpu: '500m', memory: '256Mi' },
+        'token-broker-module-app/token-broker-sidecar': { cpu: '500m', memory: '128Mi' },
+      });
+    });
+
     it('carries the standard app.kubernetes.io labels on every object', () => {
       for (const object of objects)
         expect(object.metadata.labels, `${object.kind}/${object.metadata.name}`).toMatchObject({
