@@ -352,6 +352,69 @@ describe('token-broker chart', () => {
           namespaceSelector: { matchLabels: { 'token-broker.io/sidecars': 'allowed' } },
         },
       ]);
+      // metricsFrom, when set, is the whole list of scrapers.
+      expect(policy.spec.ingress[1]!.from).toEqual([
+        { namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'monitoring' } } },
+      ]);
+    });
+  });
+
+  describe('the metrics port in the NetworkPolicy', () => {
+    type Policy = K8sObject & {
+      spec: { ingress: Array<{ ports: Array<{ port: number }>; from?: unknown[] }> };
+    };
+    const metricsRule = (...set: string[]) => {
+      const objects = charts.render(
+        charts.broker,
+        ['minimal.yaml'],
+        ['--set', 'metrics.enabled=true', ...set.flatMap((s) => ['--set', s])],
+      );
+      const policy = find(objects, 'NetworkPolicy', 'token-broker') as Policy;
+      expect(policy.spec.ingress[0]!.ports[0]!.port).toBe(50051);
+      return policy.spec.ingress.find((rule) => rule.ports[0]!.port === 9464);
+    };
+    const inMonitoring = {
+      matchExpressions: [
+        { key: 'kubernetes.io/metadata.name', operator: 'In', values: ['monitoring'] },
+      ],
+    };
+
+    it('is open by default to pods of the monitoring namespace only, never to any pod', () => {
+      const rule = metricsRule();
+      expect(rule?.from).toEqual([{ namespaceSelector: inMonitoring }]);
+    });
+
+    it('names the scrapers by namespaces and pod labels from values', () => {
+      expect(metricsRule('networkPolicy.metricsPodLabels.app=prometheus')?.from).toEqual([
+        { namespaceSelector: inMonitoring, podSelector: { matchLabels: { app: 'prometheus' } } },
+      ]);
+      expect(metricsRule('networkPolicy.metricsNamespaces={observability,ops}')?.from).toEqual([
+        {
+          namespaceSelector: {
+            matchExpressions: [
+              {
+                key: 'kubernetes.io/metadata.name',
+                operator: 'In',
+                values: ['observability', 'ops'],
+              },
+            ],
+          },
+        },
+      ]);
+      // Labels alone: pods of the release namespace with them.
+      expect(
+        metricsRule(
+          'networkPolicy.metricsNamespaces=null',
+          'networkPolicy.metricsPodLabels.app=prometheus',
+        )?.from,
+      ).toEqual([{ podSelector: { matchLabels: { app: 'prometheus' } } }]);
+    });
+
+    it('stays closed with no scraper named, and is absent with metrics off', () => {
+      expect(metricsRule('networkPolicy.metricsNamespaces=null')).toBeUndefined();
+      const objects = charts.render(charts.broker, ['minimal.yaml']);
+      const policy = find(objects, 'NetworkPolicy', 'token-broker') as Policy;
+      expect(policy.spec.ingress.map((rule) => rule.ports[0]!.port)).toEqual([50051]);
     });
   });
 
