@@ -103,12 +103,17 @@ const UNIT = 'of milliseconds or a count';
 
 export function loadConfig(env: Env = process.env): BrokerConfig {
   const read = reader(env);
-  const redisUrl = read.url('TB_REDIS_URL', ['redis:', 'rediss:']);
-  const redlockUrls = read.list('TB_REDLOCK_URLS');
-  for (const [i, url] of redlockUrls.entries())
+  const givenRedisUrl = read.url('TB_REDIS_URL', ['redis:', 'rediss:']);
+  const givenRedlockUrls = read.list('TB_REDLOCK_URLS');
+  for (const [i, url] of givenRedlockUrls.entries())
     checkUrl(`TB_REDLOCK_URLS[${i}]`, url, ['redis:', 'rediss:']);
-  if (redlockUrls.length > 0 && !redisUrl)
+  if (givenRedlockUrls.length > 0 && !givenRedisUrl)
     throw new ConfigError('TB_REDLOCK_URLS', 'needs TB_REDIS_URL (the state store) as well');
+  const redisPassword = readRedisPassword(read, givenRedisUrl);
+  const redisUrl = givenRedisUrl && withRedisPassword('TB_REDIS_URL', givenRedisUrl, redisPassword);
+  const redlockUrls = givenRedlockUrls.map((url, i) =>
+    withRedisPassword(`TB_REDLOCK_URLS[${i}]`, url, redisPassword),
+  );
 
   const sealingFile = read.string('TB_SEALING_KEYS_FILE');
   let sealingKeysText = read.string('TB_SEALING_KEYS');
@@ -205,6 +210,42 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
   if (config.worker.claimLeaseMs <= lockTtlMs)
     throw new ConfigError('TB_CLAIM_LEASE_MS', `must exceed TB_LOCK_TTL_MS (${lockTtlMs})`);
   return config;
+}
+
+/**
+ * TB_REDIS_PASSWORD_FILE: the Redis password as a file (a mounted Secret), so it is in no
+ * environment variable. One trailing newline is dropped, as `echo` or an editor leaves it.
+ */
+function readRedisPassword(read: EnvReader, redisUrl: string | undefined): string | undefined {
+  const file = read.string('TB_REDIS_PASSWORD_FILE');
+  if (file === undefined) return undefined;
+  if (!redisUrl) throw new ConfigError('TB_REDIS_PASSWORD_FILE', 'needs TB_REDIS_URL as well');
+  let password: string;
+  try {
+    password = readFileSync(file, 'utf8').replace(/\r?\n$/, '');
+  } catch (err) {
+    throw new ConfigError(
+      'TB_REDIS_PASSWORD_FILE',
+      `cannot be read: ${(err as NodeJS.ErrnoException).code ?? 'error'}`,
+    );
+  }
+  if (password === '') throw new ConfigError('TB_REDIS_PASSWORD_FILE', 'names an empty file');
+  if (/[\r\n]/.test(password))
+    throw new ConfigError('TB_REDIS_PASSWORD_FILE', 'must hold one line (the password)');
+  return password;
+}
+
+/** The URL with the file's password in it; a URL that carries its own password is refused. */
+function withRedisPassword(setting: string, url: string, password: string | undefined): string {
+  if (password === undefined) return url;
+  const parsed = new URL(url);
+  if (parsed.password)
+    throw new ConfigError(
+      setting,
+      'carries a password, and TB_REDIS_PASSWORD_FILE gives one: set the password in one place',
+    );
+  parsed.password = encodeURIComponent(password);
+  return parsed.toString();
 }
 
 /**

@@ -126,7 +126,24 @@ describe('token-broker chart', () => {
         [0, 1, 2].map((i) => `token-broker-redis-${i}.${service}.token-broker.svc.cluster.local`),
       );
       expect(new URL(env(broker, 'TB_REDIS_URL')!.value!).hostname).toBe(hosts[0]);
-      expect(env(broker, 'TB_REDIS_URL')!.value).toContain(':$(TB_REDIS_PASSWORD)@');
+      // The password is a mounted file the broker puts into the URLs, in no variable.
+      expect(new URL(env(broker, 'TB_REDIS_URL')!.value!).password).toBe('');
+      expect(env(broker, 'TB_REDIS_PASSWORD')).toBeUndefined();
+      expect(env(broker, 'TB_REDIS_PASSWORD_FILE')?.value).toBe(
+        '/var/run/secrets/token-broker-redis/redis-password',
+      );
+      const brokerPod = (find(objects, 'Deployment') as Workload).spec.template.spec;
+      expect(brokerPod.volumes?.find((v) => v.name === 'redis-password')).toMatchObject({
+        secret: {
+          secretName: 'token-broker-redis',
+          items: [{ key: 'redis-password', path: 'redis-password' }],
+        },
+      });
+      const redisPod = redis.spec.template.spec;
+      expect(redisPod.containers[0]!.env).toBeUndefined();
+      expect(redisPod.volumes?.find((v) => v.name === 'password')).toMatchObject({
+        secret: { secretName: 'token-broker-redis' },
+      });
     });
 
     it('lets only labelled pods open connections to the broker, and only the broker reach Redis', () => {
@@ -155,6 +172,31 @@ describe('token-broker chart', () => {
       }>;
       for (const [k, v] of Object.entries(from[0]!.podSelector.matchLabels))
         expect(brokerLabels[k]).toBe(v);
+    });
+
+    it('limits CPU and memory of every container: broker, Redis, the sidecar of a module', () => {
+      const example = charts.render(charts.example);
+      const workloads = [
+        ...findAll(objects, 'Deployment'),
+        ...findAll(objects, 'StatefulSet'),
+        ...findAll(example, 'Deployment'),
+      ] as Workload[];
+      const limits = new Map<string, unknown>();
+      for (const workload of workloads) {
+        const pod = workload.spec.template.spec;
+        // The example's own module container is the module author's to size.
+        for (const container of [...pod.containers, ...(pod.initContainers ?? [])])
+          if (container.name !== 'module')
+            limits.set(
+              `${workload.metadata.name}/${container.name}`,
+              (container as { resources?: { limits?: unknown } }).resources?.limits,
+            );
+      }
+      expect(Object.fromEntries(limits)).toEqual({
+        'token-broker/broker': { cpu: '1000m', memory: '512Mi' },
+        'token-broker-redis/redis': { cpu: '500m', memory: '256Mi' },
+        'token-broker-module-app/token-broker-sidecar': { cpu: '500m', memory: '128Mi' },
+      });
     });
 
     it('carries the standard app.kubernetes.io labels on every object', () => {
@@ -190,15 +232,19 @@ describe('token-broker chart', () => {
       // Only the generated TLS pair: no Redis password, no secrets of the broker's own.
       expect(findAll(objects, 'Secret').map((s) => s.metadata.name)).toEqual(['token-broker-tls']);
       const broker = brokerContainer(objects);
-      expect(broker.env!.map((e) => e.name).slice(0, 6)).toContain('TB_REDIS_PASSWORD');
-      expect(env(broker, 'TB_REDIS_PASSWORD')?.valueFrom).toEqual({
-        secretKeyRef: { name: 'redis-credentials', key: 'password' },
-      });
-      expect(env(broker, 'TB_REDIS_URL')?.value).toBe(
-        'redis://:$(TB_REDIS_PASSWORD)@redis-state.data.svc:6379',
+      expect(env(broker, 'TB_REDIS_PASSWORD')).toBeUndefined();
+      expect(env(broker, 'TB_REDIS_PASSWORD_FILE')?.value).toBe(
+        '/var/run/secrets/token-broker-redis/redis-password',
       );
+      expect(env(broker, 'TB_REDIS_URL')?.value).toBe('redis://redis-state.data.svc:6379');
       expect(env(broker, 'TB_REDLOCK_URLS')?.value?.split(',')).toHaveLength(3);
       const pod = (find(objects, 'Deployment') as Workload).spec.template.spec;
+      expect(pod.volumes?.find((v) => v.name === 'redis-password')).toMatchObject({
+        secret: {
+          secretName: 'redis-credentials',
+          items: [{ key: 'password', path: 'redis-password' }],
+        },
+      });
       expect(pod.volumes?.find((v) => v.name === 'secrets')).toMatchObject({
         secret: { secretName: 'token-broker-secrets' },
       });
@@ -306,6 +352,69 @@ describe('token-broker chart', () => {
           namespaceSelector: { matchLabels: { 'token-broker.io/sidecars': 'allowed' } },
         },
       ]);
+      // metricsFrom, when set, is the whole list of scrapers.
+      expect(policy.spec.ingress[1]!.from).toEqual([
+        { namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'monitoring' } } },
+      ]);
+    });
+  });
+
+  describe('the metrics port in the NetworkPolicy', () => {
+    type Policy = K8sObject & {
+      spec: { ingress: Array<{ ports: Array<{ port: number }>; from?: unknown[] }> };
+    };
+    const metricsRule = (...set: string[]) => {
+      const objects = charts.render(
+        charts.broker,
+        ['minimal.yaml'],
+        ['--set', 'metrics.enabled=true', ...set.flatMap((s) => ['--set', s])],
+      );
+      const policy = find(objects, 'NetworkPolicy', 'token-broker') as Policy;
+      expect(policy.spec.ingress[0]!.ports[0]!.port).toBe(50051);
+      return policy.spec.ingress.find((rule) => rule.ports[0]!.port === 9464);
+    };
+    const inMonitoring = {
+      matchExpressions: [
+        { key: 'kubernetes.io/metadata.name', operator: 'In', values: ['monitoring'] },
+      ],
+    };
+
+    it('is open by default to pods of the monitoring namespace only, never to any pod', () => {
+      const rule = metricsRule();
+      expect(rule?.from).toEqual([{ namespaceSelector: inMonitoring }]);
+    });
+
+    it('names the scrapers by namespaces and pod labels from values', () => {
+      expect(metricsRule('networkPolicy.metricsPodLabels.app=prometheus')?.from).toEqual([
+        { namespaceSelector: inMonitoring, podSelector: { matchLabels: { app: 'prometheus' } } },
+      ]);
+      expect(metricsRule('networkPolicy.metricsNamespaces={observability,ops}')?.from).toEqual([
+        {
+          namespaceSelector: {
+            matchExpressions: [
+              {
+                key: 'kubernetes.io/metadata.name',
+                operator: 'In',
+                values: ['observability', 'ops'],
+              },
+            ],
+          },
+        },
+      ]);
+      // Labels alone: pods of the release namespace with them.
+      expect(
+        metricsRule(
+          'networkPolicy.metricsNamespaces=null',
+          'networkPolicy.metricsPodLabels.app=prometheus',
+        )?.from,
+      ).toEqual([{ podSelector: { matchLabels: { app: 'prometheus' } } }]);
+    });
+
+    it('stays closed with no scraper named, and is absent with metrics off', () => {
+      expect(metricsRule('networkPolicy.metricsNamespaces=null')).toBeUndefined();
+      const objects = charts.render(charts.broker, ['minimal.yaml']);
+      const policy = find(objects, 'NetworkPolicy', 'token-broker') as Policy;
+      expect(policy.spec.ingress.map((rule) => rule.ports[0]!.port)).toEqual([50051]);
     });
   });
 
@@ -335,7 +444,9 @@ describe('token-broker chart', () => {
     expect(bundled).toContain(`For sidecars:  ${address}`);
     expect(bundled).toContain('3 independent masters');
     const external = charts.notes(charts.broker, ['minimal.yaml', 'external-redis.yaml']);
-    expect(external).toContain('external, state at redis://:***@redis-state.data.svc:6379');
+    expect(external).toContain(
+      'external, state at redis://redis-state.data.svc:6379 (password from Secret redis-credentials)',
+    );
     expect(external).not.toContain('Redlock nodes');
   });
 

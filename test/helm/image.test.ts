@@ -34,7 +34,12 @@ interface Stage {
 function stages(): Map<string, Stage> {
   const result = new Map<string, Stage>();
   let current: Stage | undefined;
-  for (const line of dockerfile.split('\n').map((l) => l.trim())) {
+  // A line ending in a backslash continues on the next one, as Docker reads it.
+  const lines = dockerfile
+    .replace(/\\\n/g, ' ')
+    .split('\n')
+    .map((l) => l.trim().replace(/\s+/g, ' '));
+  for (const line of lines) {
     const from = /^FROM\s+(\S+)\s+AS\s+(\S+)$/i.exec(line);
     if (from) result.set(from[2]!, (current = { from: from[1]!, lines: [] }));
     else if (current && line && !line.startsWith('#')) current.lines.push(line);
@@ -82,6 +87,43 @@ describe('deploy/docker/Dockerfile', () => {
     expect(entrypoint('sidecar')).toEqual(['node', ...telemetry, 'dist/sidecar/main.js']);
     // The broker is the last stage, so a build without --target gives it.
     expect([...all.keys()].at(-1)).toBe('broker');
+  });
+
+  it('has no package manager in the runtime stage: npm, npx, corepack and yarn are removed', () => {
+    const all = stages();
+    // Both images build on the runtime stage, which starts from the plain Node.js image.
+    expect(all.get('runtime')!.from).toBe('${NODE_IMAGE}');
+    expect(all.get('broker')!.from).toBe('runtime');
+    expect(all.get('sidecar')!.from).toBe('runtime');
+    const removal = all.get('runtime')!.lines.find((l) => l.startsWith('RUN rm -rf '));
+    expect(removal, 'a RUN rm -rf in the runtime stage').toBeDefined();
+    const removed = removal!.split(' ').slice(3);
+    // Where the official node images install them (npm and corepack under lib/node_modules).
+    const installed = [
+      '/usr/local/lib/node_modules/npm',
+      '/usr/local/lib/node_modules/corepack',
+      '/usr/local/bin/npm',
+      '/usr/local/bin/npx',
+      '/usr/local/bin/corepack',
+      '/usr/local/bin/yarn',
+      '/usr/local/bin/yarnpkg',
+      '/opt/yarn-v1.22.22',
+    ];
+    const covers = (path: string) =>
+      removed.some((pattern) => {
+        const glob = new RegExp(`^${pattern.replace(/[.]/g, '\\.').replace(/\*/g, '[^/]*')}(/|$)`);
+        return glob.test(path);
+      });
+    for (const path of installed) expect(covers(path), path).toBe(true);
+    // Nothing after the removal calls one again, and neither image starts through one.
+    const later = [
+      ...all.get('runtime')!.lines.slice(all.get('runtime')!.lines.indexOf(removal!) + 1),
+      ...all.get('sidecar')!.lines,
+      ...all.get('broker')!.lines,
+    ];
+    for (const line of later) expect(line).not.toMatch(/\b(npm|npx|corepack|yarn|pnpm)\b/);
+    expect(entrypoint('broker')[0]).toBe('node');
+    expect(entrypoint('sidecar')[0]).toBe('node');
   });
 
   it('copies only what .dockerignore leaves in the build context', () => {

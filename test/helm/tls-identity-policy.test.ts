@@ -268,7 +268,12 @@ describe('plaintext and no caller check, only when asked', () => {
     const names = (brokerContainer(objects).env ?? []).map((e) => e.name);
     expect(names.filter((n) => /^TB_(TLS|AUTH|POLICY)/.test(n))).toEqual([]);
     expect(Object.keys(settings(objects)).filter((n) => /^TB_(AUTH_|POLICY)/.test(n))).toEqual([]);
-    expect(brokerPod(objects).volumes?.map((v) => v.name)).toEqual(['secrets', 'tmp']);
+    // What is left: the broker's own secrets, the Redis password (a file), and /tmp.
+    expect(brokerPod(objects).volumes?.map((v) => v.name)).toEqual([
+      'secrets',
+      'redis-password',
+      'tmp',
+    ]);
     expect(findAll(objects, 'ClusterRoleBinding')).toEqual([]);
     expect(findAll(objects, 'Secret').map((s) => s.metadata.name)).not.toContain(
       'token-broker-tls',

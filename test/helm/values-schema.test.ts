@@ -114,6 +114,17 @@ describe('values.schema.json', () => {
     expect(result.stderr).toContain("at '/redis/external': missing property 'stateUrl'");
   });
 
+  it('refuses a Redis password written into an external URL, saying where it goes instead', () => {
+    const result = charts.template(charts.broker, [
+      'minimal.yaml',
+      'invalid-redis-password-in-url.yaml',
+    ]);
+    expect(result.ok).toBe(false);
+    expect(result.stderr).toContain(
+      'redis.external URLs must not carry $(TB_REDIS_PASSWORD): name the Secret in redis.external.passwordSecret',
+    );
+  });
+
   it('refuses a policy subject that is not namespace/serviceaccount, naming the rule', () => {
     const result = charts.template(charts.broker, ['minimal.yaml', 'invalid-policy-subject.yaml']);
     expect(result.ok).toBe(false);

@@ -83,6 +83,77 @@ describe('loadConfig', () => {
     expect(config.idp.clientSecret === 'from-file').toBe(true);
   });
 
+  it('puts the password of TB_REDIS_PASSWORD_FILE into the state and every lock URL', () => {
+    const file = join(dir, 'redis-password');
+    // Characters a URL must escape, and the newline `echo` leaves.
+    const password = 'p@ss:w/rd#1%';
+    writeFileSync(file, `${password}\n`);
+    const config = loadConfig({
+      ...MINIMAL,
+      TB_REDIS_URL: 'redis://state.example:6379',
+      TB_REDLOCK_URLS: 'redis://a.example:6379,rediss://b.example:6380,redis://app@c.example:6379',
+      TB_REDIS_PASSWORD_FILE: file,
+      TB_SEALING_KEYS: SEALING,
+    });
+    const urls = [config.redisUrl!, ...config.redlockUrls].map((u) => new URL(u));
+    expect(urls.map((u) => u.host)).toEqual([
+      'state.example:6379',
+      'a.example:6379',
+      'b.example:6380',
+      'c.example:6379',
+    ]);
+    for (const url of urls) expect(decodeURIComponent(url.password) === password).toBe(true);
+    expect(urls.map((u) => u.username)).toEqual(['', '', '', 'app']);
+    // Without TB_REDLOCK_URLS the state store is the lock node, with the password too.
+    const single = loadConfig({
+      ...MINIMAL,
+      TB_REDIS_URL: 'redis://state.example:6379',
+      TB_REDIS_PASSWORD_FILE: file,
+      TB_SEALING_KEYS: SEALING,
+    });
+    expect(single.redlockUrls).toEqual([single.redisUrl]);
+    expect(decodeURIComponent(new URL(single.redisUrl!).password) === password).toBe(true);
+  });
+
+  it('refuses a TB_REDIS_PASSWORD_FILE it cannot use, naming the variable, never the password', () => {
+    const password = 'Secret-Redis-Password-42';
+    const good = join(dir, 'redis-password-good');
+    writeFileSync(good, password);
+    const empty = join(dir, 'redis-password-empty');
+    writeFileSync(empty, '\n');
+    const twoLines = join(dir, 'redis-password-two-lines');
+    writeFileSync(twoLines, `${password}\nsecond\n`);
+    const redis = { TB_REDIS_URL: 'redis://state.example:6379', TB_SEALING_KEYS: SEALING };
+    const cases: [string, Record<string, string>][] = [
+      ['TB_REDIS_PASSWORD_FILE', { TB_REDIS_PASSWORD_FILE: good }],
+      ['TB_REDIS_PASSWORD_FILE', { ...redis, TB_REDIS_PASSWORD_FILE: join(dir, 'missing') }],
+      ['TB_REDIS_PASSWORD_FILE', { ...redis, TB_REDIS_PASSWORD_FILE: empty }],
+      ['TB_REDIS_PASSWORD_FILE', { ...redis, TB_REDIS_PASSWORD_FILE: twoLines }],
+      [
+        'TB_REDIS_URL',
+        {
+          ...redis,
+          TB_REDIS_URL: 'redis://:other@state.example:6379',
+          TB_REDIS_PASSWORD_FILE: good,
+        },
+      ],
+      [
+        'TB_REDLOCK_URLS[2]',
+        {
+          ...redis,
+          TB_REDLOCK_URLS: 'redis://a:1,redis://b:1,redis://:other@c:1',
+          TB_REDIS_PASSWORD_FILE: good,
+        },
+      ],
+    ];
+    for (const [setting, env] of cases) {
+      const error = configError({ ...MINIMAL, ...env });
+      expect(error.message.startsWith(`${setting} `), error.message).toBe(true);
+      expect(error.message.includes(password)).toBe(false);
+      expect(error.message.includes('second')).toBe(false);
+    }
+  });
+
   // Each case: the variable the message must start with, and the environment on top of MINIMAL.
   const bad: [string, Record<string, string>][] = [
     ['TB_LOCK_TTL_MS', { TB_LOCK_TTL_MS: 'fifteen' }],

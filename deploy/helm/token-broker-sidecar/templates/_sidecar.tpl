@@ -32,6 +32,7 @@ resources:
     cpu: 20m
     memory: 64Mi
   limits:
+    cpu: 500m
     memory: 128Mi
 podLabels:
   token-broker.io/sidecar: "true"

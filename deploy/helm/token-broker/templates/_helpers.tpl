@@ -74,7 +74,31 @@ app.kubernetes.io/component: redis
 {{- $root := index . 0 }}
 {{- $i := index . 1 }}
 {{- $name := include "token-broker.redisName" $root }}
-{{- printf "redis://:$(TB_REDIS_PASSWORD)@%s-%d.%s-headless.%s.svc.%s:6379" $name $i $name $root.Release.Namespace $root.Values.clusterDomain }}
+{{- printf "redis://%s-%d.%s-headless.%s.svc.%s:6379" $name $i $name $root.Release.Namespace $root.Values.clusterDomain }}
+{{- end }}
+
+{{/*
+The Secret key holding the Redis password, as YAML (name, key), mounted as TB_REDIS_PASSWORD_FILE;
+empty without one (external Redis with no passwordSecret). URLs never carry the password: an old
+$(TB_REDIS_PASSWORD) in an external URL fails the install with what to do instead.
+*/}}
+{{- define "token-broker.redisPasswordSecret" -}}
+{{- if eq .Values.redis.mode "bundled" }}
+name: {{ include "token-broker.redisSecretName" . }}
+key: redis-password
+{{- else }}
+{{- range $url := prepend .Values.redis.external.redlockUrls (default "" .Values.redis.external.stateUrl) }}
+{{- if contains "$(TB_REDIS_PASSWORD)" $url }}
+{{- fail "redis.external URLs must not carry $(TB_REDIS_PASSWORD): name the Secret in redis.external.passwordSecret, which the broker reads as the file TB_REDIS_PASSWORD_FILE and puts into every URL" }}
+{{- end }}
+{{- end }}
+{{- with .Values.redis.external.passwordSecret }}
+{{- if .name }}
+name: {{ .name }}
+key: {{ .key }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
