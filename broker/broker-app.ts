@@ -2,6 +2,8 @@ import type { Meter } from '@opentelemetry/api';
 import type { Logger } from 'pino';
 import { BrokerMetrics } from './broker-metrics.js';
 import type { AuthConfig, BrokerConfig } from './config.js';
+import { ConfigError } from './errors.js';
+import { redactUrl } from '../shared/env-reader.js';
 import { AccessControl } from './auth/access-control.js';
 import { PolicyFile } from './auth/policy-file.js';
 import { ServiceAccountVerifier } from './auth/service-account-verifier.js';
@@ -51,7 +53,15 @@ export async function startBroker(
     const sealer = new Sealer(
       parseSealingKeys(config.sealingKeysText ?? '', config.sealingKeysSetting),
     );
-    store = new RedisSessionStore(config.redisUrl, config.keyPrefix, sealer, log);
+    const redisStore = new RedisSessionStore(config.redisUrl, config.keyPrefix, sealer, log);
+    await redisStore.waitReady(config.redisConnectTimeoutMs).catch(async (err: unknown) => {
+      await redisStore.close();
+      throw new ConfigError(
+        'TB_REDIS_URL',
+        `did not answer within ${config.redisConnectTimeoutMs} ms (TB_REDIS_CONNECT_TIMEOUT_MS): ${redactUrl((err as Error).message)}`,
+      );
+    });
+    store = redisStore;
     const redlock = new RedlockLockService(
       {
         urls: config.redlockUrls,
@@ -126,7 +136,17 @@ export async function startBroker(
   const access = config.auth ? await startAccessControl(config.auth, log) : undefined;
   const credentials = config.tls ? serverTlsCredentials(config.tls, log) : undefined;
   const grpcServer = new BrokerGrpcServer({ sessions: service, hub, log, access, credentials });
-  const port = await grpcServer.listen(config.grpcAddress);
+  const port = await grpcServer.listen(config.grpcAddress).catch(async (err: unknown) => {
+    service.close();
+    await store.close();
+    await locks.close();
+    access?.close();
+    // grpc-js says "No address added out of total 1 resolved" with the reason after it.
+    throw new ConfigError(
+      'TB_GRPC_ADDRESS',
+      `cannot be listened on (${config.grpcAddress}): ${(err as Error).message}`,
+    );
+  });
   const stopWorker = new AbortController();
   const working = worker.run(stopWorker.signal);
   const watchingPolicy = access?.run(stopWorker.signal);

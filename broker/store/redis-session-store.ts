@@ -49,6 +49,30 @@ export class RedisSessionStore implements SessionStore {
     this.redis = redis as Redis & ScriptCommands;
   }
 
+  /**
+   * Resolves once Redis answers a PING; rejects with the last error after `timeoutMs`. Start-up
+   * uses it so an unreachable or misconfigured TB_REDIS_URL fails at once, naming the variable.
+   */
+  async waitReady(timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const left = deadline - Date.now();
+      try {
+        await Promise.race([
+          this.redis.ping(),
+          new Promise((_, reject) => {
+            const timer = setTimeout(() => reject(new Error('no answer')), Math.max(1, left));
+            timer.unref();
+          }),
+        ]);
+        return;
+      } catch (err) {
+        if (Date.now() + 100 >= deadline) throw err;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
+  }
+
   async get(ref: SessionRef): Promise<StoredSession | undefined> {
     const [sealed, used, inflight] = await this.redis.hmget(
       this.keys.session(ref),
