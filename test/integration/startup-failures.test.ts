@@ -92,9 +92,7 @@ describe('broker start-up failures exit 2 naming the variable', () => {
     const started = Date.now();
     const exit = await broker({
       TB_REDIS_URL: `redis://:not-a-real-secret@127.0.0.1:${port}`,
-      TB_SEALING_KEYS: `k1:${Buffer.alloc(32, 7)
-        .map((b, i) => b + i)
-        .toString('base64')}`,
+      TB_SEALING_KEYS: `k1:${Buffer.from(Array.from({ length: 32 }, (_, i) => i + 1)).toString('base64')}`,
       TB_REDIS_CONNECT_TIMEOUT_MS: '1000',
     });
     expectRefused(exit, 'TB_REDIS_URL');
