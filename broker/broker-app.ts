@@ -47,13 +47,20 @@ export async function startBroker(
   overrides: BrokerOverrides = {},
 ): Promise<RunningBroker> {
   const keys = new KeySpace(config.keyPrefix);
+  const metrics = new BrokerMetrics(overrides.meter);
   let store: SessionStore;
   let locks: LockService;
   if (config.redisUrl) {
     const sealer = new Sealer(
       parseSealingKeys(config.sealingKeysText ?? '', config.sealingKeysSetting),
     );
-    const redisStore = new RedisSessionStore(config.redisUrl, config.keyPrefix, sealer, log);
+    const redisStore = new RedisSessionStore(
+      config.redisUrl,
+      config.keyPrefix,
+      sealer,
+      log,
+      (code) => metrics.unreadableRecord(code),
+    );
     await redisStore.waitReady(config.redisConnectTimeoutMs).catch(async (err: unknown) => {
       await redisStore.close();
       throw new ConfigError(
@@ -103,7 +110,6 @@ export async function startBroker(
   const idpTimeoutMs = Math.max(...config.idps.map((idp) => idp.timeoutMs));
   const secrets = config.secretsDir ? new LoginSecrets(config.secretsDir) : undefined;
   const policy = new RotationPolicy(config.rotation);
-  const metrics = new BrokerMetrics(overrides.meter);
   const clock = overrides.clock ?? Date.now;
   const rotator = new Rotator(
     {

@@ -1,5 +1,6 @@
 import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
+import { SealError } from '../errors.js';
 import type { Sealer } from '../sealing.js';
 import { KeySpace } from './keys.js';
 import type { Transition } from '../session-transitions.js';
@@ -38,6 +39,8 @@ export class RedisSessionStore implements SessionStore {
     prefix: string,
     private readonly sealer: Sealer,
     private readonly log: Logger,
+    /** Told of each record that could not be opened (the broker counts them in a metric). */
+    private readonly onUnreadable: (code: SealError['code']) => void = () => {},
   ) {
     this.keys = new KeySpace(prefix);
     const redis = new Redis(url, { maxRetriesPerRequest: 2, commandTimeout: 5_000 });
@@ -90,7 +93,22 @@ export class RedisSessionStore implements SessionStore {
     used: string | null | undefined,
     inflight: string | null | undefined,
   ): Promise<StoredSession> {
-    const record = (await this.sealer.open(sealed, KeySpace.sessionId(ref))) as SessionRecord;
+    let record: SessionRecord;
+    try {
+      record = (await this.sealer.open(sealed, KeySpace.sessionId(ref))) as SessionRecord;
+    } catch (err) {
+      if (err instanceof SealError) {
+        this.onUnreadable(err.code);
+        this.log.error(
+          { tenant: ref.tenant, user: ref.user, kid: err.kid, code: err.code },
+          `session state unreadable: ${err.message}` +
+            (err.code === 'SEALING_KEY_UNKNOWN'
+              ? ' (TB_SEALING_KEYS lacks that key: put it back, or enroll the user again)'
+              : ''),
+        );
+      }
+      throw err;
+    }
     return {
       record,
       lastUsedAt: Number(used ?? 0),
@@ -194,8 +212,13 @@ export class RedisSessionStore implements SessionStore {
       const [err, fields] = rows[i] ?? [];
       if (err) throw err;
       const [sealed, used, inflight] = fields as (string | null)[];
-      if (sealed)
+      if (!sealed) continue;
+      try {
         sessions.push(await this.open(KeySpace.parseSessionId(id), sealed, used, inflight));
+      } catch (err) {
+        // One unreadable record (logged and counted in open) must not hide everyone else's.
+        if (!(err instanceof SealError)) throw err;
+      }
     }
     return { sessions, next: ids.length > limit ? (page.at(-1) ?? '') : '' };
   }
