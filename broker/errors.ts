@@ -116,7 +116,8 @@ export class SealError extends BrokerError {
 
 /**
  * A sealed record names a key id no configured sealing key has (e.g. the old key was dropped
- * from TB_SEALING_KEYS before its records were rewritten): put the key back, or enroll again.
+ * from TB_SEALING_KEYS before its records were rewritten): put the key back (after the
+ * sealing one) and the records open again.
  */
 export class SealingKeyUnknownError extends SealError {
   override readonly code = 'SEALING_KEY_UNKNOWN';

@@ -103,7 +103,7 @@ export class RedisSessionStore implements SessionStore {
           { tenant: ref.tenant, user: ref.user, kid: err.kid, code: err.code },
           `session state unreadable: ${err.message}` +
             (err.code === 'SEALING_KEY_UNKNOWN'
-              ? ' (TB_SEALING_KEYS lacks that key: put it back, or enroll the user again)'
+              ? ' (TB_SEALING_KEYS lacks that key: put it back, after the sealing one)'
               : ''),
         );
       }

@@ -47,7 +47,7 @@ function capturingLog() {
 }
 
 describe('a record no configured sealing key opens', () => {
-  it('answers SEALING_KEY_UNKNOWN, is logged and counted, and is skipped in listings', async () => {
+  it('answers SEALING_KEY_UNKNOWN, is logged and counted, is skipped in listings, and opens once its key is back', async () => {
     const prefix = randomPrefix();
     const topology = (keys: string) => ({
       state: redis.urls[0]!,
@@ -99,6 +99,22 @@ describe('a record no configured sealing key opens', () => {
     } finally {
       client.close();
       await after.stop();
+    }
+
+    // The old key put back (after the sealing one): every record opens again.
+    const restored = await startInProcessBroker(brokerEnv(oidc, topology(`${newKeys},${oldKeys}`)));
+    const again = new BrokerClient(restored.address);
+    try {
+      expect((await again.list('t1')).sessions.map((s) => s.user).sort()).toEqual([
+        'alice',
+        'bob',
+        'carol',
+      ]);
+      const alice = await again.getToken('t1', 'alice');
+      expect(alice.token?.accessToken.length ?? 0).toBeGreaterThan(0);
+    } finally {
+      again.close();
+      await restored.stop();
     }
   }, 60_000);
 });
