@@ -99,6 +99,24 @@ describe('broker start-up failures exit 2 naming the variable', () => {
     expect(Date.now() - started).toBeLessThan(15_000);
   });
 
+  const key = (seed: number) =>
+    Buffer.from(Array.from({ length: 32 }, (_, i) => (seed * 31 + i * 7) % 256)).toString('base64');
+  it.each([
+    ['an all-zero key', `k1:${Buffer.alloc(32).toString('base64')}`],
+    ['a key of one byte value', `k1:${key(1)},k2:${Buffer.alloc(32, 0x41).toString('base64')}`],
+    ['the same key under two kids', `k-new:${key(2)},k-old:${key(2)}`],
+  ])('TB_SEALING_KEYS with %s', async (_what, keys) => {
+    const exit = await broker({
+      TB_REDIS_URL: 'redis://127.0.0.1:9',
+      TB_SEALING_KEYS: keys,
+    });
+    expectRefused(exit, 'TB_SEALING_KEYS');
+    for (const entry of keys.split(','))
+      expect(exit.output).not.toContain(
+        entry.slice(entry.indexOf(':') + 1, entry.indexOf(':') + 13),
+      );
+  });
+
   it.each([
     ['TB_LOCK_TTL_MS', '100000000000000000000000'],
     ['TB_CLAIM_POLL_MS', '3000000000'],
