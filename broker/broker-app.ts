@@ -2,6 +2,8 @@ import type { Meter } from '@opentelemetry/api';
 import type { Logger } from 'pino';
 import { BrokerMetrics } from './broker-metrics.js';
 import type { AuthConfig, BrokerConfig } from './config.js';
+import { ConfigError } from './errors.js';
+import { redactUrl } from '../shared/env-reader.js';
 import { AccessControl } from './auth/access-control.js';
 import { PolicyFile } from './auth/policy-file.js';
 import { ServiceAccountVerifier } from './auth/service-account-verifier.js';
@@ -45,13 +47,28 @@ export async function startBroker(
   overrides: BrokerOverrides = {},
 ): Promise<RunningBroker> {
   const keys = new KeySpace(config.keyPrefix);
+  const metrics = new BrokerMetrics(overrides.meter);
   let store: SessionStore;
   let locks: LockService;
   if (config.redisUrl) {
     const sealer = new Sealer(
       parseSealingKeys(config.sealingKeysText ?? '', config.sealingKeysSetting),
     );
-    store = new RedisSessionStore(config.redisUrl, config.keyPrefix, sealer, log);
+    const redisStore = new RedisSessionStore(
+      config.redisUrl,
+      config.keyPrefix,
+      sealer,
+      log,
+      (code) => metrics.unreadableRecord(code),
+    );
+    await redisStore.waitReady(config.redisConnectTimeoutMs).catch(async (err: unknown) => {
+      await redisStore.close();
+      throw new ConfigError(
+        'TB_REDIS_URL',
+        `did not answer within ${config.redisConnectTimeoutMs} ms (TB_REDIS_CONNECT_TIMEOUT_MS): ${redactUrl((err as Error).message)}`,
+      );
+    });
+    store = redisStore;
     const redlock = new RedlockLockService(
       {
         urls: config.redlockUrls,
@@ -93,7 +110,6 @@ export async function startBroker(
   const idpTimeoutMs = Math.max(...config.idps.map((idp) => idp.timeoutMs));
   const secrets = config.secretsDir ? new LoginSecrets(config.secretsDir) : undefined;
   const policy = new RotationPolicy(config.rotation);
-  const metrics = new BrokerMetrics(overrides.meter);
   const clock = overrides.clock ?? Date.now;
   const rotator = new Rotator(
     {
@@ -126,7 +142,17 @@ export async function startBroker(
   const access = config.auth ? await startAccessControl(config.auth, log) : undefined;
   const credentials = config.tls ? serverTlsCredentials(config.tls, log) : undefined;
   const grpcServer = new BrokerGrpcServer({ sessions: service, hub, log, access, credentials });
-  const port = await grpcServer.listen(config.grpcAddress);
+  const port = await grpcServer.listen(config.grpcAddress).catch(async (err: unknown) => {
+    service.close();
+    await store.close();
+    await locks.close();
+    access?.close();
+    // grpc-js says "No address added out of total 1 resolved" with the reason after it.
+    throw new ConfigError(
+      'TB_GRPC_ADDRESS',
+      `cannot be listened on (${config.grpcAddress}): ${(err as Error).message}`,
+    );
+  });
   const stopWorker = new AbortController();
   const working = worker.run(stopWorker.signal);
   const watchingPolicy = access?.run(stopWorker.signal);

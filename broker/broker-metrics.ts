@@ -31,6 +31,8 @@ const ROTATION_OUTCOMES = [
   'error',
 ];
 
+const UNREADABLE_CODES = ['SEALING_KEY_UNKNOWN', 'SEAL_INVALID'] as const;
+
 const INTROSPECTION_RESULTS = ['active', 'consumed', 'unknown', 'failed'] as const;
 
 const SECONDS_FAST = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
@@ -46,6 +48,7 @@ export class BrokerMetrics {
   private readonly persistFailures;
   private readonly takeovers;
   private readonly introspections;
+  private readonly unreadableRecords;
 
   constructor(private readonly meter: Meter = metrics.getMeter('token-broker')) {
     this.rotations = meter.createCounter('tb_broker_rotations', {
@@ -81,6 +84,11 @@ export class BrokerMetrics {
       description:
         'IdP introspections of a refresh token whose last presentation had no known outcome, by result (active, consumed, unknown, failed).',
     });
+    this.unreadableRecords = meter.createCounter('tb_broker_unreadable_records', {
+      description:
+        'Session records no configured sealing key opens, by code (SEALING_KEY_UNKNOWN: a kid not in TB_SEALING_KEYS; SEAL_INVALID: tampered or corrupt).',
+    });
+    for (const code of UNREADABLE_CODES) this.unreadableRecords.add(0, { code });
     for (const outcome of ROTATION_OUTCOMES) this.rotations.add(0, { outcome });
     for (const result of INTROSPECTION_RESULTS) this.introspections.add(0, { result });
     this.takeovers.add(0);
@@ -102,6 +110,10 @@ export class BrokerMetrics {
 
   dueLag(ms: number): void {
     this.dueLagSeconds.record(Math.max(0, ms) / 1000);
+  }
+
+  unreadableRecord(code: (typeof UNREADABLE_CODES)[number]): void {
+    this.unreadableRecords.add(1, { code });
   }
 
   reuseSuspicion(): void {

@@ -70,9 +70,11 @@ export interface BrokerConfig {
   /** undefined: TB_AUTH=off, every caller may do anything. */
   auth: AuthConfig | undefined;
   replicaId: string;
-  logLevel: string;
+  logLevel: LogLevel;
   /** State store; undefined selects embedded mode (memory, one replica). */
   redisUrl: string | undefined;
+  /** How long start-up waits for TB_REDIS_URL to answer before it gives up (exit 2). */
+  redisConnectTimeoutMs: number;
   redlockUrls: string[];
   keyPrefix: string;
   sealingKeysText: string | undefined;
@@ -101,7 +103,90 @@ export interface BrokerConfig {
 
 const UNIT = 'of milliseconds or a count';
 
+type IdpField = keyof typeof IDP_VARIABLES;
+
+/** The single-IdP variables, by the field name TB_IDPS_FILE entries use. */
+const IDP_VARIABLES = {
+  name: 'TB_IDP_NAME',
+  type: 'TB_IDP_TYPE',
+  folioUrl: 'TB_IDP_FOLIO_URL',
+  issuer: 'TB_IDP_ISSUER',
+  tokenEndpoint: 'TB_IDP_TOKEN_ENDPOINT',
+  revocationEndpoint: 'TB_IDP_REVOCATION_ENDPOINT',
+  introspectionEndpoint: 'TB_IDP_INTROSPECTION_ENDPOINT',
+  clientId: 'TB_IDP_CLIENT_ID',
+  clientSecret: 'TB_IDP_CLIENT_SECRET',
+  clientSecretFile: 'TB_IDP_CLIENT_SECRET_FILE',
+  authMethod: 'TB_IDP_AUTH_METHOD',
+  scope: 'TB_IDP_SCOPE',
+  exchangeTokenType: 'TB_IDP_EXCHANGE_TOKEN_TYPE',
+  timeoutMs: 'TB_IDP_TIMEOUT_MS',
+} as const;
+
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
+/**
+ * Every variable the broker reads. Any other TB_* variable stops it: a misspelt one would
+ * otherwise be ignored and its default used. README.md lists each.
+ */
+export const BROKER_VARIABLES: ReadonlySet<string> = new Set([
+  'TB_GRPC_ADDRESS',
+  'TB_REPLICA_ID',
+  'TB_LOG_LEVEL',
+  'TB_TELEMETRY',
+  'TB_REDIS_URL',
+  'TB_REDIS_CONNECT_TIMEOUT_MS',
+  'TB_REDIS_PASSWORD_FILE',
+  'TB_REDLOCK_URLS',
+  'TB_KEY_PREFIX',
+  'TB_SEALING_KEYS',
+  'TB_SEALING_KEYS_FILE',
+  'TB_SECRETS_DIR',
+  'TB_IDPS_FILE',
+  ...Object.values(IDP_VARIABLES),
+  'TB_TLS',
+  'TB_TLS_CERT_FILE',
+  'TB_TLS_KEY_FILE',
+  'TB_TLS_CLIENT_CA_FILE',
+  'TB_AUTH',
+  'TB_AUTH_ISSUER',
+  'TB_AUTH_AUDIENCE',
+  'TB_AUTH_JWKS_FILE',
+  'TB_AUTH_ISSUER_CA_FILE',
+  'TB_AUTH_ISSUER_TOKEN_FILE',
+  'TB_POLICY_FILE',
+  'TB_REFRESH_RATIO',
+  'TB_REFRESH_JITTER_RATIO',
+  'TB_REFRESH_MIN_LEAD_MS',
+  'TB_RETRY_BASE_MS',
+  'TB_RETRY_MAX_MS',
+  'TB_LOCK_TTL_MS',
+  'TB_LOCK_EXTEND_BEFORE_MS',
+  'TB_LOCK_MARGIN_MS',
+  'TB_LOCK_RETRY_COUNT',
+  'TB_LOCK_RETRY_DELAY_MS',
+  'TB_CLAIM_POLL_MS',
+  'TB_CLAIM_BATCH',
+  'TB_ROTATION_CONCURRENCY',
+  'TB_CLAIM_LEASE_MS',
+  'TB_SESSION_IDLE_TIMEOUT_MS',
+  'TB_REFRESH_MIN_INTERVAL_MS',
+  'TB_REFRESH_WAIT_MS',
+  'TB_PERSIST_RETRY_MS',
+  'TB_SHUTDOWN_GRACE_MS',
+]);
+
+/** Other programs' variables, which a shell shared with them may hold: not the broker's to judge. */
+const OTHER_PROGRAMS = /^TB_(SIDECAR_|BROKER_(ADDRESS|CA_FILE|SERVER_NAME|TOKEN_FILE)$)/;
+
 export function loadConfig(env: Env = process.env): BrokerConfig {
+  for (const name of Object.keys(env))
+    if (name.startsWith('TB_') && !BROKER_VARIABLES.has(name) && !OTHER_PROGRAMS.test(name))
+      throw new ConfigError(
+        name,
+        'is not a broker setting (README.md, "Configuration", lists every one)',
+      );
   const read = reader(env);
   const givenRedisUrl = read.url('TB_REDIS_URL', ['redis:', 'rediss:']);
   const givenRedlockUrls = read.list('TB_REDLOCK_URLS');
@@ -142,7 +227,7 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
   if (secretsDir && !isDirectory(secretsDir))
     throw new ConfigError('TB_SECRETS_DIR', 'must name an existing directory');
 
-  const lockTtlMs = read.int('TB_LOCK_TTL_MS', 15_000, { min: 1_000, unit: UNIT });
+  const lockTtlMs = read.int('TB_LOCK_TTL_MS', 15_000, { min: 1_000, max: 600_000, unit: UNIT });
   const extendBeforeMs = read.int('TB_LOCK_EXTEND_BEFORE_MS', Math.round(lockTtlMs / 3), {
     min: 100,
     unit: UNIT,
@@ -158,16 +243,17 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
     );
 
   const config: BrokerConfig = {
-    grpcAddress: read.string('TB_GRPC_ADDRESS') ?? '0.0.0.0:50051',
+    grpcAddress: readListenAddress(read),
     tls: readTls(read, redisUrl !== undefined),
     auth: readAuth(read),
     replicaId: read.string('TB_REPLICA_ID') ?? `${hostname()}-${process.pid}`,
-    logLevel: read.oneOf(
-      'TB_LOG_LEVEL',
-      ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const,
-      'info',
-    ),
+    logLevel: read.oneOf('TB_LOG_LEVEL', LOG_LEVELS, 'info'),
     redisUrl,
+    redisConnectTimeoutMs: read.int('TB_REDIS_CONNECT_TIMEOUT_MS', 10_000, {
+      min: 100,
+      max: 600_000,
+      unit: UNIT,
+    }),
     redlockUrls: redlockUrls.length > 0 ? redlockUrls : redisUrl ? [redisUrl] : [],
     keyPrefix: read.string('TB_KEY_PREFIX') ?? 'tb:',
     sealingKeysText,
@@ -189,13 +275,13 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
       ttlMs: lockTtlMs,
       extendBeforeMs,
       marginMs,
-      retryCount: read.int('TB_LOCK_RETRY_COUNT', 3, { min: 0, unit: UNIT }),
+      retryCount: read.int('TB_LOCK_RETRY_COUNT', 3, { min: 0, max: 100, unit: UNIT }),
       retryDelayMs: read.int('TB_LOCK_RETRY_DELAY_MS', 150, { min: 10, unit: UNIT }),
     },
     worker: {
       pollIntervalMs: read.int('TB_CLAIM_POLL_MS', 250, { min: 10, unit: UNIT }),
-      batchSize: read.int('TB_CLAIM_BATCH', 32, { min: 1, unit: UNIT }),
-      concurrency: read.int('TB_ROTATION_CONCURRENCY', 32, { min: 1, unit: UNIT }),
+      batchSize: read.int('TB_CLAIM_BATCH', 32, { min: 1, max: 1_000, unit: UNIT }),
+      concurrency: read.int('TB_ROTATION_CONCURRENCY', 32, { min: 1, max: 1_000, unit: UNIT }),
       claimLeaseMs: read.int('TB_CLAIM_LEASE_MS', lockTtlMs * 2, { min: 1_000, unit: UNIT }),
     },
     sessionIdleTimeoutMs: read.int('TB_SESSION_IDLE_TIMEOUT_MS', 3_600_000, {
@@ -387,26 +473,6 @@ interface IdpSource {
   setting: (field: IdpField) => string;
 }
 
-type IdpField = keyof typeof IDP_VARIABLES;
-
-/** The single-IdP variables, by the field name TB_IDPS_FILE entries use. */
-const IDP_VARIABLES = {
-  name: 'TB_IDP_NAME',
-  type: 'TB_IDP_TYPE',
-  folioUrl: 'TB_IDP_FOLIO_URL',
-  issuer: 'TB_IDP_ISSUER',
-  tokenEndpoint: 'TB_IDP_TOKEN_ENDPOINT',
-  revocationEndpoint: 'TB_IDP_REVOCATION_ENDPOINT',
-  introspectionEndpoint: 'TB_IDP_INTROSPECTION_ENDPOINT',
-  clientId: 'TB_IDP_CLIENT_ID',
-  clientSecret: 'TB_IDP_CLIENT_SECRET',
-  clientSecretFile: 'TB_IDP_CLIENT_SECRET_FILE',
-  authMethod: 'TB_IDP_AUTH_METHOD',
-  scope: 'TB_IDP_SCOPE',
-  exchangeTokenType: 'TB_IDP_EXCHANGE_TOKEN_TYPE',
-  timeoutMs: 'TB_IDP_TIMEOUT_MS',
-} as const;
-
 const OAUTH2_ONLY: readonly IdpField[] = [
   'issuer',
   'tokenEndpoint',
@@ -581,6 +647,24 @@ function buildIdp(source: IdpSource, defaultName: string, defaultTimeout: number
     scope: source.get('scope'),
     exchangeTokenType: source.get('exchangeTokenType'),
   };
+}
+
+/**
+ * `host:port` (a name, an IPv4 address or a bracketed IPv6 address; port 0 picks a free one):
+ * grpc-js would otherwise fail late with an error that names no variable, or bind something else.
+ */
+function readListenAddress(read: EnvReader): string {
+  const address = read.string('TB_GRPC_ADDRESS') ?? '0.0.0.0:50051';
+  const match = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})$/.exec(
+    address,
+  );
+  const port = Number(match?.[3]);
+  if (!match || port > 65_535)
+    throw new ConfigError(
+      'TB_GRPC_ADDRESS',
+      `must be host:port (e.g. 0.0.0.0:50051 or [::]:50051, port 0 to 65535), got ${JSON.stringify(address.slice(0, 100))}`,
+    );
+  return address;
 }
 
 function isDirectory(path: string): boolean {

@@ -13,6 +13,7 @@ export type BrokerErrorCode =
   | 'UNAVAILABLE'
   | 'SHUTTING_DOWN'
   | 'SEAL_INVALID'
+  | 'SEALING_KEY_UNKNOWN'
   | 'LOCK_UNAVAILABLE'
   | 'IDP_INVALID_GRANT'
   | 'IDP_LOGIN_REJECTED'
@@ -101,9 +102,30 @@ export class ShuttingDownError extends BrokerError {
 
 // --- state and locks ---
 
-/** A sealed record could not be opened: unknown key id or tampered data. */
+/** A sealed record could not be opened: tampered data, or see SealingKeyUnknownError. */
 export class SealError extends BrokerError {
-  readonly code = 'SEAL_INVALID';
+  readonly code: 'SEAL_INVALID' | 'SEALING_KEY_UNKNOWN' = 'SEAL_INVALID';
+  /** The key id the record names, when it names a plain one (for logs). */
+  readonly kid: string | undefined;
+
+  constructor(message: string, options?: { kid?: string; cause?: unknown }) {
+    super(message, options);
+    this.kid = options?.kid;
+  }
+}
+
+/**
+ * A sealed record names a key id no configured sealing key has (e.g. the old key was dropped
+ * from TB_SEALING_KEYS before its records were rewritten): put the key back (after the
+ * sealing one) and the records open again.
+ */
+export class SealingKeyUnknownError extends SealError {
+  override readonly code = 'SEALING_KEY_UNKNOWN';
+  declare readonly kid: string;
+
+  constructor(kid: string) {
+    super(`sealed record uses unknown key id "${kid}"`, { kid });
+  }
 }
 
 /** Someone else holds the lock, or too few lock nodes answered for a quorum. */

@@ -3,14 +3,15 @@ import { traceLogFields } from '../shared/telemetry/log-mixin.js';
 import { stopOnSignals } from '../shared/stop-on-signals.js';
 import { telemetryStatus } from '../shared/telemetry/telemetry-runtime.js';
 import { startBroker } from './broker-app.js';
-import { loadConfig } from './config.js';
+import { loadConfig, LOG_LEVELS, type LogLevel } from './config.js';
 import { ConfigError, PolicyError } from './errors.js';
 
-const log = pino({
-  name: 'token-broker',
-  level: process.env.TB_LOG_LEVEL ?? 'info',
-  mixin: traceLogFields,
-});
+const requested = process.env.TB_LOG_LEVEL?.trim() ?? '';
+// pino throws on an unknown level; a bad one is reported by the config check, through this logger.
+const level: LogLevel = (LOG_LEVELS as readonly string[]).includes(requested)
+  ? (requested as LogLevel)
+  : 'info';
+const log = pino({ name: 'token-broker', level, mixin: traceLogFields });
 
 try {
   const config = loadConfig();

@@ -2,7 +2,7 @@ import { createHash, randomBytes } from 'node:crypto';
 
 import { CompactEncrypt, compactDecrypt, decodeProtectedHeader } from 'jose';
 
-import { ConfigError, SealError } from './errors.js';
+import { ConfigError, SealError, SealingKeyUnknownError } from './errors.js';
 
 /**
  * State records sealed at rest: compact JWE, `alg: dir`, `enc: A256GCM`, with the key id in the
@@ -61,6 +61,18 @@ export function parseSealingKeys(text: string, setting: string): SealingKey[] {
         `${position} (kid "${kid}") key must be exactly ${KEY_BYTES} bytes, got ${key.length}`,
       );
     }
+    // An all-zero (or any one-byte-value) key is a placeholder or a templating mistake.
+    if (key.every((byte) => byte === key[0]))
+      throw new ConfigError(
+        setting,
+        `${position} (kid "${kid}") key is weak: all its bytes are the same value (generate one: README, "Sealing keys")`,
+      );
+    const same = keys.find((other) => Buffer.from(other.key).equals(key));
+    if (same)
+      throw new ConfigError(
+        setting,
+        `${position} (kid "${kid}") has the same key material as kid "${same.kid}": each kid needs its own key`,
+      );
     seen.add(kid);
     keys.push({ kid, key: new Uint8Array(key) });
   });
@@ -125,9 +137,7 @@ export class Sealer {
     }
     if (typeof kid !== 'string') throw new SealError('sealed record names no key id');
     const key = this.#keys.get(kid);
-    if (key === undefined) {
-      throw new SealError(`sealed record uses unknown key id "${safeKid(kid)}"`);
-    }
+    if (key === undefined) throw new SealingKeyUnknownError(safeKid(kid));
 
     let plaintext: Uint8Array;
     let header: Record<string, unknown>;
@@ -138,6 +148,7 @@ export class Sealer {
       }));
     } catch (cause) {
       throw new SealError(`sealed record failed to decrypt with key id "${kid}" (tampered?)`, {
+        kid,
         cause,
       });
     }
@@ -145,13 +156,15 @@ export class Sealer {
     const bound = header[BINDING_HEADER];
     const expected = aad === undefined ? undefined : bindingDigest(aad);
     if (bound !== expected) {
-      throw new SealError(`sealed record (key id "${kid}") belongs to a different context`);
+      throw new SealError(`sealed record (key id "${kid}") belongs to a different context`, {
+        kid,
+      });
     }
     try {
       return JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(plaintext)) as unknown;
     } catch {
       // No cause: a JSON parse error would quote the plaintext.
-      throw new SealError(`sealed record (key id "${kid}") holds no valid JSON`);
+      throw new SealError(`sealed record (key id "${kid}") holds no valid JSON`, { kid });
     }
   }
 }

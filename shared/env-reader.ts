@@ -7,8 +7,12 @@ export type Env = Record<string, string | undefined>;
 
 export type SettingError = (setting: string, problem: string) => Error;
 
+/** The longest delay a Node.js timer takes; a larger one fires at once (and a loop spins). */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
 export interface IntBounds {
   min: number;
+  /** Default MAX_TIMER_MS: every whole-number setting is a delay or a count that fits a timer. */
   max?: number;
   /** Why the minimum exists, appended to the error. */
   why?: string;
@@ -71,8 +75,8 @@ export class EnvReader {
         name,
         `must be at least ${bounds.min}${bounds.why ? ` (${bounds.why})` : ''}, got ${value}`,
       );
-    if (bounds.max !== undefined && value > bounds.max)
-      throw this.fail(name, `must be at most ${bounds.max}, got ${value}`);
+    const max = bounds.max ?? MAX_TIMER_MS;
+    if (value > max) throw this.fail(name, `must be at most ${max}, got ${raw}`);
     return value;
   }
 

@@ -130,7 +130,7 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
   return {
     brokerAddress,
     port: read.int('TB_SIDECAR_PORT', 8181, { min: 0, max: 65_535 }),
-    socketPath: read.string('TB_SIDECAR_SOCKET'),
+    socketPath: readSocketPath(read),
     safetySkewMs: read.int('TB_SIDECAR_SAFETY_SKEW_MS', 10_000, { min: 0, max: 3_600_000 }),
     users,
     idleUnsubscribeMs: read.int('TB_SIDECAR_IDLE_UNSUBSCRIBE_MS', 900_000, {
@@ -238,4 +238,20 @@ function grpcTargetProblem(target: string): string | undefined {
 function hasPort(hostPort: string): boolean {
   const match = /^(\[[0-9a-f:.]+\]|[^:[\]]+):(\d{1,5})$/i.exec(hostPort);
   return match !== null && Number(match[2]) > 0 && Number(match[2]) <= 65_535;
+}
+
+/** Linux keeps a socket's path in 108 bytes, NUL included; a longer one fails to bind. */
+const MAX_SOCKET_PATH_BYTES = 107;
+
+function readSocketPath(read: EnvReader): string | undefined {
+  const path = read.string('TB_SIDECAR_SOCKET');
+  if (path === undefined) return undefined;
+  if (path.includes('\0'))
+    throw new ConfigError('TB_SIDECAR_SOCKET', 'must be a file path (it holds a NUL byte)');
+  if (Buffer.byteLength(path) > MAX_SOCKET_PATH_BYTES)
+    throw new ConfigError(
+      'TB_SIDECAR_SOCKET',
+      `must be at most ${MAX_SOCKET_PATH_BYTES} bytes long (a Unix socket path), got ${Buffer.byteLength(path)}`,
+    );
+  return path;
 }

@@ -5,7 +5,7 @@ import { openMetricsEndpoint } from '../shared/telemetry/metrics-endpoint.js';
 import { connectBroker } from './broker-client.js';
 import { BrokerLink, type BrokerApi } from './broker-link.js';
 import { isAllowedUser, type SidecarConfig } from './config.js';
-import { TooManyUsersError, UserNotAllowedError } from './errors.js';
+import { ConfigError, TooManyUsersError, UserNotAllowedError } from './errors.js';
 import { SidecarHttpApi, type Readiness, type TokenSessions } from './http-api.js';
 import { OtelSidecarMetrics } from './metrics.js';
 import { TokenFileSink } from './token-file-sink.js';
@@ -188,9 +188,17 @@ async function listen(server: Server, config: SidecarConfig): Promise<void> {
     if (existing?.isSocket()) await rm(config.socketPath, { force: true });
   }
   await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
+    const failed = (err: NodeJS.ErrnoException) => {
+      const [setting, where] = config.socketPath
+        ? ['TB_SIDECAR_SOCKET', config.socketPath]
+        : ['TB_SIDECAR_PORT', `127.0.0.1:${config.port}`];
+      reject(
+        new ConfigError(setting, `cannot be listened on (${where}): ${err.code ?? err.message}`),
+      );
+    };
+    server.once('error', failed);
     const done = () => {
-      server.off('error', reject);
+      server.off('error', failed);
       resolve();
     };
     if (config.socketPath) server.listen(config.socketPath, done);

@@ -55,7 +55,10 @@ const GRPC_CODE: Record<BrokerErrorCode, grpc.status> = {
   IDP_UNAVAILABLE: grpc.status.INTERNAL,
   IDP_PROTOCOL_ERROR: grpc.status.INTERNAL,
   LOGIN_SECRET_UNREADABLE: grpc.status.INTERNAL,
-  SEAL_INVALID: grpc.status.INTERNAL,
+  // A record no configured key opens: the operator must restore the key (or the user re-enroll).
+  SEALING_KEY_UNKNOWN: grpc.status.FAILED_PRECONDITION,
+  // Tampered or corrupt state: that one session's record is lost, not the broker.
+  SEAL_INVALID: grpc.status.DATA_LOSS,
 };
 
 function toDate(ms: number): Date | undefined {

@@ -1,5 +1,6 @@
 import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
+import { SealError } from '../errors.js';
 import type { Sealer } from '../sealing.js';
 import { KeySpace } from './keys.js';
 import type { Transition } from '../session-transitions.js';
@@ -38,6 +39,8 @@ export class RedisSessionStore implements SessionStore {
     prefix: string,
     private readonly sealer: Sealer,
     private readonly log: Logger,
+    /** Told of each record that could not be opened (the broker counts them in a metric). */
+    private readonly onUnreadable: (code: SealError['code']) => void = () => {},
   ) {
     this.keys = new KeySpace(prefix);
     const redis = new Redis(url, { maxRetriesPerRequest: 2, commandTimeout: 5_000 });
@@ -47,6 +50,30 @@ export class RedisSessionStore implements SessionStore {
     redis.defineCommand('tbTouch', { numberOfKeys: 1, lua: TOUCH_SESSION });
     redis.defineCommand('tbClaim', { numberOfKeys: 1, lua: CLAIM_DUE });
     this.redis = redis as Redis & ScriptCommands;
+  }
+
+  /**
+   * Resolves once Redis answers a PING; rejects with the last error after `timeoutMs`. Start-up
+   * uses it so an unreachable or misconfigured TB_REDIS_URL fails at once, naming the variable.
+   */
+  async waitReady(timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const left = deadline - Date.now();
+      try {
+        await Promise.race([
+          this.redis.ping(),
+          new Promise((_, reject) => {
+            const timer = setTimeout(() => reject(new Error('no answer')), Math.max(1, left));
+            timer.unref();
+          }),
+        ]);
+        return;
+      } catch (err) {
+        if (Date.now() + 100 >= deadline) throw err;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
   }
 
   async get(ref: SessionRef): Promise<StoredSession | undefined> {
@@ -66,7 +93,22 @@ export class RedisSessionStore implements SessionStore {
     used: string | null | undefined,
     inflight: string | null | undefined,
   ): Promise<StoredSession> {
-    const record = (await this.sealer.open(sealed, KeySpace.sessionId(ref))) as SessionRecord;
+    let record: SessionRecord;
+    try {
+      record = (await this.sealer.open(sealed, KeySpace.sessionId(ref))) as SessionRecord;
+    } catch (err) {
+      if (err instanceof SealError) {
+        this.onUnreadable(err.code);
+        this.log.error(
+          { tenant: ref.tenant, user: ref.user, kid: err.kid, code: err.code },
+          `session state unreadable: ${err.message}` +
+            (err.code === 'SEALING_KEY_UNKNOWN'
+              ? ' (TB_SEALING_KEYS lacks that key: put it back, after the sealing one)'
+              : ''),
+        );
+      }
+      throw err;
+    }
     return {
       record,
       lastUsedAt: Number(used ?? 0),
@@ -170,8 +212,13 @@ export class RedisSessionStore implements SessionStore {
       const [err, fields] = rows[i] ?? [];
       if (err) throw err;
       const [sealed, used, inflight] = fields as (string | null)[];
-      if (sealed)
+      if (!sealed) continue;
+      try {
         sessions.push(await this.open(KeySpace.parseSessionId(id), sealed, used, inflight));
+      } catch (err) {
+        // One unreadable record (logged and counted in open) must not hide everyone else's.
+        if (!(err instanceof SealError)) throw err;
+      }
     }
     return { sessions, next: ids.length > limit ? (page.at(-1) ?? '') : '' };
   }

@@ -369,3 +369,45 @@ describe('loadConfig', () => {
     }
   });
 });
+
+describe('loadConfig refuses what would fail later or silently', () => {
+  it('refuses an unknown TB_* variable, not other programs’ or non-TB ones', () => {
+    const error = configError({ ...MINIMAL, TB_LOCK_TTL: '20000' });
+    expect(error.setting).toBe('TB_LOCK_TTL');
+    expect(error.message).toContain('is not a broker setting');
+    expect(() =>
+      loadConfig({
+        ...MINIMAL,
+        TB_SIDECAR_PORT: '8181',
+        TB_BROKER_ADDRESS: '127.0.0.1:50051',
+        TB_TELEMETRY: 'off',
+        OTEL_SERVICE_NAME: 'token-broker',
+      }),
+    ).not.toThrow();
+  });
+
+  it.each(['50051', 'localhost', ':50051', '127.0.0.1:65536', 'unix:/tmp/x', 'a b:1'])(
+    'refuses TB_GRPC_ADDRESS=%s',
+    (address) => {
+      expect(configError({ ...MINIMAL, TB_GRPC_ADDRESS: address }).setting).toBe('TB_GRPC_ADDRESS');
+    },
+  );
+
+  it.each(['0.0.0.0:50051', '[::]:50051', '127.0.0.1:0', 'broker.example:443'])(
+    'accepts TB_GRPC_ADDRESS=%s',
+    (address) => {
+      expect(loadConfig({ ...MINIMAL, TB_GRPC_ADDRESS: address }).grpcAddress).toBe(address);
+    },
+  );
+
+  it.each([
+    ['TB_CLAIM_POLL_MS', '3000000000', 'must be at most 2147483647'],
+    ['TB_LOCK_TTL_MS', '100000000000000000000000', 'must be at most 600000'],
+    ['TB_CLAIM_BATCH', '1001', 'must be at most 1000'],
+    ['TB_REDIS_CONNECT_TIMEOUT_MS', '600001', 'must be at most 600000'],
+  ])('bounds %s from above', (variable, value, problem) => {
+    const error = configError({ ...MINIMAL, [variable]: value });
+    expect(error.setting).toBe(variable);
+    expect(error.message).toContain(problem);
+  });
+});

@@ -142,7 +142,7 @@ describe('Sealer', () => {
 });
 
 describe('parseSealingKeys', () => {
-  const keyA = new Uint8Array(32).fill(0xfb);
+  const keyA = Uint8Array.from({ length: 32 }, (_, i) => 0xfb ^ i);
   const keyB = Uint8Array.from({ length: 32 }, (_, i) => i * 7);
   const a64 = Buffer.from(keyA).toString('base64');
   const b64url = Buffer.from(keyB).toString('base64url');
@@ -163,9 +163,11 @@ describe('parseSealingKeys', () => {
     expect(() => generateSealingKey('bad kid')).toThrow(TypeError);
   });
 
-  it('fails naming the setting and position, never echoing key material', () => {
+  it('fails naming the setting and position, never echoing key material (weak and repeated keys too)', () => {
     const short = Buffer.from(new Uint8Array(16).fill(0xab)).toString('base64');
     const long = Buffer.from(new Uint8Array(33).fill(0xcd)).toString('base64url');
+    const zero = Buffer.alloc(32).toString('base64');
+    const same = Buffer.alloc(32, 0x5a).toString('base64url');
     const cases: [string, string][] = [
       ['', 'must list at least one key'],
       [' ,\n', 'must list at least one key'],
@@ -177,12 +179,31 @@ describe('parseSealingKeys', () => {
       [`k1:${long}`, 'entry 1 (kid "k1") key must be exactly 32 bytes, got 33'],
       [`k1:${a64}AAAA`, 'entry 1 (kid "k1") key is not base64'],
       [`k1:${a64.slice(0, 20)}*${a64.slice(21)}`, 'entry 1 (kid "k1") key is not base64'],
+      [`k1:${zero}`, 'entry 1 (kid "k1") key is weak: all its bytes are the same value'],
+      [`k1:${a64},k2:${same}`, 'entry 2 (kid "k2") key is weak: all its bytes are the same value'],
+      [
+        `k1:${a64},k2:${b64url},k3:${a64}`,
+        'entry 3 (kid "k3") has the same key material as kid "k1"',
+      ],
+      [
+        `k1:${b64url},k2:${Buffer.from(keyB).toString('base64')}`,
+        'entry 2 (kid "k2") has the same key material as kid "k1"',
+      ],
     ];
     for (const [text, problem] of cases) {
       const error = configError(() => parseSealingKeys(text, SETTING));
       expect(error.setting).toBe(SETTING);
       expect(error.message).toContain(`${SETTING} ${problem}`);
-      for (const material of [a64, b64url, short, long, a64.slice(0, 12), b64url.slice(0, 12)]) {
+      for (const material of [
+        a64,
+        b64url,
+        short,
+        long,
+        zero,
+        same,
+        a64.slice(0, 12),
+        b64url.slice(0, 12),
+      ]) {
         expect(error.message).not.toContain(material);
       }
     }
