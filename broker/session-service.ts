@@ -141,6 +141,7 @@ export class SessionService {
     let seed: FamilySeed;
     if (credential.kind === 'refresh_token') {
       if (!credential.refreshToken) throw new InvalidArgumentError('refresh_token', 'is required');
+      checkTokenLength(credential.refreshToken, 'refresh_token');
       seed = {
         refreshToken: credential.refreshToken,
         login: undefined,
@@ -206,6 +207,7 @@ export class SessionService {
       );
     if (!exchange.subjectToken)
       throw new InvalidArgumentError('token_exchange.subject_token', 'is required');
+    checkTokenLength(exchange.subjectToken, 'token_exchange.subject_token');
     const issuedAt = this.clock();
     let tokens: TokenSet;
     try {
@@ -445,6 +447,17 @@ export class SessionService {
     if (this.closing)
       throw new ShuttingDownError('the broker is shutting down; use another replica');
   }
+}
+
+/**
+ * The longest refresh or subject token an Enroll may hand over. Real ones are a few KiB at most
+ * (a Keycloak JWT with many roles); a longer one is refused before it is stored or forwarded.
+ */
+export const MAX_TOKEN_BYTES = 16 * 1024;
+
+function checkTokenLength(token: string, field: string): void {
+  if (Buffer.byteLength(token, 'utf8') > MAX_TOKEN_BYTES)
+    throw new InvalidArgumentError(field, `is longer than ${MAX_TOKEN_BYTES} bytes`);
 }
 
 /** An IdP failure during enrollment, as the caller sees it; the IdP's own message stays in detail. */
