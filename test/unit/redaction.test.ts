@@ -1,4 +1,6 @@
 import { describe, expect, it } from 'vitest';
+import { loadConfig } from '../../broker/config.js';
+import { ConfigError } from '../../broker/errors.js';
 import { Redactor, shapeRedactor } from '../../broker/redaction.js';
 
 const SECRET = 'kq7-Zp!s3cret&value';
@@ -67,5 +69,29 @@ describe('Redactor', () => {
   it('adds per-call secrets with with() and keeps the configured ones', () => {
     const out = new Redactor([SECRET]).with('pw-12').redact(`${SECRET} pw-12`);
     expect(out).toBe('[redacted] [redacted]');
+  });
+});
+
+describe('configuration errors', () => {
+  it('name the variable but not a token pasted into it', () => {
+    const jwt = 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl';
+    let error: unknown;
+    try {
+      loadConfig({
+        TB_IDP_TOKEN_ENDPOINT: 'https://idp.example/token',
+        TB_IDP_CLIENT_ID: 'token-broker',
+        TB_IDP_CLIENT_SECRET: 'client-secret',
+        TB_TLS: 'off',
+        TB_AUTH: 'off',
+        TB_RETRY_BASE_MS: jwt,
+      });
+    } catch (err) {
+      error = err;
+    }
+    expect(error).toBeInstanceOf(ConfigError);
+    expect((error as ConfigError).setting).toBe('TB_RETRY_BASE_MS');
+    expect((error as ConfigError).message).toContain('TB_RETRY_BASE_MS');
+    expect((error as ConfigError).message).not.toContain('eyJhbGciOiJIUzI1NiJ9');
+    expect((error as ConfigError).message).not.toContain('c2lnbmF0dXJl');
   });
 });
