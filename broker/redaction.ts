@@ -55,11 +55,14 @@ export class Redactor {
   }
 
   redact(text: string, options: RedactOptions = {}): string {
-    let out = text;
+    const max = options.maxChars;
+    // A hostile answer may be huge; only its start can reach the result, with room for matches
+    // that straddle the cut (forms are short, and a cut opaque run is still redacted by shape).
+    let out =
+      max !== undefined && text.length > 4 * max + 8192 ? text.slice(0, 4 * max + 8192) : text;
     for (const form of this.forms) out = out.replaceAll(form, REDACTED);
     for (const [shape, replacement] of SHAPES) out = out.replace(shape, replacement);
     out = out.replace(OPAQUE_RUN, redactRun);
-    const max = options.maxChars;
     return max !== undefined && out.length > max ? `${out.slice(0, max)}…` : out;
   }
 }

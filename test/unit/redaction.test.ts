@@ -66,6 +66,15 @@ describe('Redactor', () => {
     expect(out).not.toContain(SECRET.slice(0, 3));
   });
 
+  it('reads only the start of a huge text when the result is bounded', () => {
+    const huge = `${SECRET} ${'word '.repeat(4_000_000)}`;
+    const started = performance.now();
+    const out = new Redactor([SECRET]).redact(huge, { maxChars: 200 });
+    expect(performance.now() - started).toBeLessThan(1_000);
+    expect(out.startsWith('[redacted] word')).toBe(true);
+    expect(out.length).toBe(201);
+  });
+
   it('adds per-call secrets with with() and keeps the configured ones', () => {
     const out = new Redactor([SECRET]).with('pw-12').redact(`${SECRET} pw-12`);
     expect(out).toBe('[redacted] [redacted]');
