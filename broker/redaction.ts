@@ -98,3 +98,11 @@ function encodingsOf(secret: string): string[] {
   }
   return forms.filter((form) => form !== '');
 }
+
+/**
+ * A thrown value's message for a log field. IdP errors are redacted where they are made; this
+ * covers whatever else a call to a peer may throw (a library error quoting a header or a body).
+ */
+export function errorText(err: unknown): string {
+  return shapeRedactor.redact(err instanceof Error ? err.message : String(err), { maxChars: 500 });
+}

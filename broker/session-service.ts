@@ -14,6 +14,7 @@ import {
   ShuttingDownError,
   UnavailableError,
 } from './errors.js';
+import { errorText } from './redaction.js';
 import { type IdpAdapter, type TokenSet } from './idp/idp-adapter.js';
 import type { LoginSecrets } from './idp/login-secrets.js';
 import { type LockService } from './lock/lock-service.js';
@@ -221,7 +222,7 @@ export class SessionService {
         {
           tenant: ref.tenant,
           code: (err as { code?: unknown }).code,
-          err: err instanceof Error ? err.message : String(err),
+          err: errorText(err),
           detail: (err as { detail?: unknown }).detail,
         },
         'token exchange failed',
@@ -329,7 +330,7 @@ export class SessionService {
         const signal = AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000);
         await idp.revoke(record.refreshToken, signal, ref).catch((err: unknown) => {
           this.deps.log.warn(
-            { tenant: ref.tenant, err: err instanceof Error ? err.message : String(err) },
+            { tenant: ref.tenant, err: errorText(err) },
             'IdP revocation failed; the broker no longer holds the token either way',
           );
         });
