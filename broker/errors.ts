@@ -1,3 +1,5 @@
+import { shapeRedactor } from './redaction.js';
+
 /**
  * The broker's one error hierarchy. Every class has a stable `code` from BrokerErrorCode; `message`
  * is safe to show a client, while `detail` is for logs only. Neither ever contains a token value.
@@ -42,14 +44,17 @@ export function errorCode(err: unknown): BrokerErrorCode | 'INTERNAL' {
   return err instanceof BrokerError ? err.code : 'INTERNAL';
 }
 
-/** A configuration setting is missing or invalid; `setting` names it exactly. */
+/**
+ * A configuration setting is missing or invalid; `setting` names it exactly. The problem may quote
+ * a value (or a file's text in a parser message): it goes through the shape redaction first.
+ */
 export class ConfigError extends BrokerError {
   readonly code = 'CONFIG_INVALID';
   constructor(
     readonly setting: string,
     problem: string,
   ) {
-    super(`${setting} ${problem}`);
+    super(`${setting} ${shapeRedactor.redact(problem)}`);
   }
 }
 

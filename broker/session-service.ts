@@ -14,6 +14,7 @@ import {
   ShuttingDownError,
   UnavailableError,
 } from './errors.js';
+import { errorText } from './redaction.js';
 import { type IdpAdapter, type TokenSet } from './idp/idp-adapter.js';
 import type { LoginSecrets } from './idp/login-secrets.js';
 import { type LockService } from './lock/lock-service.js';
@@ -141,6 +142,7 @@ export class SessionService {
     let seed: FamilySeed;
     if (credential.kind === 'refresh_token') {
       if (!credential.refreshToken) throw new InvalidArgumentError('refresh_token', 'is required');
+      checkTokenLength(credential.refreshToken, 'refresh_token');
       seed = {
         refreshToken: credential.refreshToken,
         login: undefined,
@@ -206,6 +208,7 @@ export class SessionService {
       );
     if (!exchange.subjectToken)
       throw new InvalidArgumentError('token_exchange.subject_token', 'is required');
+    checkTokenLength(exchange.subjectToken, 'token_exchange.subject_token');
     const issuedAt = this.clock();
     let tokens: TokenSet;
     try {
@@ -219,7 +222,7 @@ export class SessionService {
         {
           tenant: ref.tenant,
           code: (err as { code?: unknown }).code,
-          err: err instanceof Error ? err.message : String(err),
+          err: errorText(err),
           detail: (err as { detail?: unknown }).detail,
         },
         'token exchange failed',
@@ -327,7 +330,7 @@ export class SessionService {
         const signal = AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000);
         await idp.revoke(record.refreshToken, signal, ref).catch((err: unknown) => {
           this.deps.log.warn(
-            { tenant: ref.tenant, err: err instanceof Error ? err.message : String(err) },
+            { tenant: ref.tenant, err: errorText(err) },
             'IdP revocation failed; the broker no longer holds the token either way',
           );
         });
@@ -445,6 +448,17 @@ export class SessionService {
     if (this.closing)
       throw new ShuttingDownError('the broker is shutting down; use another replica');
   }
+}
+
+/**
+ * The longest refresh or subject token an Enroll may hand over. Real ones are a few KiB at most
+ * (a Keycloak JWT with many roles); a longer one is refused before it is stored or forwarded.
+ */
+export const MAX_TOKEN_BYTES = 16 * 1024;
+
+function checkTokenLength(token: string, field: string): void {
+  if (Buffer.byteLength(token, 'utf8') > MAX_TOKEN_BYTES)
+    throw new InvalidArgumentError(field, `is longer than ${MAX_TOKEN_BYTES} bytes`);
 }
 
 /** An IdP failure during enrollment, as the caller sees it; the IdP's own message stays in detail. */

@@ -12,13 +12,13 @@ import {
 } from './idp-adapter.js';
 import {
   displayUrl,
-  maskAndTruncate,
   parseJsonObject,
   parseRetryAfter,
   postOnce,
   type HttpAnswer,
   type JsonObject,
 } from './idp-http.js';
+import { Redactor } from '../redaction.js';
 
 /**
  * FOLIO's own refresh-token rotation (mod-login behind the Okapi or Kong gateway), as FOLIO's RTR
@@ -180,7 +180,8 @@ export class FolioAdapter implements IdpAdapter {
   ): Error {
     const message = `${where} answered HTTP ${answer.status}`;
     const text = answer.text.trim();
-    const options = text === '' ? {} : { detail: maskAndTruncate(text, secrets) };
+    const redactor = new Redactor(secrets);
+    const options = text === '' ? {} : { detail: redactor.redact(text, { maxChars: 200 }) };
     const { status } = answer;
     if (status === 408 || status === 429 || status >= 500) {
       const retryAfterMs = parseRetryAfter(answer.headers.get('retry-after'), this.now());

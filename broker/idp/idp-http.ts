@@ -1,4 +1,5 @@
 import { IdpTransientError } from '../errors.js';
+import { shapeRedactor } from '../redaction.js';
 /** What every IdP adapter shares: one HTTP call whose network failures are classified. */
 
 export interface HttpAnswer {
@@ -105,13 +106,13 @@ export function errorCodes(err: unknown, depth = 0): string[] {
   return [...new Set(codes)];
 }
 
-/** Network error messages (addresses, codes) for logs; these never carry request content. */
+/** Network error messages (addresses, codes) for logs, redacted: a proxy's text may quote a header. */
 export function errorChain(err: unknown): string {
   const messages: string[] = [];
   for (let at = err, depth = 0; at instanceof Error && depth < 8; at = at.cause, depth += 1) {
     messages.push(at.message);
   }
-  return messages.join(' <- ');
+  return shapeRedactor.redact(messages.join(' <- '));
 }
 
 /** Origin and path only: the query may carry secrets and credentials in the authority. */
@@ -124,11 +125,4 @@ export function isHttpUrl(value: string): boolean {
   if (!URL.canParse(value)) return false;
   const { protocol } = new URL(value);
   return protocol === 'https:' || protocol === 'http:';
-}
-
-/** Server text for a log detail: secrets masked, bounded. */
-export function maskAndTruncate(text: string, secrets: readonly string[], maxChars = 200): string {
-  let masked = text;
-  for (const secret of secrets) if (secret !== '') masked = masked.replaceAll(secret, '[redacted]');
-  return masked.length > maxChars ? `${masked.slice(0, maxChars)}…` : masked;
 }

@@ -21,6 +21,7 @@ import {
   type HttpAnswer,
   type JsonObject,
 } from './idp-http.js';
+import { Redactor } from '../redaction.js';
 
 export type ClientAuthMethod = 'client_secret_basic' | 'client_secret_post' | 'none';
 
@@ -100,6 +101,8 @@ export class OAuth2Adapter implements IdpAdapter {
   private readonly now: () => number;
   private readonly fetch: typeof fetch;
   private readonly label: string;
+  /** Knows the client secret and the Basic credentials built from it. */
+  private readonly redactor: Redactor;
   private discovery: Promise<Discovered> | undefined;
 
   /** `options` are already valid: config.ts checks every IdP setting at start-up. */
@@ -118,6 +121,7 @@ export class OAuth2Adapter implements IdpAdapter {
     this.now = options.now ?? Date.now;
     this.fetch = options.fetch ?? ((input, init) => fetch(input, init));
     this.label = `IdP ${JSON.stringify(this.name)}`;
+    this.redactor = new Redactor([this.clientSecret, this.basicCredentials()]);
   }
 
   /** The session context is unused: an OAuth2 refresh token names its user and client itself. */
@@ -232,10 +236,9 @@ export class OAuth2Adapter implements IdpAdapter {
       accept: 'application/json',
       'content-type': 'application/x-www-form-urlencoded',
     };
-    if (this.authMethod === 'client_secret_basic') {
-      // RFC 6749 §2.3.1: each part is form-urlencoded before the two are joined and base64'd.
-      const pair = `${formEncode(this.clientId)}:${formEncode(this.clientSecret ?? '')}`;
-      headers.authorization = `Basic ${Buffer.from(pair, 'utf8').toString('base64')}`;
+    const basic = this.basicCredentials();
+    if (basic !== undefined) {
+      headers.authorization = `Basic ${basic}`;
     } else {
       form.set('client_id', this.clientId);
       if (this.authMethod === 'client_secret_post')
@@ -249,6 +252,13 @@ export class OAuth2Adapter implements IdpAdapter {
     });
   }
 
+  /** RFC 6749 §2.3.1: each part is form-urlencoded before the two are joined and base64'd. */
+  private basicCredentials(): string | undefined {
+    if (this.authMethod !== 'client_secret_basic') return undefined;
+    const pair = `${formEncode(this.clientId)}:${formEncode(this.clientSecret ?? '')}`;
+    return Buffer.from(pair, 'utf8').toString('base64');
+  }
+
   /** Classifies a non-success answer. Only known error codes and the truncated description leave. */
   private errorAnswer(answer: HttpAnswer, where: string, sentToken: string): Error {
     const retryAfterMs = parseRetryAfter(answer.headers.get('retry-after'), this.now());
@@ -256,7 +266,7 @@ export class OAuth2Adapter implements IdpAdapter {
     const code = typeof body?.error === 'string' ? body.error : undefined;
     const knownCode = code !== undefined && KNOWN_ERRORS.has(code) ? code : undefined;
     const message = `${where} answered HTTP ${answer.status}${knownCode === undefined ? '' : ` ${knownCode}`}`;
-    const detail = describeError(body, code !== knownCode, sentToken);
+    const detail = describeError(body, code !== knownCode, this.redactor.with(sentToken));
     const options = detail === undefined ? undefined : { detail };
 
     const { status } = answer;
@@ -393,18 +403,17 @@ function readSeconds(value: unknown): number | undefined | null {
   return Number.isFinite(seconds) && seconds >= 0 ? seconds : null;
 }
 
-/** The description (and an unknown error code) for logs: truncated, with the sent token masked. */
+/**
+ * The description (and an unknown error code) for logs: redacted (the client secret, the token
+ * sent, anything credential-shaped), then truncated.
+ */
 function describeError(
   body: JsonObject | undefined,
   withCode: boolean,
-  sentToken: string,
+  redactor: Redactor,
 ): string | undefined {
-  const clean = (text: string): string => {
-    const masked = sentToken === '' ? text : text.replaceAll(sentToken, '[token]');
-    return masked.length > MAX_DESCRIPTION_CHARS
-      ? `${masked.slice(0, MAX_DESCRIPTION_CHARS)}…`
-      : masked;
-  };
+  const clean = (text: string): string =>
+    redactor.redact(text, { maxChars: MAX_DESCRIPTION_CHARS });
   const parts: string[] = [];
   if (withCode && typeof body?.error === 'string') parts.push(`error: ${clean(body.error)}`);
   if (typeof body?.error_description === 'string') {

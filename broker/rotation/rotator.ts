@@ -27,6 +27,7 @@ import {
   LockUnavailableError,
   LoginSecretError,
 } from '../errors.js';
+import { errorText } from '../redaction.js';
 import type { SessionRecord, SessionRef, StoredSession } from '../store/session-record.js';
 import type { MarkResult, SessionStore } from '../store/session-store.js';
 import { presentationGate, type RotationDemand } from './presentation-gate.js';
@@ -295,7 +296,7 @@ export class Rotator {
       const at = this.deps.policy.retryAt(this.clock(), record.failedAttempts + 1, undefined, 0);
       await store.schedule(ref, Math.max(at, call.deadline + this.options.busyRetryMs));
       log.warn(
-        { tenant: ref.tenant, err: err instanceof Error ? err.message : String(err) },
+        { tenant: ref.tenant, err: errorText(err) },
         'could not ask the IdP whether an orphaned refresh token is still unused; will ask again',
       );
       return { outcome: 'retry-scheduled', record, errorCode: 'IDP_UNAVAILABLE' };
@@ -457,13 +458,13 @@ export class Rotator {
           this.metrics.persistFailure();
           markFailed(span, err);
           log.error(
-            { tenant: next.tenant, generation: next.generation, err: String(err) },
+            { tenant: next.tenant, generation: next.generation, err: errorText(err) },
             'IdP answered but the new token pair could not be stored; the session needs re-enrollment if it is lost',
           );
           return { outcome: 'persist-failed', record: undefined, errorCode: 'PERSIST_FAILED' };
         }
         log.warn(
-          { tenant: next.tenant, attempt, err: String(err) },
+          { tenant: next.tenant, attempt, err: errorText(err) },
           'storing the new token pair failed; retrying while the lock is held',
         );
         await new Promise((resolve) => setTimeout(resolve, wait));
@@ -504,7 +505,7 @@ export class Rotator {
         {
           tenant: record.tenant,
           code: errorCode(err),
-          err: err instanceof Error ? err.message : String(err),
+          err: errorText(err),
         },
         'refresh failed, will retry',
       );

@@ -507,7 +507,7 @@ describe('OAuth2Adapter never leaks tokens into errors', () => {
     const err = await caught(
       adapter({ tokenEndpoint: `${idp.base}/token` }).refresh(SENT_RT, signal()),
     );
-    expect((err as IdpInvalidGrantError).detail).toBe('error_description: bad token [token]');
+    expect((err as IdpInvalidGrantError).detail).toBe('error_description: bad token [redacted]');
   });
 });
 
@@ -707,6 +707,6 @@ describe('OAuth2Adapter token exchange (RFC 8693)', () => {
       ),
     );
     expect(err).toBeInstanceOf(IdpInvalidGrantError);
-    expect((err as IdpInvalidGrantError).detail).toBe('error_description: bad [token]');
+    expect((err as IdpInvalidGrantError).detail).toBe('error_description: bad [redacted]');
   });
 });
