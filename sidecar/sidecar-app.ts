@@ -139,6 +139,7 @@ export async function startSidecar(
   await listen(server, config);
   const address = server.address();
   const port = typeof address === 'object' && address ? address.port : undefined;
+  http.listening(config.socketPath ? { socket: config.socketPath } : { port: port! });
 
   const controller = new AbortController();
   const running = link.run(controller.signal).catch((err: unknown) => {
