@@ -134,7 +134,8 @@ export async function startSidecar(
     log,
     maxWaitMs: config.maxWaitMs,
   });
-  const server = createServer(http.handle);
+  // The API answers a missing Host itself: none is fine on the Unix socket, not over TCP.
+  const server = createServer({ requireHostHeader: false }, http.handle);
   server.on('clientError', http.clientError);
   await listen(server, config);
   const address = server.address();
