@@ -77,6 +77,8 @@ export const PROXY_HEADERS = [
   'x-original-host',
 ] as const;
 
+const PROXY_HEADER_SET: ReadonlySet<string> = new Set(PROXY_HEADERS);
+
 /** Where the server listens: a TCP port on 127.0.0.1, or a Unix socket. */
 export type ListenAddress = { port: number } | { socket: string };
 
@@ -132,8 +134,9 @@ export class SidecarHttpApi {
         : !this.hosts.has(host) && !this.hosts.has(host.toLowerCase())
     )
       throw new HostNotAllowedError(host, [...this.hosts].join(', '));
-    for (const name of PROXY_HEADERS)
-      if (headers[name] !== undefined) throw new ForwardedRequestError(name);
+    // A request has a handful of headers: looking each up is cheaper than probing for all 19.
+    for (const name in headers)
+      if (PROXY_HEADER_SET.has(name)) throw new ForwardedRequestError(name);
   }
 
   /** Shutdown: waiting reads answer now with what they have. */
