@@ -53,8 +53,26 @@ export class InvalidParameterError extends SidecarError {
 export class ForwardedRequestError extends SidecarError {
   readonly code = 'FORWARDED_REQUEST';
   readonly status = 403;
-  constructor() {
-    super('token reads must come straight from the module, not through a proxy (Forwarded header)');
+  constructor(readonly header: string) {
+    super(
+      `requests must come straight from the module, not through a proxy (header ${JSON.stringify(header)})`,
+    );
+  }
+}
+
+/**
+ * The Host header names something other than the loopback: a DNS-rebinding page in the pod's
+ * network, or a proxy, would send it. 421 Misdirected Request: this server is not that host.
+ */
+export class HostNotAllowedError extends SidecarError {
+  readonly code = 'HOST_NOT_ALLOWED';
+  readonly status = 421;
+  constructor(host: string | undefined, allowed: string) {
+    super(
+      host === undefined
+        ? `requests must carry a Host header naming the loopback (${allowed})`
+        : `Host ${JSON.stringify(host.slice(0, 100))} does not name this sidecar; use ${allowed}`,
+    );
   }
 }
 

@@ -8,6 +8,7 @@ import { markFailed, tracer } from '../shared/telemetry/spans.js';
 import { spanContextOf } from '../shared/telemetry/trace-context.js';
 import {
   ForwardedRequestError,
+  HostNotAllowedError,
   InternalError,
   MethodNotAllowedError,
   MissingHeaderError,
@@ -50,6 +51,47 @@ export interface HttpApiDeps {
 
 const JSON_TYPE = 'application/json';
 
+/**
+ * Request headers a proxy, load balancer or CDN adds or reads. A request carrying any of them did
+ * not come straight from a process in the pod, so it is refused (README.md, "Sidecar").
+ */
+export const PROXY_HEADERS = [
+  'forwarded',
+  'x-forwarded-for',
+  'x-forwarded-host',
+  'x-forwarded-proto',
+  'x-forwarded-port',
+  'x-forwarded-prefix',
+  'x-forwarded-server',
+  'x-real-ip',
+  'via',
+  'true-client-ip',
+  'x-client-ip',
+  'x-cluster-client-ip',
+  'cf-connecting-ip',
+  'fastly-client-ip',
+  'x-original-forwarded-for',
+  'x-envoy-external-address',
+  'x-original-url',
+  'x-rewrite-url',
+  'x-original-host',
+] as const;
+
+const PROXY_HEADER_SET: ReadonlySet<string> = new Set(PROXY_HEADERS);
+
+/** Where the server listens: a TCP port on 127.0.0.1, or a Unix socket. */
+export type ListenAddress = { port: number } | { socket: string };
+
+/**
+ * The Host values that name this sidecar: the loopback, with or without the bound port (lower
+ * case; the match lowercases what it gets). On a Unix socket only "localhost", or none.
+ */
+function loopbackHosts(address: ListenAddress): ReadonlySet<string> {
+  if ('socket' in address) return new Set(['localhost']);
+  const names = ['127.0.0.1', 'localhost', '[::1]'];
+  return new Set(names.flatMap((name) => [name, `${name}:${address.port}`]));
+}
+
 /** A token read being answered: when it started, and its `sidecar.read` span. */
 interface ReadInFlight {
   started: number;
@@ -66,9 +108,35 @@ export class SidecarHttpApi {
   private readonly parsedUrls = new Map<string, TokenRequest>();
   /** The JSON answer per state, rebuilt when `expires_in` changes (once a second). */
   private readonly bodies = new WeakMap<TokenState, { expiresIn: number; body: string }>();
+  /** Until `listening` says where, no Host is accepted (no request can arrive before either). */
+  private hosts: ReadonlySet<string> = new Set();
+  private noHostAllowed = false;
 
   constructor(private readonly deps: HttpApiDeps) {
     this.clock = deps.clock ?? Date.now;
+  }
+
+  /** The server is bound: from now on only Host values naming that address are served. */
+  listening(address: ListenAddress): void {
+    this.hosts = loopbackHosts(address);
+    this.noHostAllowed = 'socket' in address;
+  }
+
+  /**
+   * Refuses a request that did not come straight from a process in the pod: one whose Host names
+   * anything but the loopback (DNS rebinding), or that carries a proxy header.
+   */
+  private checkOrigin(headers: IncomingMessage['headers']): void {
+    const host = headers.host;
+    if (
+      host === undefined
+        ? !this.noHostAllowed
+        : !this.hosts.has(host) && !this.hosts.has(host.toLowerCase())
+    )
+      throw new HostNotAllowedError(host, [...this.hosts].join(', '));
+    // A request has a handful of headers: looking each up is cheaper than probing for all 19.
+    for (const name in headers)
+      if (PROXY_HEADER_SET.has(name)) throw new ForwardedRequestError(name);
   }
 
   /** Shutdown: waiting reads answer now with what they have. */
@@ -86,6 +154,7 @@ export class SidecarHttpApi {
       return;
     }
     try {
+      this.checkOrigin(req.headers);
       if (path !== '/healthz' && path !== '/readyz' && path !== '/metrics')
         throw new RouteNotFoundError(path);
       if (req.method !== 'GET') throw new MethodNotAllowedError(req.method ?? '');
@@ -141,10 +210,9 @@ export class SidecarHttpApi {
     try {
       if (req.method !== 'GET') throw new MethodNotAllowedError(req.method ?? '');
       const headers = req.headers;
+      this.checkOrigin(headers);
       const flag = headers['x-token-broker'];
       if (typeof flag !== 'string' || flag.toLowerCase() !== 'true') throw new MissingHeaderError();
-      if (headers['x-forwarded-for'] !== undefined || headers.forwarded !== undefined)
-        throw new ForwardedRequestError();
       request = this.parse(rest, query);
       if (read.span.isRecording())
         read.span.setAttributes({

@@ -134,11 +134,13 @@ export async function startSidecar(
     log,
     maxWaitMs: config.maxWaitMs,
   });
-  const server = createServer(http.handle);
+  // The API answers a missing Host itself: none is fine on the Unix socket, not over TCP.
+  const server = createServer({ requireHostHeader: false }, http.handle);
   server.on('clientError', http.clientError);
   await listen(server, config);
   const address = server.address();
   const port = typeof address === 'object' && address ? address.port : undefined;
+  http.listening(config.socketPath ? { socket: config.socketPath } : { port: port! });
 
   const controller = new AbortController();
   const running = link.run(controller.signal).catch((err: unknown) => {

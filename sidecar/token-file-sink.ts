@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
@@ -17,8 +17,22 @@ interface FileState {
   expiry: NodeJS.Timeout | undefined;
 }
 
+/** The longest file name (bytes) Linux file systems take (NAME_MAX). */
+export const NAME_MAX = 255;
+
 /**
- * Writes each listed user's access token to `<dir>/<tenant>/<user>` (mode 0600, a temporary file
+ * The file (or directory) name of a tenant or user id: the id itself, or, when its UTF-8 form is
+ * longer than NAME_MAX (an id may have 256 characters, of several bytes each),
+ * `sha256-<hex of the SHA-256 of its UTF-8 bytes>`. README.md ("File sink") documents this.
+ */
+export function tokenFileName(id: string): string {
+  return Buffer.byteLength(id) <= NAME_MAX
+    ? id
+    : `sha256-${createHash('sha256').update(id, 'utf8').digest('hex')}`;
+}
+
+/**
+ * Writes each listed user's access token to `<dir>/<tenant>/<user>` (names per `tokenFileName`) (mode 0600, a temporary file
  * renamed into place, so a reader sees a whole token or the previous one), and removes the file
  * when the token has no more than the safety skew left, like the HTTP API stops serving it.
  */
@@ -74,18 +88,25 @@ export class TokenFileSink {
   private file(entry: UserEntry): FileState {
     let file = this.files.get(entry.key);
     if (!file) {
-      const dir = join(this.root, entry.tenant);
+      const dirName = tokenFileName(entry.tenant);
+      const fileName = tokenFileName(entry.user);
+      const dir = join(this.root, dirName);
       file = {
         tenant: entry.tenant,
         user: entry.user,
         dir,
-        path: join(dir, entry.user),
+        path: join(dir, fileName),
         want: null,
         done: null,
         running: undefined,
         expiry: undefined,
       };
       this.files.set(entry.key, file);
+      if (dirName !== entry.tenant || fileName !== entry.user)
+        this.log.info(
+          { tenant: entry.tenant, user: entry.user, file: file.path },
+          `token file under a hashed name: a name longer than ${NAME_MAX} bytes is not a file name`,
+        );
     }
     return file;
   }
@@ -124,7 +145,8 @@ export class TokenFileSink {
 
   private async write(file: FileState, token: string): Promise<void> {
     await mkdir(file.dir, { recursive: true, mode: 0o700 });
-    const tmp = join(file.dir, `.${file.user}.${randomBytes(6).toString('hex')}.tmp`);
+    // Not derived from the user: a long user name would make it too long (ENAMETOOLONG).
+    const tmp = join(file.dir, `.tb-${randomBytes(8).toString('hex')}.tmp`);
     try {
       await writeFile(tmp, token, { mode: 0o600, flag: 'wx' });
       await rename(tmp, file.path);

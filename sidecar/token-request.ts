@@ -1,5 +1,5 @@
 import { InvalidParameterError } from './errors.js';
-import { idProblem, type SessionRef } from '../shared/session-ref.js';
+import { idProblem, MAX_ID_LENGTH, type SessionRef } from '../shared/session-ref.js';
 
 export const TOKEN_PATH_PREFIX = '/v1/tokens/';
 
@@ -62,8 +62,10 @@ export function parseTokenRequest(rest: string, query: string, maxWaitMs: number
 }
 
 function pathSegment(name: 'tenant' | 'user', raw: string): string {
-  // Checked before decoding too, so a huge segment is not decoded just to be refused.
-  if (raw.length > 3 * 256) throw new InvalidParameterError(name, 'must be at most 256 characters');
+  // Checked before decoding too, so a huge segment is not decoded just to be refused. A UTF-16
+  // unit is at most 3 bytes of UTF-8, each %XX: a valid id of 256 "ü" is 1,536 characters here.
+  if (raw.length > 9 * MAX_ID_LENGTH)
+    throw new InvalidParameterError(name, `must be at most ${MAX_ID_LENGTH} characters`);
   let value: string;
   try {
     value = decodeURIComponent(raw);
