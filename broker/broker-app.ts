@@ -141,7 +141,14 @@ export async function startBroker(
   const worker = new DueWorker(config.worker, store, rotator, log, clock, metrics);
   const access = config.auth ? await startAccessControl(config.auth, log) : undefined;
   const credentials = config.tls ? serverTlsCredentials(config.tls, log) : undefined;
-  const grpcServer = new BrokerGrpcServer({ sessions: service, hub, log, access, credentials });
+  const grpcServer = new BrokerGrpcServer({
+    sessions: service,
+    hub,
+    log,
+    access,
+    credentials,
+    watchLimits: config.watch,
+  });
   const port = await grpcServer.listen(config.grpcAddress).catch(async (err: unknown) => {
     service.close();
     await store.close();

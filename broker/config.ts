@@ -99,7 +99,21 @@ export interface BrokerConfig {
   refreshWaitMs: number;
   persistRetryMs: number;
   shutdownGraceMs: number;
+  watch: WatchLimits;
 }
+
+/** Per-stream bounds of a Watch stream (a peer that never reads must not grow memory). */
+export interface WatchLimits {
+  /** Sessions one stream may watch at once; past it a subscription is refused, the stream lives. */
+  maxSubscriptions: number;
+  /** Encoded answers queued for a peer that stops reading; past it the stream is ended. */
+  maxQueuedBytes: number;
+}
+
+export const DEFAULT_WATCH_LIMITS: Readonly<WatchLimits> = {
+  maxSubscriptions: 10_000,
+  maxQueuedBytes: 16 * 1024 * 1024,
+};
 
 const UNIT = 'of milliseconds or a count';
 
@@ -175,6 +189,8 @@ export const BROKER_VARIABLES: ReadonlySet<string> = new Set([
   'TB_REFRESH_WAIT_MS',
   'TB_PERSIST_RETRY_MS',
   'TB_SHUTDOWN_GRACE_MS',
+  'TB_WATCH_MAX_SUBSCRIPTIONS',
+  'TB_WATCH_MAX_QUEUED_BYTES',
 ]);
 
 /** Other programs' variables, which a shell shared with them may hold: not the broker's to judge. */
@@ -292,6 +308,19 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
     refreshWaitMs: read.int('TB_REFRESH_WAIT_MS', 10_000, { min: 100, unit: UNIT }),
     persistRetryMs: read.int('TB_PERSIST_RETRY_MS', 30_000, { min: 0, unit: UNIT }),
     shutdownGraceMs: read.int('TB_SHUTDOWN_GRACE_MS', 20_000, { min: 0, unit: UNIT }),
+    watch: {
+      maxSubscriptions: read.int(
+        'TB_WATCH_MAX_SUBSCRIPTIONS',
+        DEFAULT_WATCH_LIMITS.maxSubscriptions,
+        { min: 1, max: 1_000_000, unit: 'of subscriptions' },
+      ),
+      maxQueuedBytes: read.int('TB_WATCH_MAX_QUEUED_BYTES', DEFAULT_WATCH_LIMITS.maxQueuedBytes, {
+        min: 65_536,
+        max: 1_073_741_824,
+        why: 'one answer must fit',
+        unit: 'of bytes',
+      }),
+    },
   };
   if (config.worker.claimLeaseMs <= lockTtlMs)
     throw new ConfigError('TB_CLAIM_LEASE_MS', `must exceed TB_LOCK_TTL_MS (${lockTtlMs})`);

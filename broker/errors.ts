@@ -25,7 +25,8 @@ export type BrokerErrorCode =
   | 'LOGIN_SECRET_UNREADABLE'
   | 'POLICY_INVALID'
   | 'UNAUTHENTICATED'
-  | 'PERMISSION_DENIED';
+  | 'PERMISSION_DENIED'
+  | 'RESOURCE_EXHAUSTED';
 
 export abstract class BrokerError extends Error {
   abstract readonly code: BrokerErrorCode;
@@ -42,6 +43,18 @@ export abstract class BrokerError extends Error {
 /** The stable code of any thrown value: a BrokerError's own, else INTERNAL. */
 export function errorCode(err: unknown): BrokerErrorCode | 'INTERNAL' {
   return err instanceof BrokerError ? err.code : 'INTERNAL';
+}
+
+/** How much of a bad value a message quotes: a hostile 1 MiB value must not come back whole. */
+export const QUOTE_PREFIX_LENGTH = 64;
+
+/**
+ * `value` as JSON for a message, cut to its first QUOTE_PREFIX_LENGTH characters (with its length)
+ * when longer.
+ */
+export function quotePrefix(value: string): string {
+  if (value.length <= QUOTE_PREFIX_LENGTH) return JSON.stringify(value);
+  return `${JSON.stringify(value.slice(0, QUOTE_PREFIX_LENGTH))}… (${value.length} characters)`;
 }
 
 /**
@@ -101,6 +114,11 @@ export class UnavailableError extends BrokerError {
 }
 
 /** The broker is shutting down and takes no new work. */
+/** A per-stream bound was reached (subscriptions, or answers queued for a peer that stops reading). */
+export class ResourceExhaustedError extends BrokerError {
+  readonly code = 'RESOURCE_EXHAUSTED';
+}
+
 export class ShuttingDownError extends BrokerError {
   readonly code = 'SHUTTING_DOWN';
 }

@@ -1,5 +1,5 @@
 import type { Logger } from 'pino';
-import { idProblem } from '../shared/session-ref.js';
+import { idProblem, MAX_ID_LENGTH } from '../shared/session-ref.js';
 import { currentTraceparent } from '../shared/telemetry/trace-context.js';
 import {
   BrokerError,
@@ -81,8 +81,14 @@ export interface SessionServiceDeps {
 /** Checks a request's tenant and user ids (shared/session-ref.ts has the rules). */
 export function validateRef(ref: { tenant?: string; user?: string }): SessionRef {
   for (const field of ['tenant', 'user'] as const) {
-    const problem = idProblem(ref[field] ?? '', 'is required');
-    if (problem) throw new InvalidArgumentError(field, problem);
+    const value = ref[field] ?? '';
+    const problem = idProblem(value, 'is required');
+    // The length, never the value: a hostile id may be megabytes long.
+    if (problem)
+      throw new InvalidArgumentError(
+        field,
+        value.length > MAX_ID_LENGTH ? `${problem} (got ${value.length})` : problem,
+      );
   }
   return { tenant: ref.tenant!, user: ref.user! };
 }

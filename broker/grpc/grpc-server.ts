@@ -10,7 +10,7 @@ import {
   type TokenBrokerServiceServer,
   type TokenEvent,
   type WatchRequest,
-  type WatchResponse,
+  WatchResponse,
 } from '../../gen/tokenbroker/v1/token_broker.js';
 import { STATUS_TO_PROTO } from '../../shared/session-status.js';
 import { FILE_DESCRIPTOR_SET_BASE64 } from '../../gen/tokenbroker/v1/descriptor-set.js';
@@ -21,9 +21,13 @@ import {
   BrokerError,
   errorCode,
   InvalidArgumentError,
+  QUOTE_PREFIX_LENGTH,
+  ResourceExhaustedError,
   UnauthenticatedError,
   type BrokerErrorCode,
 } from '../errors.js';
+import { MAX_ID_LENGTH } from '../../shared/session-ref.js';
+import { DEFAULT_WATCH_LIMITS, type WatchLimits } from '../config.js';
 import { validateRef, type EnrollCredential, type SessionService } from '../session-service.js';
 import { KeySpace } from '../store/keys.js';
 import type { SessionMetadata, SessionRecord, SessionRef } from '../store/session-record.js';
@@ -37,6 +41,7 @@ const SERVICE_NAME = 'tokenbroker.v1.TokenBrokerService';
  */
 const GRPC_CODE: Record<BrokerErrorCode, grpc.status> = {
   INVALID_ARGUMENT: grpc.status.INVALID_ARGUMENT,
+  RESOURCE_EXHAUSTED: grpc.status.RESOURCE_EXHAUSTED,
   CONFIG_INVALID: grpc.status.INVALID_ARGUMENT,
   SESSION_NOT_FOUND: grpc.status.NOT_FOUND,
   REAUTH_REQUIRED: grpc.status.FAILED_PRECONDITION,
@@ -100,12 +105,23 @@ export function toSession(meta: SessionMetadata): Session {
   };
 }
 
-/** A Watch stream: holds at most one pending state per session, the newest. */
+/**
+ * A Watch stream: holds at most one pending answer per key (a session's newest state, or its
+ * newest error), only while the peer does not read. A peer that stops reading with more than the
+ * bound queued (bytes, or twice the subscriptions a stream may hold) is ended RESOURCE_EXHAUSTED
+ * and its queue dropped; it may reconnect and get every session's current state again.
+ */
 class StreamSink implements WatchSink {
-  private readonly pending = new Map<string, WatchResponse>();
+  private readonly pending = new Map<string, { response: WatchResponse; bytes: number }>();
+  private pendingBytes = 0;
   private blocked = false;
+  private ended = false;
 
-  constructor(private readonly call: grpc.ServerDuplexStream<WatchRequest, WatchResponse>) {
+  constructor(
+    private readonly call: grpc.ServerDuplexStream<WatchRequest, WatchResponse>,
+    private readonly limits: WatchLimits,
+    private readonly onOverflow: (queued: { events: number; bytes: number }) => void,
+  ) {
     call.on('drain', () => {
       this.blocked = false;
       this.flush();
@@ -119,18 +135,55 @@ class StreamSink implements WatchSink {
   }
 
   send(id: string, response: WatchResponse): void {
+    if (this.ended || this.call.cancelled || this.call.writableEnded) return;
+    if (!this.blocked && this.pending.size === 0) {
+      if (!this.call.write(response)) this.blocked = true;
+      return;
+    }
     // A newer state replaces an unsent older one: a slow reader skips, never reorders.
-    this.pending.delete(id);
-    this.pending.set(id, response);
+    this.drop(id);
+    const bytes = WatchResponse.encode(response).finish().length;
+    this.pending.set(id, { response, bytes });
+    this.pendingBytes += bytes;
+    if (
+      this.pendingBytes > this.limits.maxQueuedBytes ||
+      this.pending.size > 2 * this.limits.maxSubscriptions
+    ) {
+      this.overflow();
+      return;
+    }
     this.flush();
   }
 
+  /** Drops every queued answer (the stream ended); nothing is written after. */
+  close(): void {
+    this.ended = true;
+    this.pending.clear();
+    this.pendingBytes = 0;
+  }
+
+  private drop(id: string): void {
+    const queued = this.pending.get(id);
+    if (!queued) return;
+    this.pending.delete(id);
+    this.pendingBytes -= queued.bytes;
+  }
+
+  private overflow(): void {
+    const queued = { events: this.pending.size, bytes: this.pendingBytes };
+    this.close();
+    this.onOverflow(queued);
+  }
+
   private flush(): void {
-    if (this.call.cancelled || this.call.writableEnded) return;
+    if (this.ended || this.call.cancelled || this.call.writableEnded) return;
     while (!this.blocked && this.pending.size > 0) {
-      const [id, response] = this.pending.entries().next().value as [string, WatchResponse];
-      this.pending.delete(id);
-      if (!this.call.write(response)) this.blocked = true;
+      const [id, queued] = this.pending.entries().next().value as [
+        string,
+        { response: WatchResponse; bytes: number },
+      ];
+      this.drop(id);
+      if (!this.call.write(queued.response)) this.blocked = true;
     }
   }
 }
@@ -143,6 +196,8 @@ export interface GrpcServerDeps {
   access?: AccessControl | undefined;
   /** The listener's credentials (TLS); default plaintext. */
   credentials?: grpc.ServerCredentials | undefined;
+  /** Per-stream bounds of Watch; default DEFAULT_WATCH_LIMITS. */
+  watchLimits?: WatchLimits | undefined;
 }
 
 const HEALTH_PREFIX = '/grpc.health.v1.Health/';
@@ -384,8 +439,24 @@ export class BrokerGrpcServer {
       call.destroy(this.fail(err));
       return;
     }
-    const sink = new StreamSink(call);
     const { hub, sessions, log } = this.deps;
+    const limits = this.deps.watchLimits ?? DEFAULT_WATCH_LIMITS;
+    const sink = new StreamSink(call, limits, (queued) => {
+      log.warn(
+        { peer: call.getPeer(), caller: caller?.subject, ...queued },
+        'watch stream ended: the peer stopped reading past the queue bound',
+      );
+      // Queued writes go out first, then this status, should the peer read again.
+      call.emit(
+        'error',
+        this.fail(
+          new ResourceExhaustedError(
+            `the stream stopped reading with more than ${limits.maxQueuedBytes} bytes or ` +
+              `${2 * limits.maxSubscriptions} answers queued; reconnect and read`,
+          ),
+        ),
+      );
+    });
     this.streams.set(call, sink);
     // A stream lives on its caller's token: when that expires the stream ends, and the sidecar
     // reconnects with the fresh token kubelet wrote (its cached tokens keep serving meanwhile).
@@ -402,6 +473,7 @@ export class BrokerGrpcServer {
       for (const ref of subscribed.values()) void sessions.touch(ref).catch(() => undefined);
     }, sessions.touchIntervalMs);
     const done = () => {
+      sink.close();
       clearInterval(keepLease);
       clearTimeout(expiry);
       this.streams.delete(call);
@@ -422,13 +494,23 @@ export class BrokerGrpcServer {
         if (!action) throw new InvalidArgumentError('action', 'must be subscribe or unsubscribe');
         ref = validateRef(action.value);
       } catch (err) {
-        sink.send(`error:${target.tenant}:${target.user}`, watchError(target, err));
+        const echoed = { tenant: echoId(target.tenant), user: echoId(target.user) };
+        sink.send(`error:${echoed.tenant}:${echoed.user}`, watchError(echoed, err));
         return;
       }
       const id = KeySpace.sessionId(ref);
       if (action.$case === 'unsubscribe') {
         subscribed.delete(id);
         hub.unsubscribe(ref, sink);
+        return;
+      }
+      if (!subscribed.has(id) && subscribed.size >= limits.maxSubscriptions) {
+        // This subscription only; the stream keeps serving the ones it holds.
+        const err = new ResourceExhaustedError(
+          `this stream already watches ${limits.maxSubscriptions} sessions ` +
+            '(TB_WATCH_MAX_SUBSCRIPTIONS); unsubscribe one first or open another stream',
+        );
+        sink.send(`error:${id}`, watchError(ref, err));
         return;
       }
       let rule: string;
@@ -494,4 +576,9 @@ function watchError(ref: { tenant: string; user: string }, err: unknown): WatchR
   return {
     event: { $case: 'error', value: { tenant: ref.tenant, user: ref.user, code, message } },
   };
+}
+
+/** An id as a WatchError echoes it: whole when it could be valid, else a short prefix. */
+function echoId(value: string): string {
+  return value.length > MAX_ID_LENGTH ? `${value.slice(0, QUOTE_PREFIX_LENGTH)}…` : value;
 }

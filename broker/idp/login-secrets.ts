@@ -1,6 +1,6 @@
 import { readFile, realpath } from 'node:fs/promises';
 import { isAbsolute, relative, resolve, sep } from 'node:path';
-import { InvalidArgumentError, LoginSecretError } from '../errors.js';
+import { InvalidArgumentError, LoginSecretError, quotePrefix } from '../errors.js';
 
 /**
  * Password files of system users, confined to one directory (TB_SECRETS_DIR, typically a mounted
@@ -23,7 +23,7 @@ export class LoginSecrets {
   }
 
   async read(name: string): Promise<string> {
-    const label = `login password file ${JSON.stringify(name)}`;
+    const label = `login password file ${quotePrefix(name)}`;
     let text: string;
     try {
       const [dir, file] = await Promise.all([

@@ -1,10 +1,10 @@
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { afterAll, describe, expect, it } from 'vitest';
 
-import { loadConfig } from '../../broker/config.js';
+import { BROKER_VARIABLES, loadConfig } from '../../broker/config.js';
 import { ConfigError } from '../../broker/errors.js';
 
 /** What every broker needs: TLS and caller authentication (files are read at start, not here). */
@@ -409,5 +409,19 @@ describe('loadConfig refuses what would fail later or silently', () => {
     const error = configError({ ...MINIMAL, [variable]: value });
     expect(error.setting).toBe(variable);
     expect(error.message).toContain(problem);
+  });
+});
+
+describe('the list of broker variables', () => {
+  it('names every TB_* variable config.ts reads, so none is refused as unknown', () => {
+    const source = readFileSync(new URL('../../broker/config.ts', import.meta.url), 'utf8');
+    const read = new Set([...source.matchAll(/'(TB_[A-Z0-9_]+)'/g)].map((m) => m[1]!));
+    const missing = [...read].filter(
+      (name) =>
+        !BROKER_VARIABLES.has(name) &&
+        !name.startsWith('TB_SIDECAR_') &&
+        !name.startsWith('TB_BROKER_'),
+    );
+    expect(missing).toEqual([]);
   });
 });
