@@ -1,5 +1,5 @@
 import { EnvReader, type Env } from '../shared/env-reader.js';
-import { compileGlob } from '../shared/glob.js';
+import { compileGlob, literalPattern } from '../shared/glob.js';
 import { ConfigError } from './errors.js';
 import { idProblem, type SessionRef } from '../shared/session-ref.js';
 
@@ -154,11 +154,10 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
 }
 
 function exactUser(ref: SessionRef): AllowedUser {
-  const escape = (v: string) => new RegExp(`^${v.replace(/[\\^$.|?*+()[\]{}]/g, '\\$&')}$`, 's');
   return {
     pattern: `${ref.tenant}/${ref.user}`,
-    tenant: escape(ref.tenant),
-    user: escape(ref.user),
+    tenant: literalPattern(ref.tenant),
+    user: literalPattern(ref.user),
   };
 }
 

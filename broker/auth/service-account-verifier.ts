@@ -358,24 +358,14 @@ export class ServiceAccountVerifier {
    */
   verifyCached(authorization: string | undefined): CallerIdentity | undefined {
     if (authorization === undefined || !authorization.startsWith('Bearer ')) return undefined;
-    const cached = this.cache.get(sha256(authorization.slice(7).trim()));
-    if (cached === undefined || cached.expS <= this.nowS() - this.leewayS()) return undefined;
-    this.counts.cacheHits++;
-    return cached.identity;
+    return this.fromCache(sha256(authorization.slice(7).trim()));
   }
 
   async verify(authorization: string | undefined): Promise<CallerIdentity> {
     const token = bearerToken(authorization);
     const hash = sha256(token);
-    const cached = this.cache.get(hash);
-    if (cached !== undefined) {
-      if (cached.expS > this.nowS() - this.leewayS()) {
-        this.counts.cacheHits++;
-        return cached.identity;
-      }
-      // Expired: verifying again gives the caller the proper "expired" answer.
-      this.cache.delete(hash);
-    }
+    const known = this.fromCache(hash);
+    if (known) return known;
     const { identity, kid, key, expS } = await this.verifyUncached(token);
     // Keys may have been replaced while the signature was checked: cache only under a live key.
     if (this.keys?.get(kid) !== key) return identity;
@@ -385,6 +375,18 @@ export class ServiceAccountVerifier {
     }
     this.cache.set(hash, { identity, kid, expS });
     return identity;
+  }
+
+  /** A cached, unexpired caller; an expired entry is dropped, so verifying again says "expired". */
+  private fromCache(hash: string): CallerIdentity | undefined {
+    const cached = this.cache.get(hash);
+    if (cached === undefined) return undefined;
+    if (cached.expS <= this.nowS() - this.leewayS()) {
+      this.cache.delete(hash);
+      return undefined;
+    }
+    this.counts.cacheHits++;
+    return cached.identity;
   }
 
   private nowS(): number {
