@@ -3,6 +3,7 @@ import { idProblem, MAX_ID_LENGTH } from '../shared/session-ref.js';
 import { currentTraceparent } from '../shared/telemetry/trace-context.js';
 import {
   BrokerError,
+  errorCode,
   IdpInvalidClientError,
   IdpInvalidGrantError,
   IdpTransientError,
@@ -60,6 +61,14 @@ export interface EnrollInput extends Partial<SessionRef> {
   refreshToken?: string | undefined;
   /** The authenticated caller (namespace/serviceaccount), recorded with the family. */
   enrolledBy?: string | undefined;
+}
+
+/** Revoke's answer: the session, and whether the IdP revoked its refresh token (and why not). */
+export interface RevokeResult {
+  session: SessionMetadata;
+  idpRevoked: boolean;
+  /** Empty when the IdP revoked it. */
+  idpRevokeProblem: string;
 }
 
 /** What the session service needs of the store. */
@@ -320,30 +329,58 @@ export class SessionService {
     return this.withValidToken(this.usable(await this.rotateOrWait(ref, generation)));
   }
 
-  /** Stops refreshing at once and revokes the refresh token at the IdP when it can. */
-  async revoke(input: Partial<SessionRef>): Promise<SessionMetadata> {
+  /**
+   * Stops refreshing at once and revokes the refresh token at the IdP when it can. The broker
+   * forgets the token either way; the answer says whether the IdP revoked it, and why not.
+   */
+  async revoke(input: Partial<SessionRef>): Promise<RevokeResult> {
     this.checkOpen();
     const ref = validateRef(input);
-    const done = await this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
+    return this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
       const stored = await this.mustGet(ref);
       const record = stored.record;
-      if (record.status === 'REVOKED') return stored;
+      if (record.status === 'REVOKED')
+        return {
+          session: metadataOf(stored),
+          idpRevoked: false,
+          idpRevokeProblem: 'already revoked (the first Revoke reported the IdP outcome)',
+        };
       const transition = revoked(record, currentTraceparent());
       if (!(await this.deps.store.commit(transition, record.generation, this.clock())))
         throw new UnavailableError('session changed during revocation; retry');
-      const idp = this.deps.idps.get(record.idp);
-      if (idp && record.refreshToken) {
-        const signal = AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000);
-        await idp.revoke(record.refreshToken, signal, ref).catch((err: unknown) => {
-          this.deps.log.warn(
-            { tenant: ref.tenant, err: errorText(err) },
-            'IdP revocation failed; the broker no longer holds the token either way',
-          );
-        });
-      }
-      return { ...stored, record: transition.next };
+      const problem = await this.revokeAtIdp(ref, record);
+      const log = { tenant: ref.tenant, idp: record.idp, generation: transition.next.generation };
+      if (problem === undefined)
+        this.deps.log.info({ ...log, idpRevoked: true }, 'session revoked, and at the IdP');
+      else
+        this.deps.log.warn(
+          { ...log, idpRevoked: false, problem },
+          'session revoked, but NOT at the IdP: its refresh token may still work there until it expires',
+        );
+      return {
+        session: metadataOf({ ...stored, record: transition.next }),
+        idpRevoked: problem === undefined,
+        idpRevokeProblem: problem ?? '',
+      };
     });
-    return metadataOf(done);
+  }
+
+  /** Revokes the record's refresh token at its IdP; undefined when done, else why not. */
+  private async revokeAtIdp(ref: SessionRef, record: SessionRecord): Promise<string | undefined> {
+    if (!record.refreshToken) return 'no refresh token held (the session had not logged in yet)';
+    const idp = this.deps.idps.get(record.idp);
+    if (!idp) return `identity provider ${JSON.stringify(record.idp)} is not configured`;
+    const signal = AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000);
+    try {
+      const outcome = await idp.revoke(record.refreshToken, signal, ref);
+      return outcome.revoked ? undefined : outcome.reason;
+    } catch (err) {
+      this.deps.log.warn(
+        { tenant: ref.tenant, err: errorText(err), detail: (err as { detail?: unknown }).detail },
+        'IdP revocation failed',
+      );
+      return `IdP error ${errorCode(err)}${err instanceof BrokerError ? `: ${err.message}` : ''}`;
+    }
   }
 
   async list(

@@ -408,15 +408,19 @@ export class BrokerGrpcServer {
       revoke: this.unary(async (req, caller) => {
         const ref = validateRef(req);
         const rule = this.authorize(caller, 'revoke', ref);
-        let meta;
+        let result;
         try {
-          meta = await sessions.revoke(ref);
+          result = await sessions.revoke(ref);
         } catch (err) {
           if (caller) this.deps.access?.audit.revoke(auditCaller(caller), ref, rule, err);
           throw err;
         }
         if (caller) this.deps.access?.audit.revoke(auditCaller(caller), ref, rule);
-        return { session: toSession(meta) };
+        return {
+          session: toSession(result.session),
+          idpRevoked: result.idpRevoked,
+          idpRevokeProblem: result.idpRevokeProblem,
+        };
       }),
       listSessions: this.unary(async (req, caller) => {
         const access = this.deps.access;

@@ -539,7 +539,8 @@ describe('OAuth2Adapter discovery', () => {
     const broker = adapter({ issuer: `${idp.base}/realms/demo/` });
     await Promise.all([broker.refresh(SENT_RT, signal()), broker.refresh(SENT_RT, signal())]);
     await broker.refresh(SENT_RT, signal());
-    await broker.revoke(SENT_RT, signal());
+    expect(await broker.revoke(SENT_RT, signal())).toEqual({ revoked: true });
+    expect(await broker.revocationProblem(signal())).toBeUndefined();
 
     expect(idp.hits('/realms/demo/.well-known/openid-configuration')).toBe(1);
     expect(idp.hits('/realms/demo/protocol/token')).toBe(3);
@@ -591,12 +592,30 @@ describe('OAuth2Adapter discovery', () => {
     expect((err as IdpTransientError).message).toContain('token_endpoint');
   });
 
-  it('revoke is a no-op when discovery lists no revocation_endpoint', async () => {
+  it('revoke sends nothing and says so when discovery lists no revocation_endpoint', async () => {
     const idp = await discoverable((base) => ({
       token_endpoint: `${base}/realms/demo/protocol/token`,
     }));
-    await adapter({ issuer: `${idp.base}/realms/demo` }).revoke(SENT_RT, signal());
+    const broker = adapter({ issuer: `${idp.base}/realms/demo` });
+    expect(await broker.revoke(SENT_RT, signal())).toEqual({
+      revoked: false,
+      reason: 'no revocation endpoint',
+    });
+    expect(await broker.revocationProblem(signal())).toMatch(
+      /^no revocation endpoint \(neither TB_IDP_REVOCATION_ENDPOINT nor revocation_endpoint in the discovery document\)$/,
+    );
     expect(idp.seen.map((s) => s.path)).toEqual(['/realms/demo/.well-known/openid-configuration']);
+  });
+
+  it('without issuer or revocation endpoint there is nowhere to revoke, and nothing is sent', async () => {
+    const idp = await discoverable(fullDocument);
+    const broker = adapter({ tokenEndpoint: `${idp.base}/realms/demo/protocol/token` });
+    expect(await broker.revoke(SENT_RT, signal())).toEqual({
+      revoked: false,
+      reason: 'no revocation endpoint',
+    });
+    expect(await broker.revocationProblem(signal())).toContain('no issuer is set');
+    expect(idp.seen).toEqual([]);
   });
 
   it('an explicit tokenEndpoint wins over discovery', async () => {
