@@ -1,5 +1,7 @@
 import type { Logger } from 'pino';
 import { idProblem, MAX_ID_LENGTH } from '../shared/session-ref.js';
+import { ATTR } from '../shared/telemetry/span-attributes.js';
+import { inSpan } from '../shared/telemetry/spans.js';
 import { currentTraceparent } from '../shared/telemetry/trace-context.js';
 import {
   BrokerClientRejectedError,
@@ -166,13 +168,21 @@ export class SessionService {
         lock.signal,
         AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000),
       ]);
+      const count = (outcome: string) => {
+        if (first.counted)
+          this.deps.rotator.countEnrollment(first.counted, outcome, this.clock() - issuedAt);
+      };
       let tokens: TokenSet;
       try {
-        tokens = await first.present(signal);
+        tokens = await inSpan(`idp.${first.counted ?? 'exchange'}`, { [ATTR.idp]: idpName }, () =>
+          first.present(signal),
+        );
       } catch (err) {
+        count(errorCode(err));
         this.logEnrollFailure(ref, idpName, first.what, err);
         throw enrollmentFailure(err, first, idpName);
       }
+      count('ok');
       const seed: FamilySeed = {
         refreshToken: tokens.refreshToken ?? first.keptRefreshToken,
         login: first.login,
@@ -202,6 +212,7 @@ export class SessionService {
         return {
           what: 'refresh token',
           field: 'refresh_token',
+          counted: 'refresh',
           login: undefined,
           present: (signal) => idp.refresh(refreshToken, signal, ref),
           // An IdP that does not rotate keeps the token the caller handed over.
@@ -213,6 +224,7 @@ export class SessionService {
         return {
           what: 'login',
           field: 'login',
+          counted: 'login',
           login,
           present: async (signal) =>
             idp.login!(
@@ -237,6 +249,7 @@ export class SessionService {
         return {
           what: 'token exchange',
           field: 'token_exchange.subject_token',
+          counted: undefined,
           login: undefined,
           present: (signal) =>
             idp.exchange!({ token: subjectToken, tokenType: subjectTokenType ?? '' }, signal, ref),
@@ -558,6 +571,8 @@ interface FirstGrant {
   what: string;
   /** The request field holding the credential, named when the IdP rejects it. */
   field: string;
+  /** How the IdP call is counted in the rotation metrics (an exchange is not a rotation). */
+  counted: 'refresh' | 'login' | undefined;
   login: StoredLogin | undefined;
   present(signal: AbortSignal): Promise<TokenSet>;
   /** The refresh token the session keeps when the IdP answers without a new one. */

@@ -128,6 +128,15 @@ export class Rotator {
     return this.deps.policy.nextRefreshAt(issuedAt, accessExpiresAt);
   }
 
+  /**
+   * Counts an enrollment's first presentation (SessionService.enroll makes it itself, under the
+   * session's lock) like a rotation's: the IdP call by outcome, and a success as `rotated`.
+   */
+  countEnrollment(kind: 'refresh' | 'login', outcome: string, ms: number): void {
+    this.metrics.idpCall(kind, outcome, ms);
+    if (outcome === 'ok') this.metrics.rotation('rotated');
+  }
+
   async drain(): Promise<void> {
     while (this.pending.size > 0) await Promise.allSettled([...this.pending.values()]);
   }
