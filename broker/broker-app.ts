@@ -1,6 +1,6 @@
 import type { Meter } from '@opentelemetry/api';
 import type { Logger } from 'pino';
-import { BrokerMetrics } from './broker-metrics.js';
+import { BrokerMetrics, FAMILY_END_HORIZONS } from './broker-metrics.js';
 import type { AuthConfig, BrokerConfig } from './config.js';
 import { ConfigError } from './errors.js';
 import { redactUrl } from '../shared/env-reader.js';
@@ -124,7 +124,15 @@ export async function startBroker(
     { store, locks, keys, idps, policy, metrics, log, clock, secrets },
   );
   const hub = new WatchHub(store, log);
-  metrics.observe({ sessionCounts: () => store.sessionCounts(), watchers: () => hub.watcherCount });
+  metrics.observe({
+    sessionCounts: () => store.sessionCounts(),
+    watchers: () => hub.watcherCount,
+    familyEnding: () =>
+      store.familyEndCounts(
+        clock(),
+        FAMILY_END_HORIZONS.map((h) => h.ms),
+      ),
+  });
   await store.subscribe(
     (event) => hub.onEvent(event),
     () => hub.resync(),

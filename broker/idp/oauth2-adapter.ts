@@ -4,7 +4,7 @@ import {
   IdpProtocolError,
   IdpTransientError,
 } from '../errors.js';
-import { accessTokenExpiry } from './jwt-expiry.js';
+import { accessTokenExpiry, jwtExpiry } from './jwt-expiry.js';
 import {
   type IdpAdapter,
   type IdpContext,
@@ -402,12 +402,23 @@ function readTokenSet(body: JsonObject, sentAt: number, where: string): TokenSet
       sentAt + Math.floor((expiresIn ?? DEFAULT_EXPIRES_IN_S) * 1000),
     ),
     refreshToken,
-    // Keycloak sends refresh_expires_in 0 for offline tokens, which do not expire on a clock.
-    refreshExpiresAt:
-      refreshExpiresIn === undefined || refreshExpiresIn === 0
-        ? undefined
-        : sentAt + Math.floor(refreshExpiresIn * 1000),
+    refreshExpiresAt: refreshExpiry(refreshToken, refreshExpiresIn, sentAt),
   };
+}
+
+/**
+ * When the family ends at the latest: from `refresh_expires_in` (Keycloak counts it down to the
+ * SSO session maximum), else from the refresh token's own `exp` when it is a JWT. Keycloak sends
+ * refresh_expires_in 0 for offline tokens, which do not expire on a clock.
+ */
+function refreshExpiry(
+  refreshToken: string | undefined,
+  refreshExpiresIn: number | undefined,
+  sentAt: number,
+): number | undefined {
+  if (refreshExpiresIn === 0) return undefined;
+  if (refreshExpiresIn !== undefined) return sentAt + Math.floor(refreshExpiresIn * 1000);
+  return refreshToken === undefined ? undefined : jwtExpiry(refreshToken);
 }
 
 /** Seconds from a number or numeric string; undefined when absent, null when malformed. */

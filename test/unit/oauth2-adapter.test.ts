@@ -229,6 +229,24 @@ describe('OAuth2Adapter token response', () => {
     expect(set.refreshExpiresAt).toBeUndefined();
   });
 
+  it('without refresh_expires_in, the exp of a JWT refresh token is when the family ends', async () => {
+    const b64url = (o: object) => Buffer.from(JSON.stringify(o)).toString('base64url');
+    const exp = Math.floor(T0 / 1000) + 7_200;
+    const jwtRt = `${b64url({ alg: 'HS256' })}.${b64url({ exp, typ: 'Refresh' })}.c2ln`;
+    const answers = [
+      { access_token: NEW_AT, refresh_token: jwtRt },
+      // refresh_expires_in wins over the JWT (Keycloak sends both, and they agree).
+      { access_token: NEW_AT, refresh_token: jwtRt, refresh_expires_in: 60 },
+      { access_token: NEW_AT, refresh_token: NEW_RT },
+    ];
+    const idp = await fakeIdp((_seen, res) => reply(res, 200, answers.shift()!));
+    const broker = adapter({ tokenEndpoint: `${idp.base}/token` });
+    expect((await broker.refresh(SENT_RT, signal())).refreshExpiresAt).toBe(exp * 1000);
+    expect((await broker.refresh(SENT_RT, signal())).refreshExpiresAt).toBe(T0 + 60_000);
+    // Opaque and no refresh_expires_in: unknown.
+    expect((await broker.refresh(SENT_RT, signal())).refreshExpiresAt).toBeUndefined();
+  });
+
   it('reads the clock before sending, not after the answer', async () => {
     let clock = T0;
     const idp = await fakeIdp((_seen, res) => {

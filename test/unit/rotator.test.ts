@@ -3,7 +3,11 @@ import { BrokerMetrics } from '../../broker/broker-metrics.js';
 import { MetricSnapshot } from '../../shared/telemetry/metric-snapshot.js';
 import { beforeEach, describe, expect, it } from 'vitest';
 
-import { type IdpAdapter, type RevokeOutcome, type TokenSet } from '../../broker/idp/idp-adapter.js';
+import {
+  type IdpAdapter,
+  type RevokeOutcome,
+  type TokenSet,
+} from '../../broker/idp/idp-adapter.js';
 import type { HeldLock, LockService } from '../../broker/lock/lock-service.js';
 import { MemoryLockService } from '../../broker/lock/memory-lock-service.js';
 import { RotationPolicy } from '../../broker/rotation/rotation-policy.js';
