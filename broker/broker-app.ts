@@ -120,6 +120,7 @@ export async function startBroker(
       idleTimeoutMs: config.sessionIdleTimeoutMs,
       busyRetryMs: 250,
       persistRetryMs: config.persistRetryMs,
+      loginAheadMs: config.loginAheadMs,
     },
     { store, locks, keys, idps, policy, metrics, log, clock, secrets },
   );

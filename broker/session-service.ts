@@ -324,7 +324,12 @@ export class SessionService {
   ): Promise<SessionMetadata> {
     const issued = {
       tokens,
-      nextRefreshAt: this.deps.rotator.nextRefreshAt(issuedAt, tokens.accessExpiresAt),
+      nextRefreshAt: this.deps.rotator.nextRefreshAt(issuedAt, tokens.accessExpiresAt, {
+        login: seed.login,
+        refreshToken: seed.refreshToken,
+        refreshExpiresAt: tokens.refreshExpiresAt ?? 0,
+        loggedInAt: seed.login ? issuedAt : undefined,
+      }),
     };
     for (let attempt = 0; attempt < 3; attempt++) {
       const stored = await this.deps.store.get(ref);

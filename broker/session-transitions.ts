@@ -73,6 +73,7 @@ export function enrolled(
       accessExpiresAt: tokens.accessExpiresAt,
       refreshExpiresAt: tokens.refreshExpiresAt ?? 0,
       issuedAt: at.now,
+      loggedInAt: seed.login ? at.now : undefined,
       nextRefreshAt,
     },
     dueAt: nextRefreshAt,
@@ -105,6 +106,7 @@ export function rotated(
     failedAttempts: 0,
     traceparent: at.traceparent,
     reloginStreak: at.loggedIn ? record.reloginStreak : 0,
+    loggedInAt: at.loggedIn ? at.issuedAt : record.loggedInAt,
     outcomeUnknown: false,
   };
   return { next, dueAt: at.nextRefreshAt };
