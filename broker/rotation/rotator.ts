@@ -8,7 +8,7 @@ import { BrokerMetrics } from '../broker-metrics.js';
 import { type IdpAdapter, type IdpContext, type TokenSet } from '../idp/idp-adapter.js';
 import { type LoginSecrets } from '../idp/login-secrets.js';
 import { type LockService, type HeldLock } from '../lock/lock-service.js';
-import type { RotationPolicy } from './rotation-policy.js';
+import { dueWithLoginAhead, loginAheadAt, type RotationPolicy } from './rotation-policy.js';
 import {
   familyForgotten,
   idle,
@@ -30,7 +30,6 @@ import {
 import { errorText } from '../redaction.js';
 import type { SessionRecord, SessionRef, StoredSession } from '../store/session-record.js';
 import type { MarkResult, SessionStore } from '../store/session-store.js';
-import { dueWithLoginAhead, loginAheadAt } from './login-ahead.js';
 import { presentationGate, type RotationDemand } from './presentation-gate.js';
 
 export type { RotationDemand };

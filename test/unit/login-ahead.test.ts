@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { dueWithLoginAhead, loginAheadAt } from '../../broker/rotation/login-ahead.js';
+import { dueWithLoginAhead, loginAheadAt } from '../../broker/rotation/rotation-policy.js';
 
 const login = { username: 'sys', password: 'pw-FAKE' };
 const family = (over: Partial<Parameters<typeof loginAheadAt>[0]> = {}) => ({
