@@ -148,9 +148,9 @@ export interface EnrollRequest {
     { $case: "refreshToken"; value: string }
     | //
     /**
-     * A system user's login (FOLIO login-with-expiry). The broker logs in now
-     * and again whenever the token family ends (invalid_grant); a refused
-     * login makes the session REAUTH_REQUIRED.
+     * A system user's login (FOLIO login-with-expiry). The broker logs in now,
+     * again ahead of the family's known end, and whenever the family ends
+     * (invalid_grant); a refused later login makes the session REAUTH_REQUIRED.
      */
     { $case: "login"; value: LoginCredential }
     | //
@@ -2611,6 +2611,10 @@ export const TokenBrokerServiceService = {
    * the caller's copy is dead. A system user's login is used at once and again
    * whenever the family ends. A token exchange (RFC 8693) trades the user's
    * token for a new family, leaving the user's own refresh token untouched.
+   * All or nothing: that first rotation, login or exchange happens inside the
+   * call; on any failure no session is created or changed. A credential the
+   * IdP rejects is INVALID_ARGUMENT; the IdP refusing the broker's own client
+   * is FAILED_PRECONDITION (tb-error-code BROKER_CLIENT_REJECTED).
    * Returns metadata only, never token values.
    */
   enroll: {
@@ -2694,6 +2698,10 @@ export interface TokenBrokerServiceServer extends UntypedServiceImplementation {
    * the caller's copy is dead. A system user's login is used at once and again
    * whenever the family ends. A token exchange (RFC 8693) trades the user's
    * token for a new family, leaving the user's own refresh token untouched.
+   * All or nothing: that first rotation, login or exchange happens inside the
+   * call; on any failure no session is created or changed. A credential the
+   * IdP rejects is INVALID_ARGUMENT; the IdP refusing the broker's own client
+   * is FAILED_PRECONDITION (tb-error-code BROKER_CLIENT_REJECTED).
    * Returns metadata only, never token values.
    */
   enroll: handleUnaryCall<EnrollRequest, EnrollResponse>;
@@ -2728,6 +2736,10 @@ export interface TokenBrokerServiceClient extends Client {
    * the caller's copy is dead. A system user's login is used at once and again
    * whenever the family ends. A token exchange (RFC 8693) trades the user's
    * token for a new family, leaving the user's own refresh token untouched.
+   * All or nothing: that first rotation, login or exchange happens inside the
+   * call; on any failure no session is created or changed. A credential the
+   * IdP rejects is INVALID_ARGUMENT; the IdP refusing the broker's own client
+   * is FAILED_PRECONDITION (tb-error-code BROKER_CLIENT_REJECTED).
    * Returns metadata only, never token values.
    */
   enroll(
