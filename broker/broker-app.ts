@@ -1,6 +1,6 @@
 import type { Meter } from '@opentelemetry/api';
 import type { Logger } from 'pino';
-import { BrokerMetrics } from './broker-metrics.js';
+import { BrokerMetrics, FAMILY_END_HORIZONS } from './broker-metrics.js';
 import type { AuthConfig, BrokerConfig } from './config.js';
 import { ConfigError } from './errors.js';
 import { redactUrl } from '../shared/env-reader.js';
@@ -106,6 +106,7 @@ export async function startBroker(
   const idps =
     overrides.idps ??
     new Map<string, IdpAdapter>(config.idps.map((idp) => [idp.name, createIdpAdapter(idp)]));
+  warnWithoutRevocation(idps, log);
   // The rotation's lock arithmetic must hold for the slowest IdP.
   const idpTimeoutMs = Math.max(...config.idps.map((idp) => idp.timeoutMs));
   const secrets = config.secretsDir ? new LoginSecrets(config.secretsDir) : undefined;
@@ -119,11 +120,20 @@ export async function startBroker(
       idleTimeoutMs: config.sessionIdleTimeoutMs,
       busyRetryMs: 250,
       persistRetryMs: config.persistRetryMs,
+      loginAheadMs: config.loginAheadMs,
     },
     { store, locks, keys, idps, policy, metrics, log, clock, secrets },
   );
   const hub = new WatchHub(store, log);
-  metrics.observe({ sessionCounts: () => store.sessionCounts(), watchers: () => hub.watcherCount });
+  metrics.observe({
+    sessionCounts: () => store.sessionCounts(),
+    watchers: () => hub.watcherCount,
+    familyEnding: () =>
+      store.familyEndCounts(
+        clock(),
+        FAMILY_END_HORIZONS.map((h) => h.ms),
+      ),
+  });
   await store.subscribe(
     (event) => hub.onEvent(event),
     () => hub.resync(),
@@ -216,6 +226,31 @@ async function startAccessControl(auth: AuthConfig, log: Logger): Promise<Access
     'caller authentication on: every call but health needs a ServiceAccount token the policy allows',
   );
   return new AccessControl(verifier, policy, log);
+}
+
+/**
+ * One warning line per IdP that has no revocation endpoint (configured or discovered): Revoke
+ * then forgets the refresh token but cannot end it at the IdP. Runs in the background, since
+ * discovery may take a while; a failed check is reported too (Revoke says it again per call).
+ */
+function warnWithoutRevocation(idps: ReadonlyMap<string, IdpAdapter>, log: Logger): void {
+  for (const idp of idps.values()) {
+    if (!idp.revocationProblem) continue;
+    idp.revocationProblem(AbortSignal.timeout(10_000)).then(
+      (problem) => {
+        if (problem !== undefined)
+          log.warn(
+            { idp: idp.name, problem },
+            `IdP ${JSON.stringify(idp.name)} has no revocation endpoint: Revoke forgets a session's refresh token but cannot revoke it there (it keeps working until it expires); set TB_IDP_REVOCATION_ENDPOINT if the IdP has one`,
+          );
+      },
+      (err: unknown) =>
+        log.warn(
+          { idp: idp.name, err: (err as Error).message },
+          `could not find out whether IdP ${JSON.stringify(idp.name)} has a revocation endpoint (discovery failed); Revoke reports it per call`,
+        ),
+    );
+  }
 }
 
 const INSECURE_REMINDER_MS = 5 * 60_000;

@@ -11,7 +11,23 @@ export interface BrokerGaugeSources {
   sessionCounts(): Promise<{ active: number; reauthRequired: number }>;
   /** Watch subscriptions served by this replica. */
   watchers(): number;
+  /**
+   * Cluster-wide, per FAMILY_END_HORIZONS entry: sessions with no login to fall back on whose
+   * token family ends within that horizon (SessionStore.familyEndCounts).
+   */
+  familyEnding?(): Promise<number[]>;
 }
+
+/**
+ * The horizons of `tb_broker_sessions_family_ending{within=...}`: a fixed, small set, so an alert
+ * can pick one without any user label. Keycloak reports the smaller of its SSO session idle and
+ * maximum in refresh_expires_in, so pick a horizon below the idle timeout (30 min by default).
+ */
+export const FAMILY_END_HORIZONS: readonly { within: string; ms: number }[] = [
+  { within: '15m', ms: 15 * 60_000 },
+  { within: '1h', ms: 60 * 60_000 },
+  { within: '24h', ms: 24 * 60 * 60_000 },
+];
 
 /**
  * Every outcome a rotation can have (Rotator's RotationOutcome, and the two ways it throws). Each
@@ -143,15 +159,26 @@ export class BrokerMetrics {
     const watchers = this.meter.createObservableGauge('tb_broker_watchers', {
       description: 'Watch subscriptions (stream x session) served by this replica.',
     });
+    const familyEnding = this.meter.createObservableGauge('tb_broker_sessions_family_ending', {
+      description:
+        'ACTIVE sessions with no login to fall back on whose token family ends (refresh_token_expires_at) within the `within` horizon, ended ones included, cluster-wide. They need a new enrollment before then.',
+    });
     this.meter.addBatchObservableCallback(
       async (result) => {
         result.observe(watchers, sources.watchers());
-        const counts = await sources.sessionCounts().catch(() => undefined);
+        const [counts, ending] = await Promise.all([
+          sources.sessionCounts().catch(() => undefined),
+          sources.familyEnding?.().catch(() => undefined),
+        ]);
+        if (ending)
+          FAMILY_END_HORIZONS.forEach(({ within }, i) =>
+            result.observe(familyEnding, ending[i] ?? 0, { within }),
+          );
         if (!counts) return;
         result.observe(active, counts.active);
         result.observe(reauth, counts.reauthRequired);
       },
-      [active, reauth, watchers],
+      [active, reauth, watchers, familyEnding],
     );
   }
 }

@@ -98,6 +98,8 @@ export interface BrokerConfig {
   refreshMinIntervalMs: number;
   refreshWaitMs: number;
   persistRetryMs: number;
+  /** Login sessions log in again this long before their token family's known end. */
+  loginAheadMs: number;
   shutdownGraceMs: number;
   watch: WatchLimits;
 }
@@ -188,6 +190,7 @@ export const BROKER_VARIABLES: ReadonlySet<string> = new Set([
   'TB_REFRESH_MIN_INTERVAL_MS',
   'TB_REFRESH_WAIT_MS',
   'TB_PERSIST_RETRY_MS',
+  'TB_LOGIN_AHEAD_MS',
   'TB_SHUTDOWN_GRACE_MS',
   'TB_WATCH_MAX_SUBSCRIPTIONS',
   'TB_WATCH_MAX_QUEUED_BYTES',
@@ -307,6 +310,7 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
     refreshMinIntervalMs: read.int('TB_REFRESH_MIN_INTERVAL_MS', 1_000, { min: 0, unit: UNIT }),
     refreshWaitMs: read.int('TB_REFRESH_WAIT_MS', 10_000, { min: 100, unit: UNIT }),
     persistRetryMs: read.int('TB_PERSIST_RETRY_MS', 30_000, { min: 0, unit: UNIT }),
+    loginAheadMs: read.int('TB_LOGIN_AHEAD_MS', 300_000, { min: 0, unit: UNIT }),
     shutdownGraceMs: read.int('TB_SHUTDOWN_GRACE_MS', 20_000, { min: 0, unit: UNIT }),
     watch: {
       maxSubscriptions: read.int(

@@ -20,6 +20,7 @@ export type BrokerErrorCode =
   | 'IDP_INVALID_GRANT'
   | 'IDP_LOGIN_REJECTED'
   | 'IDP_INVALID_CLIENT'
+  | 'BROKER_CLIENT_REJECTED'
   | 'IDP_UNAVAILABLE'
   | 'IDP_PROTOCOL_ERROR'
   | 'LOGIN_SECRET_UNREADABLE'
@@ -89,6 +90,15 @@ export class SessionNotFoundError extends BrokerError {
   constructor(tenant: string, user: string) {
     super(`no session for tenant ${JSON.stringify(tenant)} user ${JSON.stringify(user)}`);
   }
+}
+
+/**
+ * The IdP refused the broker's own client (invalid_client, unauthorized_client, unsupported_grant_type,
+ * invalid_scope) during a call made for a client: the broker's configuration is wrong, not the
+ * caller's credential. FAILED_PRECONDITION: retrying helps only once the operator fixed it.
+ */
+export class BrokerClientRejectedError extends BrokerError {
+  readonly code = 'BROKER_CLIENT_REJECTED';
 }
 
 /** The session's token family is dead (invalid_grant); only a new enrollment helps. */

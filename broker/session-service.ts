@@ -1,10 +1,15 @@
 import type { Logger } from 'pino';
 import { idProblem, MAX_ID_LENGTH } from '../shared/session-ref.js';
+import { ATTR } from '../shared/telemetry/span-attributes.js';
+import { inSpan } from '../shared/telemetry/spans.js';
 import { currentTraceparent } from '../shared/telemetry/trace-context.js';
 import {
+  BrokerClientRejectedError,
   BrokerError,
+  errorCode,
   IdpInvalidClientError,
   IdpInvalidGrantError,
+  IdpLoginRejectedError,
   IdpTransientError,
   InvalidArgumentError,
   LockUnavailableError,
@@ -60,6 +65,14 @@ export interface EnrollInput extends Partial<SessionRef> {
   refreshToken?: string | undefined;
   /** The authenticated caller (namespace/serviceaccount), recorded with the family. */
   enrolledBy?: string | undefined;
+}
+
+/** Revoke's answer: the session, and whether the IdP revoked its refresh token (and why not). */
+export interface RevokeResult {
+  session: SessionMetadata;
+  idpRevoked: boolean;
+  /** Empty when the IdP revoked it. */
+  idpRevokeProblem: string;
 }
 
 /** What the session service needs of the store. */
@@ -119,8 +132,11 @@ export class SessionService {
   /**
    * Takes ownership of a credential for `(tenant, user)`: a dedicated refresh token (rotated at
    * once, so the caller's copy is dead), a system user's login (the broker logs in at once), or a
-   * token exchange (a new family issued to the broker). Re-enrolling an existing session replaces
-   * its family and keeps its generation rising.
+   * token exchange (a new family issued to the broker). All or nothing: the first rotation, login
+   * or exchange happens inside the call and only its result is committed, with the session, in
+   * one step. On any failure the caller gets the IdP's real answer and no session is created or
+   * changed (a failed re-enrollment leaves the old family serving). Re-enrolling an existing
+   * session replaces its family and keeps its generation rising.
    */
   async enroll(input: EnrollInput): Promise<SessionMetadata> {
     this.checkOpen();
@@ -142,36 +158,105 @@ export class SessionService {
         'credential',
         'is required: refresh_token, login or token_exchange',
       );
-    if (credential.kind === 'token_exchange')
-      return this.enrollByExchange(ref, idpName, idp, credential, input.enrolledBy);
-
-    let seed: FamilySeed;
-    if (credential.kind === 'refresh_token') {
-      if (!credential.refreshToken) throw new InvalidArgumentError('refresh_token', 'is required');
-      checkTokenLength(credential.refreshToken, 'refresh_token');
-      seed = {
-        refreshToken: credential.refreshToken,
-        login: undefined,
+    const first = await this.firstGrant(ref, idp, credential);
+    // Under the session's lock, so no rotation of an earlier family runs beside it. The caller's
+    // credential is presented exactly once: never retried here (the caller decides), and since
+    // the broker stores nothing of it before the IdP answered, no other replica can present it.
+    const meta = await this.deps.locks.withLock(this.deps.keys.lock(ref), async (lock) => {
+      const issuedAt = this.clock();
+      const signal = AbortSignal.any([
+        lock.signal,
+        AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000),
+      ]);
+      const count = (outcome: string) => {
+        if (first.counted)
+          this.deps.rotator.countEnrollment(first.counted, outcome, this.clock() - issuedAt);
+      };
+      let tokens: TokenSet;
+      try {
+        tokens = await inSpan(`idp.${first.counted ?? 'exchange'}`, { [ATTR.idp]: idpName }, () =>
+          first.present(signal),
+        );
+      } catch (err) {
+        count(errorCode(err));
+        this.logEnrollFailure(ref, idpName, first.what, err);
+        throw enrollmentFailure(err, first, idpName);
+      }
+      count('ok');
+      const seed: FamilySeed = {
+        refreshToken: tokens.refreshToken ?? first.keptRefreshToken,
+        login: first.login,
         enrolledBy: input.enrolledBy,
       };
-    } else {
-      seed = {
-        refreshToken: '',
-        login: await this.checkLogin(idp, credential),
-        enrolledBy: input.enrolledBy,
-      };
-    }
-    const generation = await this.replaceFamily(ref, idpName, seed, this.clock());
+      return this.commitFamily(ref, idpName, seed, issuedAt, tokens);
+    });
     await this.deps.store.touch(ref, this.clock());
-    // The first rotation presents the dedicated refresh token, or logs in.
-    const result = await this.deps.rotator.rotate(ref, { kind: 'generation', generation });
-    if (result.outcome === 'reauth-required')
-      throw new ReauthRequiredError(
-        credential.kind === 'login'
-          ? 'the identity provider refused the login'
-          : 'the identity provider rejected the refresh token (invalid_grant)',
-      );
-    return metadataOf(await this.mustGet(ref));
+    this.deps.log.info(
+      { tenant: ref.tenant, idp: idpName, generation: meta.generation, by: first.what },
+      'enrolled',
+    );
+    return meta;
+  }
+
+  /** Checks the credential and says how to present it (once) to the IdP. */
+  private async firstGrant(
+    ref: SessionRef,
+    idp: IdpAdapter,
+    credential: EnrollCredential,
+  ): Promise<FirstGrant> {
+    switch (credential.kind) {
+      case 'refresh_token': {
+        const refreshToken = credential.refreshToken;
+        if (!refreshToken) throw new InvalidArgumentError('refresh_token', 'is required');
+        checkTokenLength(refreshToken, 'refresh_token');
+        return {
+          what: 'refresh token',
+          field: 'refresh_token',
+          counted: 'refresh',
+          login: undefined,
+          present: (signal) => idp.refresh(refreshToken, signal, ref),
+          // An IdP that does not rotate keeps the token the caller handed over.
+          keptRefreshToken: refreshToken,
+        };
+      }
+      case 'login': {
+        const login = await this.checkLogin(idp, credential);
+        return {
+          what: 'login',
+          field: 'login',
+          counted: 'login',
+          login,
+          present: async (signal) =>
+            idp.login!(
+              { username: login.username, password: await this.passwordOf(login) },
+              signal,
+              ref,
+            ),
+          keptRefreshToken: '',
+        };
+      }
+      case 'token_exchange': {
+        if (!idp.exchange)
+          throw new InvalidArgumentError(
+            'token_exchange',
+            `is not supported by identity provider ${JSON.stringify(idp.name)}`,
+          );
+        const { subjectToken, subjectTokenType } = credential;
+        if (!subjectToken)
+          throw new InvalidArgumentError('token_exchange.subject_token', 'is required');
+        checkTokenLength(subjectToken, 'token_exchange.subject_token');
+        // The user's own family is left alone: only the new one is stored, under the lock.
+        return {
+          what: 'token exchange',
+          field: 'token_exchange.subject_token',
+          counted: undefined,
+          login: undefined,
+          present: (signal) =>
+            idp.exchange!({ token: subjectToken, tokenType: subjectTokenType ?? '' }, signal, ref),
+          keptRefreshToken: '',
+        };
+      }
+    }
   }
 
   private async checkLogin(
@@ -200,84 +285,74 @@ export class SessionService {
    * The exchange needs no lock: it presents no refresh token, and the user's own family is left
    * alone. Only storing the new family is serialised with rotations.
    */
-  private async enrollByExchange(
-    ref: SessionRef,
-    idpName: string,
-    idp: IdpAdapter,
-    exchange: Extract<EnrollCredential, { kind: 'token_exchange' }>,
-    enrolledBy: string | undefined,
-  ): Promise<SessionMetadata> {
-    if (!idp.exchange)
-      throw new InvalidArgumentError(
-        'token_exchange',
-        `is not supported by identity provider ${JSON.stringify(idp.name)}`,
+
+  private async passwordOf(login: StoredLogin): Promise<string> {
+    if (login.password !== undefined) return login.password;
+    // checkLogin made sure a password file comes with TB_SECRETS_DIR.
+    return this.deps.secrets!.read(login.passwordFile!);
+  }
+
+  private logEnrollFailure(ref: SessionRef, idp: string, what: string, err: unknown): void {
+    const fields = {
+      tenant: ref.tenant,
+      idp,
+      code: errorCode(err),
+      err: errorText(err),
+      detail: (err as { detail?: unknown }).detail,
+    };
+    if (err instanceof IdpInvalidClientError)
+      this.deps.log.error(
+        fields,
+        `enrollment (${what}) refused: the IdP rejected the broker's own client configuration; no session was created or changed`,
       );
-    if (!exchange.subjectToken)
-      throw new InvalidArgumentError('token_exchange.subject_token', 'is required');
-    checkTokenLength(exchange.subjectToken, 'token_exchange.subject_token');
-    const issuedAt = this.clock();
-    let tokens: TokenSet;
-    try {
-      tokens = await idp.exchange(
-        { token: exchange.subjectToken, tokenType: exchange.subjectTokenType ?? '' },
-        AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000),
-        ref,
-      );
-    } catch (err) {
-      this.deps.log.warn(
-        {
-          tenant: ref.tenant,
-          code: (err as { code?: unknown }).code,
-          err: errorText(err),
-          detail: (err as { detail?: unknown }).detail,
-        },
-        'token exchange failed',
-      );
-      throw enrollmentFailure(err, 'token exchange');
-    }
-    const generation = await this.replaceFamily(
-      ref,
-      idpName,
-      { refreshToken: tokens.refreshToken ?? '', login: undefined, enrolledBy },
-      issuedAt,
-      tokens,
-    );
-    await this.deps.store.touch(ref, this.clock());
-    this.deps.log.info({ tenant: ref.tenant, generation }, 'enrolled by token exchange');
-    return metadataOf(await this.mustGet(ref));
+    else
+      this.deps.log.warn(fields, `enrollment (${what}) failed; no session was created or changed`);
   }
 
   /**
-   * Writes the session's new family under its lock. Without `tokens` the family still has to be
-   * rotated (or logged into): it is due now, and the due queue is the safety net if this replica
-   * dies before doing so. With `tokens` (an exchange) it is a new generation, published at once.
+   * Writes the session's new family, already issued (`tokens`), as a new generation published at
+   * once; called under the session's lock. Should the compare-and-set miss (the lock lapsed and
+   * the earlier family rotated meanwhile), the session is read again and replaced all the same:
+   * the enrollment supersedes whatever that family did, and its new pair must not be lost.
    */
-  private replaceFamily(
+  private async commitFamily(
     ref: SessionRef,
     idp: string,
     seed: FamilySeed,
-    now: number,
-    tokens?: TokenSet,
-  ): Promise<number> {
-    return this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
-      const previous = (await this.deps.store.get(ref))?.record;
-      const issued = tokens && {
-        tokens,
-        nextRefreshAt: this.deps.rotator.nextRefreshAt(now, tokens.accessExpiresAt),
-      };
+    issuedAt: number,
+    tokens: TokenSet,
+  ): Promise<SessionMetadata> {
+    const issued = {
+      tokens,
+      nextRefreshAt: this.deps.rotator.nextRefreshAt(issuedAt, tokens.accessExpiresAt, {
+        login: seed.login,
+        refreshToken: seed.refreshToken,
+        refreshExpiresAt: tokens.refreshExpiresAt ?? 0,
+        loggedInAt: seed.login ? issuedAt : undefined,
+      }),
+    };
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const stored = await this.deps.store.get(ref);
+      const previous = stored?.record;
       const transition = enrolled(
         ref,
         idp,
         seed,
         previous,
-        { now, traceparent: currentTraceparent() },
+        { now: issuedAt, traceparent: currentTraceparent() },
         issued,
       );
-      const expected = previous ? previous.generation : null;
-      if (!(await this.deps.store.commit(transition, expected, now)))
-        throw new UnavailableError('session changed during enrollment; retry');
-      return transition.next.generation;
-    });
+      const now = this.clock();
+      if (await this.deps.store.commit(transition, previous ? previous.generation : null, now))
+        return metadataOf({
+          record: transition.next,
+          lastUsedAt: stored?.lastUsedAt ?? now,
+          inflight: undefined,
+        });
+    }
+    throw new UnavailableError(
+      'the session kept changing during enrollment and the new family was not stored; enroll again with a new credential',
+    );
   }
 
   /** The current access token; reactivates an idle session, rotates one that has none valid. */
@@ -320,30 +395,58 @@ export class SessionService {
     return this.withValidToken(this.usable(await this.rotateOrWait(ref, generation)));
   }
 
-  /** Stops refreshing at once and revokes the refresh token at the IdP when it can. */
-  async revoke(input: Partial<SessionRef>): Promise<SessionMetadata> {
+  /**
+   * Stops refreshing at once and revokes the refresh token at the IdP when it can. The broker
+   * forgets the token either way; the answer says whether the IdP revoked it, and why not.
+   */
+  async revoke(input: Partial<SessionRef>): Promise<RevokeResult> {
     this.checkOpen();
     const ref = validateRef(input);
-    const done = await this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
+    return this.deps.locks.withLock(this.deps.keys.lock(ref), async () => {
       const stored = await this.mustGet(ref);
       const record = stored.record;
-      if (record.status === 'REVOKED') return stored;
+      if (record.status === 'REVOKED')
+        return {
+          session: metadataOf(stored),
+          idpRevoked: false,
+          idpRevokeProblem: 'already revoked (the first Revoke reported the IdP outcome)',
+        };
       const transition = revoked(record, currentTraceparent());
       if (!(await this.deps.store.commit(transition, record.generation, this.clock())))
         throw new UnavailableError('session changed during revocation; retry');
-      const idp = this.deps.idps.get(record.idp);
-      if (idp && record.refreshToken) {
-        const signal = AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000);
-        await idp.revoke(record.refreshToken, signal, ref).catch((err: unknown) => {
-          this.deps.log.warn(
-            { tenant: ref.tenant, err: errorText(err) },
-            'IdP revocation failed; the broker no longer holds the token either way',
-          );
-        });
-      }
-      return { ...stored, record: transition.next };
+      const problem = await this.revokeAtIdp(ref, record);
+      const log = { tenant: ref.tenant, idp: record.idp, generation: transition.next.generation };
+      if (problem === undefined)
+        this.deps.log.info({ ...log, idpRevoked: true }, 'session revoked, and at the IdP');
+      else
+        this.deps.log.warn(
+          { ...log, idpRevoked: false, problem },
+          'session revoked, but NOT at the IdP: its refresh token may still work there until it expires',
+        );
+      return {
+        session: metadataOf({ ...stored, record: transition.next }),
+        idpRevoked: problem === undefined,
+        idpRevokeProblem: problem ?? '',
+      };
     });
-    return metadataOf(done);
+  }
+
+  /** Revokes the record's refresh token at its IdP; undefined when done, else why not. */
+  private async revokeAtIdp(ref: SessionRef, record: SessionRecord): Promise<string | undefined> {
+    if (!record.refreshToken) return 'no refresh token held (the session had not logged in yet)';
+    const idp = this.deps.idps.get(record.idp);
+    if (!idp) return `identity provider ${JSON.stringify(record.idp)} is not configured`;
+    const signal = AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000);
+    try {
+      const outcome = await idp.revoke(record.refreshToken, signal, ref);
+      return outcome.revoked ? undefined : outcome.reason;
+    } catch (err) {
+      this.deps.log.warn(
+        { tenant: ref.tenant, err: errorText(err), detail: (err as { detail?: unknown }).detail },
+        'IdP revocation failed',
+      );
+      return `IdP error ${errorCode(err)}${err instanceof BrokerError ? `: ${err.message}` : ''}`;
+    }
   }
 
   async list(
@@ -467,28 +570,60 @@ function checkTokenLength(token: string, field: string): void {
     throw new InvalidArgumentError(field, `is longer than ${MAX_TOKEN_BYTES} bytes`);
 }
 
-/** An IdP failure during enrollment, as the caller sees it; the IdP's own message stays in detail. */
-function enrollmentFailure(err: unknown, what: string): unknown {
+/** How an enrollment presents its credential to the IdP, once. */
+interface FirstGrant {
+  /** For messages: 'refresh token', 'login', 'token exchange'. */
+  what: string;
+  /** The request field holding the credential, named when the IdP rejects it. */
+  field: string;
+  /** How the IdP call is counted in the rotation metrics (an exchange is not a rotation). */
+  counted: 'refresh' | 'login' | undefined;
+  login: StoredLogin | undefined;
+  present(signal: AbortSignal): Promise<TokenSet>;
+  /** The refresh token the session keeps when the IdP answers without a new one. */
+  keptRefreshToken: string;
+}
+
+/**
+ * An IdP failure during enrollment, as the caller sees it; the IdP's own message stays in detail.
+ * A credential the IdP rejects is the caller's bad argument (INVALID_ARGUMENT, naming the field:
+ * retrying it can never work, and the broker is fine); a refusal of the broker's own client is
+ * the operator's to fix (FAILED_PRECONDITION); the rest is UNAVAILABLE.
+ */
+function enrollmentFailure(err: unknown, first: FirstGrant, idp: string): unknown {
   if (!(err instanceof BrokerError)) return err;
   const options = { detail: `${err.message}${err.detail ? `: ${err.detail}` : ''}` };
+  const name = JSON.stringify(idp);
+  const nothing = 'no session was created or changed';
   if (err instanceof IdpInvalidGrantError)
-    return new ReauthRequiredError(
-      `the identity provider rejected the ${what} (invalid_grant)`,
+    return new InvalidArgumentError(
+      first.field,
+      `was rejected by identity provider ${name} (invalid_grant: invalid, expired, revoked or already used); ${nothing}`,
+    );
+  if (err instanceof IdpLoginRejectedError)
+    return new InvalidArgumentError(
+      first.field,
+      `was refused by identity provider ${name} (${err.message}); ${nothing}`,
+    );
+  if (err instanceof IdpInvalidClientError)
+    return new BrokerClientRejectedError(
+      `identity provider ${name} rejected the broker's own client configuration (${err.message}): ` +
+        `fix the broker's client id, secret, auth method or the client's allowed grants at the IdP ` +
+        `(TB_IDP_CLIENT_ID, TB_IDP_CLIENT_SECRET, TB_IDP_AUTH_METHOD, or its TB_IDPS_FILE entry); ` +
+        `the caller's ${first.what} was not the problem; ${nothing}`,
       options,
     );
   if (err instanceof IdpTransientError)
     return new UnavailableError(
-      `the identity provider is unavailable for the ${what}; retry`,
+      `identity provider ${name} is unavailable for the ${first.what}; ${nothing}` +
+        (err.presented && first.what !== 'login'
+          ? `; the ${first.what} may have been used: if a retry says invalid_grant, obtain a new one`
+          : '; retry'),
       err.retryAfterMs,
       options,
     );
-  if (err instanceof IdpInvalidClientError)
-    return new InvalidArgumentError(
-      'token_exchange',
-      "is refused for the broker's client by the identity provider (invalid_client, unauthorized_client or unsupported_grant_type)",
-    );
   return new UnavailableError(
-    `the ${what} failed at the identity provider (${err.code})`,
+    `the ${first.what} failed at identity provider ${name} (${err.code}); ${nothing}`,
     undefined,
     options,
   );

@@ -30,9 +30,10 @@ export interface FamilySeed {
 }
 
 /**
- * A new family for the session (Enroll), replacing any earlier one. Without `tokens` it must still
- * be rotated or logged into: due now, so the due queue finishes it if this replica dies first.
- * With `tokens` (a token exchange) it is a new generation at once, due at `nextRefreshAt`.
+ * A new family for the session (Enroll), replacing any earlier one. Enroll passes `issued`: the
+ * pair its first rotation, login or exchange obtained, a new generation at once, due at
+ * `nextRefreshAt`. Without it the family must still be rotated or logged into: due now, so the
+ * due queue finishes it.
  */
 export function enrolled(
   ref: SessionRef,
@@ -73,6 +74,7 @@ export function enrolled(
       accessExpiresAt: tokens.accessExpiresAt,
       refreshExpiresAt: tokens.refreshExpiresAt ?? 0,
       issuedAt: at.now,
+      loggedInAt: seed.login ? at.now : undefined,
       nextRefreshAt,
     },
     dueAt: nextRefreshAt,
@@ -105,6 +107,7 @@ export function rotated(
     failedAttempts: 0,
     traceparent: at.traceparent,
     reloginStreak: at.loggedIn ? record.reloginStreak : 0,
+    loggedInAt: at.loggedIn ? at.issuedAt : record.loggedInAt,
     outcomeUnknown: false,
   };
   return { next, dueAt: at.nextRefreshAt };

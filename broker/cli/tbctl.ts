@@ -31,7 +31,7 @@ Commands:
   show TENANT USER      one session's metadata
   token TENANT USER --reveal
                         print the current access token (only with --reveal)
-  revoke TENANT USER    stop refreshing and revoke the refresh token at the IdP
+  revoke TENANT USER    stop refreshing, revoke the refresh token at the IdP, say if it did
   watch TENANT USER [TENANT USER ...] [--count N]
                         print each new generation (never token values) until Ctrl-C or N events
 
@@ -299,10 +299,17 @@ export async function main(
           (md, o, cb) => client.revoke({ tenant, user }, md, o, cb),
           timeoutMs,
         );
+        const atIdp = res.idpRevoked
+          ? 'revoked at the IdP too'
+          : `NOT revoked at the IdP (${res.idpRevokeProblem || 'no reason given'}): the refresh token may still work there until it expires`;
         print(
           values.json
-            ? JSON.stringify(describeSession(res.session!))
-            : `revoked ${tenant}/${user} at generation ${res.session!.generation}`,
+            ? JSON.stringify({
+                ...describeSession(res.session!),
+                idpRevoked: res.idpRevoked,
+                idpRevokeProblem: res.idpRevokeProblem,
+              })
+            : `revoked ${tenant}/${user} at generation ${res.session!.generation}; ${atIdp}`,
         );
         return EXIT.ok;
       }

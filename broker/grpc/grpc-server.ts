@@ -45,6 +45,7 @@ const GRPC_CODE: Record<BrokerErrorCode, grpc.status> = {
   CONFIG_INVALID: grpc.status.INVALID_ARGUMENT,
   SESSION_NOT_FOUND: grpc.status.NOT_FOUND,
   REAUTH_REQUIRED: grpc.status.FAILED_PRECONDITION,
+  BROKER_CLIENT_REJECTED: grpc.status.FAILED_PRECONDITION,
   SESSION_INACTIVE: grpc.status.FAILED_PRECONDITION,
   UNAVAILABLE: grpc.status.UNAVAILABLE,
   LOCK_UNAVAILABLE: grpc.status.UNAVAILABLE,
@@ -408,15 +409,19 @@ export class BrokerGrpcServer {
       revoke: this.unary(async (req, caller) => {
         const ref = validateRef(req);
         const rule = this.authorize(caller, 'revoke', ref);
-        let meta;
+        let result;
         try {
-          meta = await sessions.revoke(ref);
+          result = await sessions.revoke(ref);
         } catch (err) {
           if (caller) this.deps.access?.audit.revoke(auditCaller(caller), ref, rule, err);
           throw err;
         }
         if (caller) this.deps.access?.audit.revoke(auditCaller(caller), ref, rule);
-        return { session: toSession(meta) };
+        return {
+          session: toSession(result.session),
+          idpRevoked: result.idpRevoked,
+          idpRevokeProblem: result.idpRevokeProblem,
+        };
       }),
       listSessions: this.unary(async (req, caller) => {
         const access = this.deps.access;

@@ -8,6 +8,7 @@ import {
   type IdpAdapter,
   type IdpContext,
   type LoginCredentials,
+  type RevokeOutcome,
   type TokenSet,
 } from './idp-adapter.js';
 import {
@@ -126,9 +127,14 @@ export class FolioAdapter implements IdpAdapter {
   }
 
   /** `POST /authn/logout` with the refresh token: only that token (its session) is invalidated. */
-  async revoke(refreshToken: string, signal: AbortSignal, context: IdpContext): Promise<void> {
+  async revoke(
+    refreshToken: string,
+    signal: AbortSignal,
+    context: IdpContext,
+  ): Promise<RevokeOutcome> {
     const { url, where } = this.endpoint('/authn/logout');
-    if (!COOKIE_VALUE.test(refreshToken)) return;
+    if (!COOKIE_VALUE.test(refreshToken))
+      return { revoked: false, reason: 'the refresh token is not a valid cookie value' };
     const headers = {
       ...this.headers(context, where),
       cookie: `${REFRESH_TOKEN_COOKIE}=${refreshToken}`,
@@ -136,7 +142,7 @@ export class FolioAdapter implements IdpAdapter {
     const answer = await this.post(url, headers, undefined, where, signal);
     // A token already invalid is revoked enough (as RFC 7009 answers 200 for it).
     if ((answer.status >= 200 && answer.status < 300) || [401, 403, 422].includes(answer.status))
-      return;
+      return { revoked: true };
     throw this.failure(
       answer,
       where,

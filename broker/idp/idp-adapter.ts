@@ -29,6 +29,9 @@ export interface SubjectToken {
   tokenType: string;
 }
 
+/** What a revocation did at the IdP: `reason` says why the token was not revoked there. */
+export type RevokeOutcome = { revoked: true } | { revoked: false; reason: string };
+
 /**
  * One identity provider. Implementations classify every failure into the IdP error classes below;
  * they never put a token value or a password into an error, log line or span.
@@ -37,8 +40,17 @@ export interface IdpAdapter {
   readonly name: string;
   /** Presents the refresh token once. `signal` aborts the call (lock about to lapse, shutdown). */
   refresh(refreshToken: string, signal: AbortSignal, context: IdpContext): Promise<TokenSet>;
-  /** Revokes the refresh token (RFC 7009, FOLIO logout) when the IdP supports it; else a no-op. */
-  revoke(refreshToken: string, signal: AbortSignal, context: IdpContext): Promise<void>;
+  /**
+   * Revokes the refresh token (RFC 7009, FOLIO logout) when the IdP supports it. Without a
+   * revocation endpoint it sends nothing and answers `{ revoked: false, reason }`; an IdP error
+   * is thrown, classified as usual.
+   */
+  revoke(refreshToken: string, signal: AbortSignal, context: IdpContext): Promise<RevokeOutcome>;
+  /**
+   * Why this IdP cannot revoke refresh tokens (no revocation endpoint configured or discovered),
+   * undefined when it can; checked once at start-up for a warning. Absent: it always can.
+   */
+  revocationProblem?(signal: AbortSignal): Promise<string | undefined>;
   /**
    * Logs a system user in, starting a new token family (FOLIO `login-with-expiry`). Absent when
    * the IdP offers no such login. A refusal of the credentials is IdpLoginRejectedError.

@@ -4,10 +4,11 @@ import {
   IdpProtocolError,
   IdpTransientError,
 } from '../errors.js';
-import { accessTokenExpiry } from './jwt-expiry.js';
+import { accessTokenExpiry, jwtExpiry } from './jwt-expiry.js';
 import {
   type IdpAdapter,
   type IdpContext,
+  type RevokeOutcome,
   type SubjectToken,
   type TokenSet,
 } from './idp-adapter.js';
@@ -54,6 +55,8 @@ export interface OAuth2AdapterOptions {
  */
 const DEFAULT_EXPIRES_IN_S = 300;
 const MAX_DESCRIPTION_CHARS = 200;
+/** Revoke's answer (RevokeResponse.idp_revoke_problem) when the IdP has nowhere to revoke. */
+export const NO_REVOCATION_ENDPOINT = 'no revocation endpoint';
 
 export const TOKEN_EXCHANGE_GRANT = 'urn:ietf:params:oauth:grant-type:token-exchange';
 export const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
@@ -188,22 +191,38 @@ export class OAuth2Adapter implements IdpAdapter {
     return readTokenSet(body, sentAt, where);
   }
 
-  async revoke(refreshToken: string, signal: AbortSignal, _context?: IdpContext): Promise<void> {
-    const endpoint =
-      this.revocationEndpoint ??
-      (this.issuer === undefined ? undefined : (await this.discover(signal)).revocationEndpoint);
-    if (endpoint === undefined) return;
+  async revoke(
+    refreshToken: string,
+    signal: AbortSignal,
+    _context?: IdpContext,
+  ): Promise<RevokeOutcome> {
+    const endpoint = await this.findRevocationEndpoint(signal);
+    if (endpoint === undefined) return { revoked: false, reason: NO_REVOCATION_ENDPOINT };
     const where = `${this.label}: revocation endpoint ${displayUrl(endpoint)}`;
     const form = new URLSearchParams({ token: refreshToken, token_type_hint: 'refresh_token' });
 
     const answer = await this.post(endpoint, form, where, signal);
-    if (answer.status >= 200 && answer.status < 300) return;
+    if (answer.status >= 200 && answer.status < 300) return { revoked: true };
     const error = this.errorAnswer(answer, where, refreshToken);
     // RFC 7009 answers 200 for a token that is already invalid, so invalid_grant here is off-spec.
     if (error instanceof IdpInvalidGrantError) {
       throw new IdpProtocolError(error.message, { detail: error.detail });
     }
     throw error;
+  }
+
+  async revocationProblem(signal: AbortSignal): Promise<string | undefined> {
+    return (await this.findRevocationEndpoint(signal)) === undefined
+      ? `${NO_REVOCATION_ENDPOINT} (neither TB_IDP_REVOCATION_ENDPOINT nor revocation_endpoint in ${this.issuer === undefined ? 'a discovery document: no issuer is set' : 'the discovery document'})`
+      : undefined;
+  }
+
+  /** The configured revocation endpoint, else the discovered one; undefined when neither. */
+  private async findRevocationEndpoint(signal: AbortSignal): Promise<string | undefined> {
+    return (
+      this.revocationEndpoint ??
+      (this.issuer === undefined ? undefined : (await this.discover(signal)).revocationEndpoint)
+    );
   }
 
   async isActive(
@@ -383,12 +402,23 @@ function readTokenSet(body: JsonObject, sentAt: number, where: string): TokenSet
       sentAt + Math.floor((expiresIn ?? DEFAULT_EXPIRES_IN_S) * 1000),
     ),
     refreshToken,
-    // Keycloak sends refresh_expires_in 0 for offline tokens, which do not expire on a clock.
-    refreshExpiresAt:
-      refreshExpiresIn === undefined || refreshExpiresIn === 0
-        ? undefined
-        : sentAt + Math.floor(refreshExpiresIn * 1000),
+    refreshExpiresAt: refreshExpiry(refreshToken, refreshExpiresIn, sentAt),
   };
+}
+
+/**
+ * When the family ends at the latest: from `refresh_expires_in` (Keycloak counts it down to the
+ * SSO session maximum), else from the refresh token's own `exp` when it is a JWT. Keycloak sends
+ * refresh_expires_in 0 for offline tokens, which do not expire on a clock.
+ */
+function refreshExpiry(
+  refreshToken: string | undefined,
+  refreshExpiresIn: number | undefined,
+  sentAt: number,
+): number | undefined {
+  if (refreshExpiresIn === 0) return undefined;
+  if (refreshExpiresIn !== undefined) return sentAt + Math.floor(refreshExpiresIn * 1000);
+  return refreshToken === undefined ? undefined : jwtExpiry(refreshToken);
 }
 
 /** Seconds from a number or numeric string; undefined when absent, null when malformed. */

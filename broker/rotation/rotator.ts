@@ -8,7 +8,7 @@ import { BrokerMetrics } from '../broker-metrics.js';
 import { type IdpAdapter, type IdpContext, type TokenSet } from '../idp/idp-adapter.js';
 import { type LoginSecrets } from '../idp/login-secrets.js';
 import { type LockService, type HeldLock } from '../lock/lock-service.js';
-import type { RotationPolicy } from './rotation-policy.js';
+import { dueWithLoginAhead, loginAheadAt, type RotationPolicy } from './rotation-policy.js';
 import {
   familyForgotten,
   idle,
@@ -78,6 +78,11 @@ export interface RotatorOptions {
    * invalid_grant without a successful refresh in between (default 3). Past it: REAUTH_REQUIRED.
    */
   maxRelogins?: number;
+  /**
+   * For sessions enrolled with a login: log in again this long before the family's known end
+   * (refreshExpiresAt), instead of waiting for the IdP's invalid_grant (default 5 min).
+   */
+  loginAheadMs?: number;
 }
 
 /** What the rotator needs of the store. */
@@ -124,8 +129,27 @@ export class Rotator {
   }
 
   /** When a pair issued at `issuedAt` is due (the rotation policy's answer, for enrollments). */
-  nextRefreshAt(issuedAt: number, accessExpiresAt: number): number {
-    return this.deps.policy.nextRefreshAt(issuedAt, accessExpiresAt);
+  nextRefreshAt(
+    issuedAt: number,
+    accessExpiresAt: number,
+    family?: Parameters<typeof dueWithLoginAhead>[1],
+  ): number {
+    const due = this.deps.policy.nextRefreshAt(issuedAt, accessExpiresAt);
+    return family ? dueWithLoginAhead(due, family, this.loginAheadMs) : due;
+  }
+
+  /** How long before a login session's family ends it logs in again (TB_LOGIN_AHEAD_MS). */
+  private get loginAheadMs(): number {
+    return this.options.loginAheadMs ?? 300_000;
+  }
+
+  /**
+   * Counts an enrollment's first presentation (SessionService.enroll makes it itself, under the
+   * session's lock) like a rotation's: the IdP call by outcome, and a success as `rotated`.
+   */
+  countEnrollment(kind: 'refresh' | 'login', outcome: string, ms: number): void {
+    this.metrics.idpCall(kind, outcome, ms);
+    if (outcome === 'ok') this.metrics.rotation('rotated');
   }
 
   async drain(): Promise<void> {
@@ -227,7 +251,9 @@ export class Rotator {
       deadline: gate.deadline,
     };
     // No refresh token: a login session that has not logged in yet, or whose family ended.
-    const loggingIn = record.refreshToken === '';
+    // Or its family ends soon: it logs in again ahead of the end (the refresh token is unused).
+    const ahead = loginAheadAt(record, this.loginAheadMs);
+    const loggingIn = record.refreshToken === '' || (ahead !== undefined && now >= ahead);
     if ((claim.tookOver || record.outcomeUnknown) && !loggingIn && idp.isActive) {
       const resolved = await this.checkOrphan(ref, stored, lock, call);
       if (resolved) return resolved;
@@ -340,6 +366,8 @@ export class Rotator {
       );
     } catch (err) {
       called(errorCode(err));
+      // A login ahead of the family's end failed: the family still works, so keep refreshing it.
+      if (loggingIn && record.refreshToken !== '') return this.loginAheadFailed(record, err);
       if (!loggingIn && this.mayLogInAgain(record, err))
         return this.logInAgain(ref, stored, lock, err as IdpInvalidGrantError);
       return this.onIdpFailure(record, err);
@@ -348,14 +376,20 @@ export class Rotator {
     if (loggingIn)
       this.deps.log.info(
         { tenant: ref.tenant, generation: record.generation + 1 },
-        'logged in: a new token family',
+        record.refreshToken === ''
+          ? 'logged in: a new token family'
+          : 'logged in ahead of the token family end (TB_LOGIN_AHEAD_MS): a new token family',
       );
-    const transition = rotated(record, tokens, {
+    const at = {
       issuedAt: callStart,
       nextRefreshAt: this.deps.policy.nextRefreshAt(callStart, tokens.accessExpiresAt),
       traceparent: currentTraceparent(),
       loggedIn: loggingIn,
-    });
+    };
+    let transition = rotated(record, tokens, at);
+    const due = dueWithLoginAhead(at.nextRefreshAt, transition.next, this.loginAheadMs);
+    if (due !== at.nextRefreshAt)
+      transition = rotated(record, tokens, { ...at, nextRefreshAt: due });
     return this.persist(transition, record.generation, lock);
   }
 
@@ -514,6 +548,26 @@ export class Rotator {
     // Sent, but no answer: the token may be consumed. The next attempt asks before presenting.
     const unknown = err instanceof IdpTransientError && err.presented && record.refreshToken !== '';
     return this.failTransient(record, now, errorCode(err), retryAfter, unknown);
+  }
+
+  /**
+   * Logging in ahead of the family's end failed: not a reason to end a family that still works.
+   * Counted as the last login (so it is not tried again within TB_LOGIN_AHEAD_MS), and the
+   * session is due again at once, to refresh as usual.
+   */
+  private async loginAheadFailed(record: SessionRecord, err: unknown): Promise<RotationResult> {
+    const now = this.clock();
+    this.deps.log.warn(
+      { tenant: record.tenant, code: errorCode(err), err: errorText(err) },
+      'logging in ahead of the token family end failed; refreshing the current family instead',
+    );
+    return this.failTransient(
+      { ...record, loggedInAt: now },
+      now,
+      errorCode(err),
+      this.options.busyRetryMs,
+      false,
+    );
   }
 
   private async failTransient(

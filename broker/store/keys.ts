@@ -50,6 +50,15 @@ export class KeySpace {
     return `${this.prefix}reauth`;
   }
 
+  /**
+   * Sorted set of the ids of ACTIVE sessions without a login to fall back on whose token family
+   * ends at a known time (scored by it, epoch ms), for the family-end gauge. Written with the
+   * reauth index.
+   */
+  get familyEnds(): string {
+    return `${this.prefix}family-ends`;
+  }
+
   /** Pub/sub channel of SessionEvent messages. */
   get events(): string {
     return `${this.prefix}events`;

@@ -1,12 +1,13 @@
 import type { Transition } from '../session-transitions.js';
 import { KeySpace } from './keys.js';
 import type { InflightMarker, SessionEvent, SessionRef, StoredSession } from './session-record.js';
-import type {
-  DueClaim,
-  MarkResult,
-  SessionCounts,
-  SessionPage,
-  SessionStore,
+import {
+  familyEndOf,
+  type DueClaim,
+  type MarkResult,
+  type SessionCounts,
+  type SessionPage,
+  type SessionStore,
 } from './session-store.js';
 
 /** Embedded mode: state in this process only. Not for production (one replica, lost on exit). */
@@ -87,6 +88,15 @@ export class MemorySessionStore implements SessionStore {
     for (const { record } of this.sessions.values())
       if (record.status === 'REAUTH_REQUIRED') reauthRequired += 1;
     return Promise.resolve({ active: this.due.size, reauthRequired });
+  }
+
+  familyEndCounts(now: number, horizonsMs: readonly number[]): Promise<number[]> {
+    const ends: number[] = [];
+    for (const { record } of this.sessions.values()) {
+      const end = familyEndOf(record);
+      if (end !== undefined) ends.push(end);
+    }
+    return Promise.resolve(horizonsMs.map((h) => ends.filter((end) => end < now + h).length));
   }
 
   nextDueAt(): Promise<number | undefined> {

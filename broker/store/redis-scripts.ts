@@ -7,10 +7,12 @@
 /**
  * Commits a session transition: compare-and-set write, due-queue entry, indexes, then publish.
  * KEYS[1] session hash   KEYS[2] due sorted set   KEYS[3] session index   KEYS[4] reauth index
+ * KEYS[5] family-end index
  * ARGV[1] expected generation ('' = the session must not exist)
  * ARGV[2] new generation   ARGV[3] sealed record   ARGV[4] now (epoch ms)
  * ARGV[5] events channel   ARGV[6] event payload (JSON, no token values)
  * ARGV[7] session id   ARGV[8] due time ('' = leave the due queue)   ARGV[9] '1' if REAUTH_REQUIRED
+ * ARGV[10] when the family ends at the latest ('' = not counted: see familyEndOf)
  * Returns 1 when committed, 0 on a compare-and-set miss (nothing changed).
  */
 export const COMMIT_SESSION = `
@@ -35,6 +37,11 @@ if ARGV[9] == '1' then
   redis.call('ZADD', KEYS[4], ARGV[4], ARGV[7])
 else
   redis.call('ZREM', KEYS[4], ARGV[7])
+end
+if ARGV[10] == '' then
+  redis.call('ZREM', KEYS[5], ARGV[7])
+else
+  redis.call('ZADD', KEYS[5], ARGV[10], ARGV[7])
 end
 if current ~= ARGV[2] then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 return 1

@@ -12,12 +12,13 @@ import type {
   SessionRef,
   StoredSession,
 } from './session-record.js';
-import type {
-  DueClaim,
-  MarkResult,
-  SessionCounts,
-  SessionPage,
-  SessionStore,
+import {
+  familyEndOf,
+  type DueClaim,
+  type MarkResult,
+  type SessionCounts,
+  type SessionPage,
+  type SessionStore,
 } from './session-store.js';
 
 interface ScriptCommands {
@@ -45,7 +46,7 @@ export class RedisSessionStore implements SessionStore {
     this.keys = new KeySpace(prefix);
     const redis = new Redis(url, { maxRetriesPerRequest: 2, commandTimeout: 5_000 });
     redis.on('error', (err: Error) => log.warn({ err: err.message }, 'state store error'));
-    redis.defineCommand('tbCommit', { numberOfKeys: 4, lua: COMMIT_SESSION });
+    redis.defineCommand('tbCommit', { numberOfKeys: 5, lua: COMMIT_SESSION });
     redis.defineCommand('tbMark', { numberOfKeys: 1, lua: MARK_INFLIGHT });
     redis.defineCommand('tbTouch', { numberOfKeys: 1, lua: TOUCH_SESSION });
     redis.defineCommand('tbClaim', { numberOfKeys: 1, lua: CLAIM_DUE });
@@ -134,6 +135,7 @@ export class RedisSessionStore implements SessionStore {
       this.keys.due,
       this.keys.index,
       this.keys.reauth,
+      this.keys.familyEnds,
       expectedGeneration === null ? '' : String(expectedGeneration),
       String(record.generation),
       sealed,
@@ -143,6 +145,7 @@ export class RedisSessionStore implements SessionStore {
       id,
       transition.dueAt === undefined ? '' : String(transition.dueAt),
       record.status === 'REAUTH_REQUIRED' ? '1' : '0',
+      String(familyEndOf(record) ?? ''),
     );
     return committed === 1;
   }
@@ -190,6 +193,12 @@ export class RedisSessionStore implements SessionStore {
       this.redis.zcard(this.keys.reauth),
     ]);
     return { active, reauthRequired };
+  }
+
+  async familyEndCounts(now: number, horizonsMs: readonly number[]): Promise<number[]> {
+    return Promise.all(
+      horizonsMs.map((h) => this.redis.zcount(this.keys.familyEnds, '-inf', `(${now + h}`)),
+    );
   }
 
   async nextDueAt(): Promise<number | undefined> {

@@ -42,6 +42,8 @@ export interface SessionRecord extends SessionRef {
    * at enrollment, and after the family ended (invalid_grant).
    */
   login?: StoredLogin | undefined;
+  /** When the broker last logged in for this session (epoch ms); bounds logging in ahead. */
+  loggedInAt?: number | undefined;
   /** Logins since the last successful refresh; bounds logging in again when refreshes keep failing. */
   reloginStreak?: number | undefined;
   /**

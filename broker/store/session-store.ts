@@ -1,5 +1,11 @@
 import type { Transition } from '../session-transitions.js';
-import type { InflightMarker, SessionEvent, SessionRef, StoredSession } from './session-record.js';
+import type {
+  InflightMarker,
+  SessionEvent,
+  SessionRecord,
+  SessionRef,
+  StoredSession,
+} from './session-record.js';
 
 /** Result of marking a presentation in flight. */
 export type MarkResult =
@@ -14,6 +20,16 @@ export type MarkResult =
 export interface DueClaim {
   ref: SessionRef;
   dueAt: number;
+}
+
+/**
+ * When a session's token family ends for good, for the family-end gauge: only for an ACTIVE
+ * session with no login to fall back on (a login session logs in again ahead of it) whose refresh
+ * token has a known end; undefined otherwise.
+ */
+export function familyEndOf(record: SessionRecord): number | undefined {
+  if (record.status !== 'ACTIVE' || record.login !== undefined) return undefined;
+  return record.refreshExpiresAt > 0 ? record.refreshExpiresAt : undefined;
 }
 
 /** Cluster-wide session counts for the gauges. */
@@ -60,6 +76,11 @@ export interface SessionStore {
   list(tenant: string, after: string, limit: number): Promise<SessionPage>;
   /** How many sessions are active and how many need re-authentication (cheap: two counters). */
   sessionCounts(): Promise<SessionCounts>;
+  /**
+   * For each horizon (ms), how many sessions' families end (familyEndOf) before `now + horizon`,
+   * ended ones included (one cheap count per horizon).
+   */
+  familyEndCounts(now: number, horizonsMs: readonly number[]): Promise<number[]>;
   /**
    * Calls `onEvent` for every published change from any replica. `onResync` is called when
    * events may have been missed (the subscription reconnected): re-read what you watch.

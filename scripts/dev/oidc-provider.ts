@@ -121,6 +121,13 @@ export interface OidcProviderOptions {
   jwtAccessTokens?: { audience: string };
   /** Register the RFC 8693 token-exchange grant for both clients; default off. */
   tokenExchange?: boolean;
+  /**
+   * Keycloak-like SSO session maximum: every refresh token of a family expires this many seconds
+   * after the family began (rotation does not extend it), the token response says how long is
+   * left in `refresh_expires_in`, and past it the family's refresh token is refused
+   * (invalid_grant). Default: none (each rotated refresh token lives refreshTokenTtlSeconds).
+   */
+  sessionMaxSeconds?: number;
 }
 
 export interface OidcProviderHarness {
@@ -156,6 +163,10 @@ export interface OidcProviderHarness {
   /** Listens again on the same port. */
   resumeListening(): Promise<void>;
   close(): Promise<void>;
+}
+
+function epochSeconds(): number {
+  return Math.floor(Date.now() / 1000);
 }
 
 export function sha256Hex(value: string): string {
@@ -210,7 +221,14 @@ export async function startOidcProvider(
     rotateRefreshToken: true,
     ttl: {
       AccessToken: accessTokenTtl,
-      RefreshToken: refreshTokenTtl,
+      RefreshToken:
+        options.sessionMaxSeconds === undefined
+          ? refreshTokenTtl
+          : (_ctx: unknown, token: { iiat?: number }) =>
+              Math.max(
+                1,
+                (token.iiat ?? epochSeconds()) + options.sessionMaxSeconds! - epochSeconds(),
+              ),
       // The grant outlives any one refresh token: the family dies by reuse or revocation.
       Grant: Math.max(refreshTokenTtl, 30 * 24 * 60 * 60),
       IdToken: 3600,
@@ -394,6 +412,14 @@ export async function startOidcProvider(
     }
   };
 
+  /** Keycloak's `refresh_expires_in`: what is left of the family's session maximum. */
+  const addRefreshExpiresIn = async (ctx: KoaContext): Promise<void> => {
+    const body = ctx.body as Record<string, unknown> | undefined;
+    if (ctx.status !== 200 || typeof body?.refresh_token !== 'string') return;
+    const token = await provider.RefreshToken.find(body.refresh_token);
+    if (token?.exp !== undefined) body.refresh_expires_in = Math.max(0, token.exp - epochSeconds());
+  };
+
   provider.use(async (ctx: KoaContext, next: Next) => {
     if (ctx.method === 'POST' && ctx.path === REVOCATION_PATH) {
       await next();
@@ -426,6 +452,7 @@ export async function startOidcProvider(
     if (active.kind === 'delay') await sleep(active.ms);
     try {
       await next();
+      if (options.sessionMaxSeconds !== undefined) await addRefreshExpiresIn(ctx);
     } finally {
       recordPresentation(ctx, arrivedAt);
     }

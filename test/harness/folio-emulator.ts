@@ -27,7 +27,8 @@
  *
  * TTLs are configured like mod-authtoken's TOKEN_EXPIRATION_SECONDS: `accessToken:600,
  * refreshToken:604800` (the defaults), or per tenant, `tenantId:diku,accessToken:3;...`.
- * A refresh issues an RT with a fresh RT lifetime, as mod-authtoken does.
+ * A refresh issues an RT with a fresh RT lifetime, as mod-authtoken does (capped at the family's
+ * end with `familyMaxSeconds`).
  *
  * Counters (live; resetCounters() zeroes them): logins, loginFailures, refreshRequests, refreshes,
  * refreshRejections, reuses (used RTs presented again), revocations (whole-user revocations:
@@ -71,6 +72,12 @@ export interface FolioEmulatorOptions {
   tokenExpiration?: string;
   /** mod-login's LOGIN_COOKIE_SAMESITE; default None, as in the RTR guide's example. */
   sameSite?: 'None' | 'Lax' | 'Strict';
+  /**
+   * A Keycloak-like session maximum behind the gateway (FOLIO Eureka): every refresh token of a
+   * family expires at most this many seconds after its login, whatever its own lifetime, so
+   * refreshTokenExpiration counts down to the family's end. Default: none.
+   */
+  familyMaxSeconds?: number;
 }
 
 export interface FolioCounters {
@@ -145,6 +152,8 @@ interface Family {
   id: string;
   user: User;
   refreshes: number;
+  /** Epoch ms of its login. */
+  startedAt: number;
 }
 
 interface RefreshTokenState {
@@ -247,7 +256,14 @@ export async function startFolioEmulator(
       randomBytes(48).toString('base64url'),
       randomBytes(16).toString('base64url'),
     ].join('.');
-    const refreshExpiresAt = now + ttl.refreshToken * 1000;
+    const refreshExpiresAt =
+      options.familyMaxSeconds === undefined
+        ? now + ttl.refreshToken * 1000
+        : Math.min(
+            now + ttl.refreshToken * 1000,
+            family.startedAt + options.familyMaxSeconds * 1000,
+          );
+    const refreshMaxAge = Math.max(0, Math.floor((refreshExpiresAt - now) / 1000));
     refreshTokens.set(refreshToken, {
       family,
       expiresAt: refreshExpiresAt,
@@ -261,7 +277,7 @@ export async function startFolioEmulator(
     res.statusCode = 201;
     res.setHeader('set-cookie', [
       cookie('folioAccessToken', accessToken, ttl.accessToken, '/'),
-      cookie('folioRefreshToken', refreshToken, ttl.refreshToken, '/authn'),
+      cookie('folioRefreshToken', refreshToken, refreshMaxAge, '/authn'),
     ]);
     json(res, 201, {
       accessTokenExpiration: new Date(accessExp * 1000).toISOString(),
@@ -335,7 +351,7 @@ export async function startFolioEmulator(
         return;
       }
       counters.logins++;
-      const family: Family = { id: randomUUID(), user, refreshes: 0 };
+      const family: Family = { id: randomUUID(), user, refreshes: 0, startedAt: Date.now() };
       const families = familiesByUser.get(userKey(tenant, user.username)) ?? [];
       families.push(family);
       familiesByUser.set(userKey(tenant, user.username), families);

@@ -6,7 +6,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startBroker, type RunningBroker } from '../../broker/broker-app.js';
 import { loadConfig } from '../../broker/config.js';
 import { BrokerGrpcServer } from '../../broker/grpc/grpc-server.js';
-import type { IdpAdapter, IdpContext, TokenSet } from '../../broker/idp/idp-adapter.js';
+import type {
+  IdpAdapter,
+  IdpContext,
+  RevokeOutcome,
+  TokenSet,
+} from '../../broker/idp/idp-adapter.js';
 import { OAuth2Adapter } from '../../broker/idp/oauth2-adapter.js';
 import { MemoryLockService } from '../../broker/lock/memory-lock-service.js';
 import { RotationPolicy } from '../../broker/rotation/rotation-policy.js';
@@ -79,7 +84,7 @@ class RecordingIdp implements IdpAdapter {
     }
   }
 
-  revoke(refreshToken: string, signal: AbortSignal, context: IdpContext): Promise<void> {
+  revoke(refreshToken: string, signal: AbortSignal, context: IdpContext): Promise<RevokeOutcome> {
     return this.inner.revoke(refreshToken, signal, context);
   }
 

@@ -211,11 +211,24 @@ describe('system-user enrollment (login-with-expiry)', () => {
       expect(lines.join('\n').includes(password)).toBe(false);
       expect(JSON.stringify(await client.list(TENANT)).includes(password)).toBe(false);
 
+      const beforeWrong = (await client.list(TENANT)).sessions.find((s) => s.user === 'sys-inline');
       const wrong = await rpcError(
         enroll(client, loginRequest('sys-inline', { $case: 'password', value: 'pw-FAKE-wrong' })),
       );
-      expect(wrong.code).toBe(grpc.status.FAILED_PRECONDITION);
-      expect(wrong.details).toBe('the identity provider refused the login');
+      // A refused login is the caller's bad argument (issue 12), and the session that worked
+      // before is left as it was.
+      expect(wrong.code).toBe(grpc.status.INVALID_ARGUMENT);
+      expect(wrong.details).toMatch(
+        /^login was refused by identity provider "folio" \(.*password\.incorrect/,
+      );
+      const afterWrong = (await client.list(TENANT)).sessions.find((s) => s.user === 'sys-inline');
+      expect({ ...afterWrong, lastUsedAt: undefined }).toEqual({
+        ...beforeWrong,
+        lastUsedAt: undefined,
+      });
+      expect((await client.getToken(TENANT, 'sys-inline')).token!.generation).toBe(
+        session.generation,
+      );
 
       const escape = await rpcError(
         enroll(client, loginRequest('x', { $case: 'passwordFile', value: '../etc/passwd' })),
@@ -229,7 +242,8 @@ describe('system-user enrollment (login-with-expiry)', () => {
       const noUser = await rpcError(
         enroll(client, { ...loginRequest('x', { $case: 'password', value: 'p' }), user: 'x' }),
       );
-      expect(noUser.code).toBe(grpc.status.FAILED_PRECONDITION);
+      expect(noUser.code).toBe(grpc.status.INVALID_ARGUMENT);
+      expect((await rpcError(client.getToken(TENANT, 'x'))).code).toBe(grpc.status.NOT_FOUND);
     } finally {
       client.close();
       await broker.stop();

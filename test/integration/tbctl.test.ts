@@ -90,7 +90,13 @@ describe('tbctl', () => {
 
     const revoked = await tbctl('revoke', 'diku', 'erin');
     expect(revoked.code).toBe(0);
-    expect(revoked.stdout).toMatch(/revoked diku\/erin at generation \d+/);
+    expect(revoked.stdout).toMatch(/revoked diku\/erin at generation \d+; revoked at the IdP too/);
+    // Once more: the broker says the IdP was not asked again, and why.
+    const again = await tbctl('revoke', 'diku', 'erin', '--json');
+    expect(again.code).toBe(0);
+    const answer = JSON.parse(again.stdout) as Record<string, unknown>;
+    expect(answer).toMatchObject({ status: 'REVOKED', idpRevoked: false });
+    expect(answer.idpRevokeProblem).toMatch(/^already revoked/);
     const after = await tbctl('token', 'diku', 'erin', '--reveal');
     expect(after.code).toBe(4);
 

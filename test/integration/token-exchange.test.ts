@@ -147,8 +147,9 @@ describe('enrollment by token exchange (RFC 8693)', () => {
     const plainClient = new BrokerClient(plain.address);
     try {
       const bogus = await rpcError(enroll(client, exchangeRequest('bob', 'not-a-token-0001')));
-      expect(bogus.code).toBe(grpc.status.FAILED_PRECONDITION);
-      expect(bogus.metadata.get('tb-error-code')).toEqual(['REAUTH_REQUIRED']);
+      // The caller's subject token is the bad argument (issue 12): INVALID_ARGUMENT, naming it.
+      expect(bogus.code).toBe(grpc.status.INVALID_ARGUMENT);
+      expect(bogus.details).toMatch(/^token_exchange\.subject_token was rejected .*invalid_grant/);
       expect(bogus.details).not.toContain('not-a-token-0001');
       expect((await rpcError(client.getToken(TENANT, 'bob'))).code).toBe(grpc.status.NOT_FOUND);
 
@@ -160,8 +161,13 @@ describe('enrollment by token exchange (RFC 8693)', () => {
       const refused = await rpcError(
         enroll(plainClient, exchangeRequest('carol', user.access_token)),
       );
-      expect(refused.code).toBe(grpc.status.INVALID_ARGUMENT);
-      expect(refused.details.startsWith('token_exchange ')).toBe(true);
+      // The broker's client may not exchange: its configuration, not the caller's token.
+      expect(refused.code).toBe(grpc.status.FAILED_PRECONDITION);
+      expect(refused.metadata.get('tb-error-code')).toEqual(['BROKER_CLIENT_REJECTED']);
+      expect(refused.details).toContain("rejected the broker's own client configuration");
+      expect((await rpcError(plainClient.getToken(TENANT, 'carol'))).code).toBe(
+        grpc.status.NOT_FOUND,
+      );
     } finally {
       client.close();
       plainClient.close();

@@ -8,6 +8,7 @@ import {
   type IdpAdapter,
   type IdpContext,
   type LoginCredentials,
+  type RevokeOutcome,
   type TokenSet,
 } from '../../broker/idp/idp-adapter.js';
 import { LoginSecrets } from '../../broker/idp/login-secrets.js';
@@ -66,8 +67,8 @@ class ScriptedFolio implements IdpAdapter {
     return (this.logins.shift() ?? unscripted)();
   }
 
-  revoke(): Promise<void> {
-    return Promise.resolve();
+  revoke(): Promise<RevokeOutcome> {
+    return Promise.resolve({ revoked: true });
   }
 
   count(kind: 'refresh' | 'login'): number {

@@ -229,6 +229,24 @@ describe('OAuth2Adapter token response', () => {
     expect(set.refreshExpiresAt).toBeUndefined();
   });
 
+  it('without refresh_expires_in, the exp of a JWT refresh token is when the family ends', async () => {
+    const b64url = (o: object) => Buffer.from(JSON.stringify(o)).toString('base64url');
+    const exp = Math.floor(T0 / 1000) + 7_200;
+    const jwtRt = `${b64url({ alg: 'HS256' })}.${b64url({ exp, typ: 'Refresh' })}.c2ln`;
+    const answers = [
+      { access_token: NEW_AT, refresh_token: jwtRt },
+      // refresh_expires_in wins over the JWT (Keycloak sends both, and they agree).
+      { access_token: NEW_AT, refresh_token: jwtRt, refresh_expires_in: 60 },
+      { access_token: NEW_AT, refresh_token: NEW_RT },
+    ];
+    const idp = await fakeIdp((_seen, res) => reply(res, 200, answers.shift()!));
+    const broker = adapter({ tokenEndpoint: `${idp.base}/token` });
+    expect((await broker.refresh(SENT_RT, signal())).refreshExpiresAt).toBe(exp * 1000);
+    expect((await broker.refresh(SENT_RT, signal())).refreshExpiresAt).toBe(T0 + 60_000);
+    // Opaque and no refresh_expires_in: unknown.
+    expect((await broker.refresh(SENT_RT, signal())).refreshExpiresAt).toBeUndefined();
+  });
+
   it('reads the clock before sending, not after the answer', async () => {
     let clock = T0;
     const idp = await fakeIdp((_seen, res) => {
@@ -539,7 +557,8 @@ describe('OAuth2Adapter discovery', () => {
     const broker = adapter({ issuer: `${idp.base}/realms/demo/` });
     await Promise.all([broker.refresh(SENT_RT, signal()), broker.refresh(SENT_RT, signal())]);
     await broker.refresh(SENT_RT, signal());
-    await broker.revoke(SENT_RT, signal());
+    expect(await broker.revoke(SENT_RT, signal())).toEqual({ revoked: true });
+    expect(await broker.revocationProblem(signal())).toBeUndefined();
 
     expect(idp.hits('/realms/demo/.well-known/openid-configuration')).toBe(1);
     expect(idp.hits('/realms/demo/protocol/token')).toBe(3);
@@ -591,12 +610,30 @@ describe('OAuth2Adapter discovery', () => {
     expect((err as IdpTransientError).message).toContain('token_endpoint');
   });
 
-  it('revoke is a no-op when discovery lists no revocation_endpoint', async () => {
+  it('revoke sends nothing and says so when discovery lists no revocation_endpoint', async () => {
     const idp = await discoverable((base) => ({
       token_endpoint: `${base}/realms/demo/protocol/token`,
     }));
-    await adapter({ issuer: `${idp.base}/realms/demo` }).revoke(SENT_RT, signal());
+    const broker = adapter({ issuer: `${idp.base}/realms/demo` });
+    expect(await broker.revoke(SENT_RT, signal())).toEqual({
+      revoked: false,
+      reason: 'no revocation endpoint',
+    });
+    expect(await broker.revocationProblem(signal())).toMatch(
+      /^no revocation endpoint \(neither TB_IDP_REVOCATION_ENDPOINT nor revocation_endpoint in the discovery document\)$/,
+    );
     expect(idp.seen.map((s) => s.path)).toEqual(['/realms/demo/.well-known/openid-configuration']);
+  });
+
+  it('without issuer or revocation endpoint there is nowhere to revoke, and nothing is sent', async () => {
+    const idp = await discoverable(fullDocument);
+    const broker = adapter({ tokenEndpoint: `${idp.base}/realms/demo/protocol/token` });
+    expect(await broker.revoke(SENT_RT, signal())).toEqual({
+      revoked: false,
+      reason: 'no revocation endpoint',
+    });
+    expect(await broker.revocationProblem(signal())).toContain('no issuer is set');
+    expect(idp.seen).toEqual([]);
   });
 
   it('an explicit tokenEndpoint wins over discovery', async () => {

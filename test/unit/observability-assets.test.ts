@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { parse } from 'yaml';
-import { BrokerMetrics } from '../../broker/broker-metrics.js';
+import { BrokerMetrics, FAMILY_END_HORIZONS } from '../../broker/broker-metrics.js';
 import { openMetricsEndpoint } from '../../shared/telemetry/metrics-endpoint.js';
 import { OtelSidecarMetrics } from '../../sidecar/metrics.js';
 
@@ -37,6 +37,7 @@ beforeAll(async () => {
   metrics.observe({
     sessionCounts: () => Promise.resolve({ active: 1, reauthRequired: 0 }),
     watchers: () => 1,
+    familyEnding: () => Promise.resolve([0, 1, 2]),
   });
   metrics.rotation('rotated');
   metrics.idpCall('refresh', 'ok', 120);
@@ -111,6 +112,11 @@ describe('deploy/observability/prometheus-rules.yaml', () => {
     expect(byMetric('tb_broker_sessions_reauth_required')).toHaveLength(1);
     expect(byMetric('tb_broker_due_lag_seconds')).toHaveLength(1);
     expect(byMetric('tb_sidecar_token_remaining_seconds')).toHaveLength(1);
+    // Issue 12: a family about to end, read at one of the horizons the gauge really reports.
+    const ending = byMetric('tb_broker_sessions_family_ending');
+    expect(ending).toHaveLength(1);
+    const within = /within="([^"]+)"/.exec(ending[0]!.expr as string)?.[1];
+    expect(FAMILY_END_HORIZONS.map((h) => h.within)).toContain(within);
   });
 
   it('reads only metrics that exist', () => {

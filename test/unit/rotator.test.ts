@@ -3,7 +3,11 @@ import { BrokerMetrics } from '../../broker/broker-metrics.js';
 import { MetricSnapshot } from '../../shared/telemetry/metric-snapshot.js';
 import { beforeEach, describe, expect, it } from 'vitest';
 
-import { type IdpAdapter, type TokenSet } from '../../broker/idp/idp-adapter.js';
+import {
+  type IdpAdapter,
+  type RevokeOutcome,
+  type TokenSet,
+} from '../../broker/idp/idp-adapter.js';
 import type { HeldLock, LockService } from '../../broker/lock/lock-service.js';
 import { MemoryLockService } from '../../broker/lock/memory-lock-service.js';
 import { RotationPolicy } from '../../broker/rotation/rotation-policy.js';
@@ -49,8 +53,8 @@ class ScriptedIdp implements IdpAdapter {
     return step();
   }
 
-  revoke(): Promise<void> {
-    return Promise.resolve();
+  revoke(): Promise<RevokeOutcome> {
+    return Promise.resolve({ revoked: true });
   }
 }
 

@@ -148,9 +148,9 @@ export interface EnrollRequest {
     { $case: "refreshToken"; value: string }
     | //
     /**
-     * A system user's login (FOLIO login-with-expiry). The broker logs in now
-     * and again whenever the token family ends (invalid_grant); a refused
-     * login makes the session REAUTH_REQUIRED.
+     * A system user's login (FOLIO login-with-expiry). The broker logs in now,
+     * again ahead of the family's known end, and whenever the family ends
+     * (invalid_grant); a refused later login makes the session REAUTH_REQUIRED.
      */
     { $case: "login"; value: LoginCredential }
     | //
@@ -248,7 +248,19 @@ export interface RevokeRequest {
 }
 
 export interface RevokeResponse {
-  session?: Session | undefined;
+  session?:
+    | Session
+    | undefined;
+  /**
+   * Whether the identity provider confirmed the revocation of the refresh token. The broker
+   * forgets the token either way; false means it may still work at the IdP until it expires.
+   */
+  idpRevoked: boolean;
+  /**
+   * Why the IdP did not revoke it, empty when it did: for example "no revocation endpoint",
+   * "IdP error IDP_UNAVAILABLE", "already revoked", "no refresh token held".
+   */
+  idpRevokeProblem: string;
 }
 
 export interface ListSessionsRequest {
@@ -2278,13 +2290,19 @@ export const RevokeRequest: MessageFns<RevokeRequest> = {
 };
 
 function createBaseRevokeResponse(): RevokeResponse {
-  return { session: undefined };
+  return { session: undefined, idpRevoked: false, idpRevokeProblem: "" };
 }
 
 export const RevokeResponse: MessageFns<RevokeResponse> = {
   encode(message: RevokeResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.session !== undefined) {
       Session.encode(message.session, writer.uint32(10).fork()).join();
+    }
+    if (message.idpRevoked !== false) {
+      writer.uint32(16).bool(message.idpRevoked);
+    }
+    if (message.idpRevokeProblem !== "") {
+      writer.uint32(26).string(message.idpRevokeProblem);
     }
     return writer;
   },
@@ -2310,6 +2328,22 @@ export const RevokeResponse: MessageFns<RevokeResponse> = {
             message.session = Session.decode(reader, reader.uint32());
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.idpRevoked = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.idpRevokeProblem = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2323,13 +2357,31 @@ export const RevokeResponse: MessageFns<RevokeResponse> = {
   },
 
   fromJSON(object: any): RevokeResponse {
-    return { session: isSet(object.session) ? Session.fromJSON(object.session) : undefined };
+    return {
+      session: isSet(object.session) ? Session.fromJSON(object.session) : undefined,
+      idpRevoked: isSet(object.idpRevoked)
+        ? globalThis.Boolean(object.idpRevoked)
+        : isSet(object.idp_revoked)
+        ? globalThis.Boolean(object.idp_revoked)
+        : false,
+      idpRevokeProblem: isSet(object.idpRevokeProblem)
+        ? globalThis.String(object.idpRevokeProblem)
+        : isSet(object.idp_revoke_problem)
+        ? globalThis.String(object.idp_revoke_problem)
+        : "",
+    };
   },
 
   toJSON(message: RevokeResponse): unknown {
     const obj: any = {};
     if (message.session !== undefined) {
       obj.session = Session.toJSON(message.session);
+    }
+    if (message.idpRevoked !== false) {
+      obj.idpRevoked = message.idpRevoked;
+    }
+    if (message.idpRevokeProblem !== "") {
+      obj.idpRevokeProblem = message.idpRevokeProblem;
     }
     return obj;
   },
@@ -2342,6 +2394,8 @@ export const RevokeResponse: MessageFns<RevokeResponse> = {
     message.session = (object.session !== undefined && object.session !== null)
       ? Session.fromPartial(object.session)
       : undefined;
+    message.idpRevoked = object.idpRevoked ?? false;
+    message.idpRevokeProblem = object.idpRevokeProblem ?? "";
     return message;
   },
 };
@@ -2557,6 +2611,10 @@ export const TokenBrokerServiceService = {
    * the caller's copy is dead. A system user's login is used at once and again
    * whenever the family ends. A token exchange (RFC 8693) trades the user's
    * token for a new family, leaving the user's own refresh token untouched.
+   * All or nothing: that first rotation, login or exchange happens inside the
+   * call; on any failure no session is created or changed. A credential the
+   * IdP rejects is INVALID_ARGUMENT; the IdP refusing the broker's own client
+   * is FAILED_PRECONDITION (tb-error-code BROKER_CLIENT_REJECTED).
    * Returns metadata only, never token values.
    */
   enroll: {
@@ -2608,7 +2666,8 @@ export const TokenBrokerServiceService = {
   },
   /**
    * Revoke stops refreshing a session at once and revokes its refresh token
-   * at the identity provider when the provider supports RFC 7009.
+   * at the identity provider when the provider supports RFC 7009; the answer
+   * says whether the IdP did (idp_revoked) and why not.
    */
   revoke: {
     path: "/tokenbroker.v1.TokenBrokerService/Revoke" as const,
@@ -2639,6 +2698,10 @@ export interface TokenBrokerServiceServer extends UntypedServiceImplementation {
    * the caller's copy is dead. A system user's login is used at once and again
    * whenever the family ends. A token exchange (RFC 8693) trades the user's
    * token for a new family, leaving the user's own refresh token untouched.
+   * All or nothing: that first rotation, login or exchange happens inside the
+   * call; on any failure no session is created or changed. A credential the
+   * IdP rejects is INVALID_ARGUMENT; the IdP refusing the broker's own client
+   * is FAILED_PRECONDITION (tb-error-code BROKER_CLIENT_REJECTED).
    * Returns metadata only, never token values.
    */
   enroll: handleUnaryCall<EnrollRequest, EnrollResponse>;
@@ -2658,7 +2721,8 @@ export interface TokenBrokerServiceServer extends UntypedServiceImplementation {
   refresh: handleUnaryCall<RefreshRequest, RefreshResponse>;
   /**
    * Revoke stops refreshing a session at once and revokes its refresh token
-   * at the identity provider when the provider supports RFC 7009.
+   * at the identity provider when the provider supports RFC 7009; the answer
+   * says whether the IdP did (idp_revoked) and why not.
    */
   revoke: handleUnaryCall<RevokeRequest, RevokeResponse>;
   /** ListSessions returns session metadata, never token values. */
@@ -2672,6 +2736,10 @@ export interface TokenBrokerServiceClient extends Client {
    * the caller's copy is dead. A system user's login is used at once and again
    * whenever the family ends. A token exchange (RFC 8693) trades the user's
    * token for a new family, leaving the user's own refresh token untouched.
+   * All or nothing: that first rotation, login or exchange happens inside the
+   * call; on any failure no session is created or changed. A credential the
+   * IdP rejects is INVALID_ARGUMENT; the IdP refusing the broker's own client
+   * is FAILED_PRECONDITION (tb-error-code BROKER_CLIENT_REJECTED).
    * Returns metadata only, never token values.
    */
   enroll(
@@ -2735,7 +2803,8 @@ export interface TokenBrokerServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * Revoke stops refreshing a session at once and revokes its refresh token
-   * at the identity provider when the provider supports RFC 7009.
+   * at the identity provider when the provider supports RFC 7009; the answer
+   * says whether the IdP did (idp_revoked) and why not.
    */
   revoke(
     request: RevokeRequest,
