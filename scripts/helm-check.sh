@@ -30,6 +30,8 @@ render "$chart" -f "$values/minimal.yaml" -f "$values/tls-existing-secret.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/auth-policy.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/auth-jwks.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/insecure.yaml"
+render "$chart" -f "$values/minimal.yaml" -f "$values/webhook.yaml"
+render "$chart" -f "$values/minimal.yaml" -f "$values/webhook-cert-manager.yaml"
 render "$example"
 render "$example" -f "$values/module-container-sidecar.yaml"
 render "$example" -f "$values/module-tls-options.yaml"
@@ -48,4 +50,4 @@ for bad in "$values"/invalid-*.yaml "$values"/missing-*.yaml; do
   fi
   refused=$((refused + 1))
 done
-echo "helm-check: 3 charts lint clean, 13 value sets render, $refused bad ones are refused"
+echo "helm-check: 3 charts lint clean, 15 value sets render, $refused bad ones are refused"
