@@ -25,6 +25,7 @@ render "$chart" -f "$values/minimal.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/external-redis.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/hpa-servicemonitor.yaml"
 render "$chart" -f "$values/folio.yaml"
+render "$chart" -f "$values/idps.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/tls-cert-manager.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/tls-existing-secret.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/auth-policy.yaml"
@@ -50,4 +51,4 @@ for bad in "$values"/invalid-*.yaml "$values"/missing-*.yaml; do
   fi
   refused=$((refused + 1))
 done
-echo "helm-check: 3 charts lint clean, 15 value sets render, $refused bad ones are refused"
+echo "helm-check: 3 charts lint clean, 16 value sets render, $refused bad ones are refused"

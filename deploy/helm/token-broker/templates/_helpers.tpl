@@ -178,7 +178,7 @@ taking the lock and closing Redis connections. An explicit value below that fail
 
 {{/* "true" when the broker authenticates to an OAuth2 IdP with a client secret. */}}
 {{- define "token-broker.usesClientSecret" -}}
-{{- if and (eq .Values.idp.type "oauth2") (ne .Values.idp.authMethod "none") }}true{{ end }}
+{{- if and (not .Values.idps) (eq .Values.idp.type "oauth2") (ne .Values.idp.authMethod "none") }}true{{ end }}
 {{- end }}
 
 {{/* Where the server certificate comes from: certManager, existingSecret or generated. */}}
@@ -241,4 +241,17 @@ release's address, CA and audience, then webhook.sidecar over them. */}}
 {{- $tls := dict "enabled" .Values.tls.enabled "caConfigMap" (ternary (printf "%s-ca" $fullname) "" .Values.tls.enabled) }}
 {{- $computed := dict "brokerAddress" (printf "dns:///%s-headless.%s.svc.%s:50051" $fullname .Release.Namespace .Values.clusterDomain) "tls" $tls "serviceAccountToken" (dict "audience" .Values.auth.audience) }}
 {{- toJson (mustMergeOverwrite $computed (deepCopy .Values.webhook.sidecar)) }}
+{{- end }}
+
+{{/* The projected-volume sources of the idps' client secrets (file = the IdP's name). */}}
+{{- define "token-broker.idpSecretSources" -}}
+{{- range $idp := .Values.idps }}
+{{- with $idp.clientSecretRef }}
+- secret:
+    name: {{ .name }}
+    items:
+      - key: {{ .key }}
+        path: {{ $idp.name }}
+{{- end }}
+{{- end }}
 {{- end }}
