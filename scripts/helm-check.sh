@@ -24,6 +24,7 @@ render() {
 render "$chart" -f "$values/minimal.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/external-redis.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/hpa-servicemonitor.yaml"
+render "$chart" -f "$values/minimal.yaml" --set metrics.enabled=true,metrics.prometheusRule.enabled=true
 render "$chart" -f "$values/folio.yaml"
 render "$chart" -f "$values/idps.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/tls-cert-manager.yaml"
@@ -51,4 +52,4 @@ for bad in "$values"/invalid-*.yaml "$values"/missing-*.yaml; do
   fi
   refused=$((refused + 1))
 done
-echo "helm-check: 3 charts lint clean, 16 value sets render, $refused bad ones are refused"
+echo "helm-check: 3 charts lint clean, 17 value sets render, $refused bad ones are refused"
