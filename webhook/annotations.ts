@@ -185,7 +185,11 @@ export function readInjection(
 function checkWithSidecar(settings: SidecarSettings): void {
   const container = sidecarContainer(settings) as { env: EnvVar[] };
   try {
-    loadSidecarConfig(Object.fromEntries(container.env.map((e) => [e.name, e.value])));
+    loadSidecarConfig(
+      Object.fromEntries(
+        container.env.filter((e) => e.value !== undefined).map((e) => [e.name, e.value]),
+      ),
+    );
   } catch (err) {
     if (!(err instanceof ConfigError)) throw err;
     const variable = /^TB_SIDECAR_[A-Z_]+/.exec(err.setting)?.[0] ?? err.setting;

@@ -4,12 +4,15 @@
  * audience. Read once at start-up over DEFAULTS; an unknown key or a wrong type fails naming it.
  */
 import { readFileSync } from 'node:fs';
+import { posix } from 'node:path';
 import { DEFAULTS, CHART_SET_VARIABLES, type SidecarSettings } from './sidecar-spec.js';
 import { WebhookConfigError } from './errors.js';
 
+const { dirname } = posix;
+
 type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 
-const GROUPS = ['image', 'serviceAccountToken', 'tls'] as const;
+const GROUPS = ['image', 'serviceAccountToken', 'tls', 'telemetry'] as const;
 const FREE_FORM = new Set(['env', 'resources', 'podLabels']);
 
 export function readSidecarSettings(
@@ -72,6 +75,34 @@ export function mergeSettings(given: unknown, where: string): SidecarSettings {
   const settings = merged as unknown as SidecarSettings;
   if (!settings.brokerAddress)
     throw new WebhookConfigError(`${where}: brokerAddress`, 'is required');
+  if (settings.socket) {
+    // The same rule as the library chart's: the path goes into the probes' node -e script.
+    if (
+      !/^\/[A-Za-z0-9._-]+(\/[A-Za-z0-9._-]+)+$/.test(settings.socket) ||
+      settings.socket.length > 107 ||
+      settings.socket.includes('/../')
+    )
+      throw new WebhookConfigError(
+        `${where}: socket`,
+        `must be an absolute file path in a directory (at most 107 bytes), got ${JSON.stringify(settings.socket)}`,
+      );
+    if (dirname(settings.socket) === settings.tokenDir.replace(/\/$/, ''))
+      throw new WebhookConfigError(
+        `${where}: socket`,
+        'must not be in tokenDir (the module mounts that read-only)',
+      );
+  }
+  const telemetry = settings.telemetry;
+  if (telemetry.enabled && !telemetry.endpoint)
+    throw new WebhookConfigError(
+      `${where}: telemetry.endpoint`,
+      'is required with telemetry.enabled',
+    );
+  if (!['grpc', 'http/protobuf', 'http/json'].includes(telemetry.protocol))
+    throw new WebhookConfigError(
+      `${where}: telemetry.protocol`,
+      `must be grpc, http/protobuf or http/json, got ${JSON.stringify(telemetry.protocol)}`,
+    );
   for (const name of Object.keys(settings.env)) {
     if (!name.startsWith('TB_SIDECAR_'))
       throw new WebhookConfigError(

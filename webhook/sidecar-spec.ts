@@ -9,11 +9,17 @@
  * its defaults (that test compares them too).
  */
 
+import { posix } from 'node:path';
+
+const { dirname } = posix;
+
 export interface SidecarSettings {
   brokerAddress: string;
   native: boolean;
   image: { repository: string; tag: string; pullPolicy: string };
   port: number;
+  /** TB_SIDECAR_SOCKET: serve on this Unix socket instead of the port. */
+  socket: string;
   users: string[];
   allowedUsers: string[];
   maxUsers: number | null;
@@ -26,6 +32,16 @@ export interface SidecarSettings {
   podLabels: Record<string, string>;
   serviceAccountToken: { audience: string; expirationSeconds: number };
   tls: { enabled: boolean; caConfigMap: string; serverName: string };
+  telemetry: {
+    enabled: boolean;
+    endpoint: string;
+    protocol: string;
+    serviceName: string;
+    traces: boolean;
+    metrics: boolean;
+    sampler: string;
+    samplerArg: string;
+  };
 }
 
 export interface Resources {
@@ -38,6 +54,7 @@ export const DEFAULTS: SidecarSettings = {
   native: true,
   image: { repository: 'token-broker/sidecar', tag: '0.1.0', pullPolicy: 'IfNotPresent' },
   port: 8181,
+  socket: '',
   users: [],
   allowedUsers: [],
   maxUsers: null,
@@ -53,12 +70,23 @@ export const DEFAULTS: SidecarSettings = {
   podLabels: { 'token-broker.io/sidecar': 'true' },
   serviceAccountToken: { audience: 'token-broker', expirationSeconds: 3600 },
   tls: { enabled: true, caConfigMap: 'token-broker-ca', serverName: '' },
+  telemetry: {
+    enabled: false,
+    endpoint: '',
+    protocol: 'grpc',
+    serviceName: 'token-broker-sidecar',
+    traces: true,
+    metrics: true,
+    sampler: 'parentbased_traceidratio',
+    samplerArg: '1.0',
+  },
 };
 
 export const SIDECAR_NAME = 'token-broker-sidecar';
 export const SA_TOKEN_VOLUME = 'token-broker-sa-token';
 export const CA_VOLUME = 'token-broker-ca';
 export const TOKENS_VOLUME = 'token-broker-tokens';
+export const SOCKET_VOLUME = 'token-broker-socket';
 export const TOKEN_FILE = '/var/run/secrets/tokens/token-broker';
 const CA_DIR = '/var/run/token-broker/ca';
 
@@ -81,7 +109,8 @@ export const CHART_SET_VARIABLES = [
 
 export interface EnvVar {
   name: string;
-  value: string;
+  value?: string;
+  valueFrom?: { fieldRef: { fieldPath: string } };
 }
 
 export interface VolumeMount {
@@ -94,7 +123,9 @@ export interface VolumeMount {
 export function sidecarContainer(s: SidecarSettings): Record<string, unknown> {
   const env: EnvVar[] = [
     { name: 'TB_SIDECAR_BROKER_ADDRESS', value: s.brokerAddress },
-    { name: 'TB_SIDECAR_PORT', value: String(s.port) },
+    s.socket
+      ? { name: 'TB_SIDECAR_SOCKET', value: s.socket }
+      : { name: 'TB_SIDECAR_PORT', value: String(s.port) },
     { name: 'TB_SIDECAR_LOG_LEVEL', value: s.logLevel },
   ];
   if (s.users.length > 0) env.push({ name: 'TB_SIDECAR_USERS', value: s.users.join(',') });
@@ -112,6 +143,7 @@ export function sidecarContainer(s: SidecarSettings): Record<string, unknown> {
     if (s.tls.serverName)
       env.push({ name: 'TB_SIDECAR_BROKER_SERVER_NAME', value: s.tls.serverName });
   }
+  if (s.telemetry.enabled) env.push(...telemetryEnv(s.telemetry));
   // Helm ranges over a map in key order.
   for (const name of Object.keys(s.env).sort()) env.push({ name, value: String(s.env[name]) });
 
@@ -121,6 +153,7 @@ export function sidecarContainer(s: SidecarSettings): Record<string, unknown> {
   if (s.tls.enabled && s.tls.caConfigMap)
     volumeMounts.push({ name: CA_VOLUME, mountPath: CA_DIR, readOnly: true });
   if (s.tokenDir) volumeMounts.push({ name: TOKENS_VOLUME, mountPath: s.tokenDir });
+  if (s.socket) volumeMounts.push({ name: SOCKET_VOLUME, mountPath: dirname(s.socket) });
 
   return {
     name: SIDECAR_NAME,
@@ -130,14 +163,14 @@ export function sidecarContainer(s: SidecarSettings): Record<string, unknown> {
     ...(s.native ? { restartPolicy: 'Always' } : {}),
     env,
     startupProbe: {
-      ...probe(s.port, '/healthz'),
+      ...probe(s, '/healthz'),
       periodSeconds: 1,
       timeoutSeconds: 3,
       failureThreshold: 30,
     },
-    readinessProbe: { ...probe(s.port, '/readyz'), periodSeconds: 5, timeoutSeconds: 3 },
+    readinessProbe: { ...probe(s, '/readyz'), periodSeconds: 5, timeoutSeconds: 3 },
     livenessProbe: {
-      ...probe(s.port, '/healthz'),
+      ...probe(s, '/healthz'),
       periodSeconds: 10,
       timeoutSeconds: 3,
       failureThreshold: 3,
@@ -155,17 +188,36 @@ export function sidecarContainer(s: SidecarSettings): Record<string, unknown> {
   };
 }
 
-/** The sidecar binds 127.0.0.1 only and kubelet's httpGet goes to the pod IP: an exec probe. */
-function probe(port: number, path: string): { exec: { command: string[] } } {
-  return {
-    exec: {
-      command: [
-        'node',
-        '-e',
-        `fetch('http://127.0.0.1:${port}${path}', { signal: AbortSignal.timeout(2000) }).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))`,
-      ],
+/**
+ * The sidecar binds 127.0.0.1 (or a Unix socket) only and kubelet's httpGet goes to the pod IP: an
+ * exec probe with the image's node; node:http for the socket, which fetch cannot dial.
+ */
+function probe(s: SidecarSettings, path: string): { exec: { command: string[] } } {
+  const script = s.socket
+    ? `require('node:http').get({ socketPath: '${s.socket}', path: '${path}', headers: { host: 'localhost' }, timeout: 2000 }, (r) => process.exit(r.statusCode === 200 ? 0 : 1)).on('timeout', () => process.exit(1)).on('error', () => process.exit(1))`
+    : `fetch('http://127.0.0.1:${s.port}${path}', { signal: AbortSignal.timeout(2000) }).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))`;
+  return { exec: { command: ['node', '-e', script] } };
+}
+
+/** OTLP export of traces and metrics (Prometheus cannot scrape the sidecar's 127.0.0.1). */
+function telemetryEnv(t: SidecarSettings['telemetry']): EnvVar[] {
+  const field = (fieldPath: string) => ({ fieldRef: { fieldPath } });
+  return [
+    { name: 'OTEL_SERVICE_NAME', value: t.serviceName },
+    { name: 'K8S_POD_NAME', valueFrom: field('metadata.name') },
+    { name: 'K8S_NAMESPACE_NAME', valueFrom: field('metadata.namespace') },
+    {
+      name: 'OTEL_RESOURCE_ATTRIBUTES',
+      value: 'k8s.pod.name=$(K8S_POD_NAME),k8s.namespace.name=$(K8S_NAMESPACE_NAME)',
     },
-  };
+    { name: 'OTEL_EXPORTER_OTLP_ENDPOINT', value: t.endpoint },
+    { name: 'OTEL_EXPORTER_OTLP_PROTOCOL', value: t.protocol },
+    { name: 'OTEL_TRACES_EXPORTER', value: t.traces ? 'otlp' : 'none' },
+    { name: 'OTEL_METRICS_EXPORTER', value: t.metrics ? 'otlp' : 'none' },
+    { name: 'OTEL_TRACES_SAMPLER', value: t.sampler },
+    { name: 'OTEL_TRACES_SAMPLER_ARG', value: t.samplerArg },
+    { name: 'OTEL_LOGS_EXPORTER', value: 'none' },
+  ];
 }
 
 /** The pod volumes the sidecar needs ("token-broker-sidecar.volumes"). */
@@ -193,17 +245,25 @@ export function sidecarVolumes(s: SidecarSettings): Record<string, unknown>[] {
     });
   if (s.tokenDir)
     volumes.push({ name: TOKENS_VOLUME, emptyDir: { medium: 'Memory', sizeLimit: '1Mi' } });
+  if (s.socket)
+    volumes.push({ name: SOCKET_VOLUME, emptyDir: { medium: 'Memory', sizeLimit: '1Mi' } });
   return volumes;
 }
 
 /** What a module container reads ("token-broker-sidecar.moduleEnv"). */
 export function moduleEnv(s: SidecarSettings): EnvVar[] {
-  const env = [{ name: 'TOKEN_BROKER_URL', value: `http://127.0.0.1:${s.port}` }];
+  const env = s.socket
+    ? [{ name: 'TOKEN_BROKER_SOCKET', value: s.socket }]
+    : [{ name: 'TOKEN_BROKER_URL', value: `http://127.0.0.1:${s.port}` }];
   if (s.tokenDir) env.push({ name: 'TOKEN_BROKER_TOKEN_DIR', value: s.tokenDir });
   return env;
 }
 
-/** The token directory, read-only, for a module container ("…moduleVolumeMounts"). */
+/** The token directory (read-only) and the socket's, for a module container ("…moduleVolumeMounts"). */
 export function moduleVolumeMounts(s: SidecarSettings): VolumeMount[] {
-  return s.tokenDir ? [{ name: TOKENS_VOLUME, mountPath: s.tokenDir, readOnly: true }] : [];
+  const mounts: VolumeMount[] = [];
+  if (s.tokenDir) mounts.push({ name: TOKENS_VOLUME, mountPath: s.tokenDir, readOnly: true });
+  // The socket's directory: connecting needs write access to the socket file.
+  if (s.socket) mounts.push({ name: SOCKET_VOLUME, mountPath: dirname(s.socket) });
+  return mounts;
 }
