@@ -68,7 +68,7 @@ export function review(
   const outcome =
     request.kind?.kind === 'Pod' && request.object && typeof request.object === 'object'
       ? mutatePod(
-          request.object as Pod,
+          request.object,
           typeof request.namespace === 'string' ? request.namespace : '',
           options,
         )

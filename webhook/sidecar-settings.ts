@@ -4,11 +4,9 @@
  * audience. Read once at start-up over DEFAULTS; an unknown key or a wrong type fails naming it.
  */
 import { readFileSync } from 'node:fs';
-import { posix } from 'node:path';
+import { dirname } from 'node:path/posix';
 import { DEFAULTS, CHART_SET_VARIABLES, type SidecarSettings } from './sidecar-spec.js';
 import { WebhookConfigError } from './errors.js';
-
-const { dirname } = posix;
 
 type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 

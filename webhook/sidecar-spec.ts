@@ -9,9 +9,7 @@
  * its defaults (that test compares them too).
  */
 
-import { posix } from 'node:path';
-
-const { dirname } = posix;
+import { dirname } from 'node:path/posix';
 
 export interface SidecarSettings {
   brokerAddress: string;
