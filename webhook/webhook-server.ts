@@ -21,7 +21,16 @@ export interface RunningWebhook {
   stop(): Promise<void>;
 }
 
-export async function startWebhook(config: WebhookConfig, log: Logger): Promise<RunningWebhook> {
+export interface WebhookOptions {
+  /** How often the certificate files' mtimes are compared (tests shorten it). */
+  reloadCheckMs?: number;
+}
+
+export async function startWebhook(
+  config: WebhookConfig,
+  log: Logger,
+  options: WebhookOptions = {},
+): Promise<RunningWebhook> {
   const pair = readPair(config);
   let stamp = stampOf(config);
   const server: Server = createServer({ ...pair, minVersion: 'TLSv1.2' }, (req, res) => {
@@ -98,7 +107,7 @@ export async function startWebhook(config: WebhookConfig, log: Logger): Promise<
         'webhook certificate files unusable: keeping the last good pair',
       );
     }
-  }, RELOAD_CHECK_MS);
+  }, options.reloadCheckMs ?? RELOAD_CHECK_MS);
   reload.unref();
 
   await new Promise<void>((resolve, reject) => {

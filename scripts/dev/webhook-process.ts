@@ -43,6 +43,8 @@ export function postReview(
         method: 'POST',
         ca: tls.ca,
         servername: tls.serverName,
+        // A new connection each time: a kept-alive one would hide a changed certificate.
+        agent: false,
         headers: { 'content-type': 'application/json' },
         timeout: 10_000,
       },

@@ -235,6 +235,17 @@ describe('the webhook in the token-broker chart', () => {
     );
   });
 
+  it('prints NOTES that show the annotation path first', () => {
+    const on = charts.notes(charts.broker, ['minimal.yaml', 'webhook.yaml']);
+    expect(on).toContain(
+      'kubectl label namespace <module-namespace> token-broker.io/injection=enabled',
+    );
+    expect(on).toContain('token-broker-webhook, failurePolicy Fail');
+    expect(on.indexOf('token-broker.io/inject: "true"')).toBeLessThan(on.indexOf('library chart'));
+    const off = charts.notes(charts.broker, ['minimal.yaml']);
+    expect(off).toContain('webhook.enabled=true');
+  });
+
   it('refuses a sidecar brokerAddress and an unknown failurePolicy', () => {
     const address = charts.template(
       charts.broker,

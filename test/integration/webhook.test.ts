@@ -395,3 +395,62 @@ describe('the admission webhook over HTTPS', () => {
     expect((await admit(pod())).allowed).toBe(true);
   });
 });
+
+describe('the webhook certificate', () => {
+  it('is re-read when cert-manager renews it; a broken pair keeps the last good one', async () => {
+    const { startWebhook } = await import('../../webhook/webhook-server.js');
+    const { mergeSettings } = await import('../../webhook/sidecar-settings.js');
+    const { pino } = await import('pino');
+    const first = await makeCa('webhook-renew-1');
+    const second = await makeCa('webhook-renew-2');
+    const dir = mkdtempSync(join(tmpdir(), 'tb-webhook-renew-'));
+    const certFile = join(dir, 'tls.crt');
+    const keyFile = join(dir, 'tls.key');
+    const install = async (ca: TestCa) => {
+      const leaf = await makeLeaf(ca, { commonName: SERVICE, dnsNames: [SERVICE] });
+      writeFileSync(certFile, leaf.certPem);
+      writeFileSync(keyFile, leaf.keyPem);
+    };
+    await install(first);
+    const lines: string[] = [];
+    const log = pino({ level: 'info' }, { write: (line: string) => lines.push(line) });
+    const running = await startWebhook(
+      {
+        host: '127.0.0.1',
+        port: 0,
+        certFile,
+        keyFile,
+        namespace: 'token-broker',
+        sidecar: mergeSettings(exampleValues.tokenBroker, 'test'),
+        logLevel: 'info',
+      },
+      log,
+      { reloadCheckMs: 50 },
+    );
+    const healthy = (ca: TestCa) =>
+      postReview(running.port, {}, { ca: ca.certPem, serverName: SERVICE }, '/healthz').then(
+        () => true,
+        () => false,
+      );
+    const until = async (what: () => Promise<boolean>) => {
+      for (let i = 0; i < 200 && !(await what()); i++) await new Promise((r) => setTimeout(r, 50));
+      return what();
+    };
+    try {
+      expect(await healthy(first)).toBe(true);
+      await install(second);
+      expect(await until(() => healthy(second))).toBe(true);
+      expect(await healthy(first)).toBe(false);
+      // Half-written: a certificate without its key. The last good pair stays in force.
+      writeFileSync(certFile, 'not a certificate');
+      expect(
+        await until(() =>
+          Promise.resolve(lines.some((l) => l.includes('keeping the last good pair'))),
+        ),
+      ).toBe(true);
+      expect(await healthy(second)).toBe(true);
+    } finally {
+      await running.stop();
+    }
+  });
+});
