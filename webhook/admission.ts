@@ -151,8 +151,11 @@ export function mutatePod(
     const env = moduleEnv(settings).filter((e) => !present.has(e.name));
     if (!container.env) add(`/spec/containers/${i}/env`, env);
     else for (const item of env) add(`/spec/containers/${i}/env/-`, item);
-    if (!tokenDirContainers.includes(container.name)) return;
-    const mounts = moduleVolumeMounts(settings);
+    // The socket's directory in every module container, the token directory where asked.
+    const mounts = moduleVolumeMounts(settings).filter(
+      (m) => m.name !== TOKENS_VOLUME || tokenDirContainers.includes(container.name),
+    );
+    if (mounts.length === 0) return;
     if (!container.volumeMounts) add(`/spec/containers/${i}/volumeMounts`, mounts);
     else for (const mount of mounts) add(`/spec/containers/${i}/volumeMounts/-`, mount);
   });

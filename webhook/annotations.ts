@@ -4,6 +4,7 @@
  * give are then passed through the sidecar's own configuration check, so a pod is never admitted
  * with a sidecar that would refuse to start.
  */
+import { dirname } from 'node:path/posix';
 import { loadSidecarConfig, LOG_LEVELS } from '../sidecar/config.js';
 import { ConfigError } from '../sidecar/errors.js';
 import { idProblem } from '../shared/session-ref.js';
@@ -23,6 +24,7 @@ export const ANNOTATIONS = {
   tokenDir: `${PREFIX}token-dir`,
   tokenDirContainers: `${PREFIX}token-dir-containers`,
   port: `${PREFIX}port`,
+  socket: `${PREFIX}socket`,
   safetySkewMs: `${PREFIX}safety-skew-ms`,
   logLevel: `${PREFIX}log-level`,
   cpuRequest: `${PREFIX}cpu-request`,
@@ -40,6 +42,7 @@ const SOURCE_OF: Record<string, string> = {
   TB_SIDECAR_ALLOWED_USERS: ANNOTATIONS.allowedUsers,
   TB_SIDECAR_TOKEN_DIR: ANNOTATIONS.tokenDir,
   TB_SIDECAR_PORT: ANNOTATIONS.port,
+  TB_SIDECAR_SOCKET: ANNOTATIONS.socket,
   TB_SIDECAR_SAFETY_SKEW_MS: ANNOTATIONS.safetySkewMs,
   TB_SIDECAR_LOG_LEVEL: ANNOTATIONS.logLevel,
 };
@@ -136,6 +139,22 @@ export function readInjection(
 
   const port = get(ANNOTATIONS.port);
   if (port !== undefined) settings.port = int(ANNOTATIONS.port, port, 1, 65_535);
+  const socket = get(ANNOTATIONS.socket);
+  if (socket !== undefined) {
+    // As the library chart's rule: the path goes into the probes' node -e script.
+    if (
+      !/^\/[A-Za-z0-9._-]+(\/[A-Za-z0-9._-]+)+$/.test(socket) ||
+      socket.length > 107 ||
+      socket.includes('/../')
+    )
+      throw new AnnotationError(
+        ANNOTATIONS.socket,
+        `must be an absolute file path in a directory (at most 107 bytes), got ${short(socket)}`,
+      );
+    if (dirname(socket) === settings.tokenDir.replace(/\/$/, ''))
+      throw new AnnotationError(ANNOTATIONS.socket, `must not be in ${ANNOTATIONS.tokenDir}`);
+    settings.socket = socket;
+  }
   const skew = get(ANNOTATIONS.safetySkewMs);
   if (skew !== undefined) settings.safetySkewMs = int(ANNOTATIONS.safetySkewMs, skew, 0, 3_600_000);
   const level = get(ANNOTATIONS.logLevel);

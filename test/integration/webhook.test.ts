@@ -259,6 +259,21 @@ describe('the admission webhook over HTTPS', () => {
     });
   });
 
+  it('serves on a Unix socket when asked: the same sidecar as the library in socket mode', async () => {
+    const socket = '/var/run/token-broker/socket/sidecar.sock';
+    const patched = await injected(pod({ 'token-broker.io/socket': socket }));
+    const sidecar = sidecarOf(patched);
+    expect(sidecar).toEqual(
+      libraryPod(['--set', `tokenBroker.socket=${socket}`]).initContainers![0],
+    );
+    expect(loadSidecarConfig(envOf(sidecar)).socketPath).toBe(socket);
+    const module = patched.spec.containers[0]!;
+    expect(module.env).toEqual([{ name: 'TOKEN_BROKER_SOCKET', value: socket }]);
+    expect(module.volumeMounts).toEqual([
+      { name: 'token-broker-socket', mountPath: '/var/run/token-broker/socket' },
+    ]);
+  });
+
   it("gives a Job's pod a native sidecar, so the Job can complete", async () => {
     const jobPod = pod(
       {},
@@ -369,6 +384,10 @@ describe('the admission webhook over HTTPS', () => {
         /token-broker\.io\/image must be repository:tag/,
       ],
       [{ 'token-broker.io/log-level': 'loud' }, /token-broker\.io\/log-level must be one of/],
+      [
+        { 'token-broker.io/socket': 'sidecar.sock' },
+        /token-broker\.io\/socket must be an absolute file path/,
+      ],
       [{ 'token-broker.io/inject': 'yes' }, /token-broker\.io\/inject must be "true" or "false"/],
     ];
     for (const [annotations, message] of cases) {
