@@ -21,6 +21,8 @@ const FREE_FORM = new Set([
   'sidecarPodLabels',
   'namespaceSelector',
   'objectSelector',
+  // webhook.sidecar: the tokenBroker.* keys, documented in the library's table.
+  'sidecar',
 ]);
 
 /** Paths of the values a user sets: scalars, lists, empty or free-form maps. */

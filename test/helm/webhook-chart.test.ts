@@ -246,14 +246,20 @@ describe('the webhook in the token-broker chart', () => {
     expect(off).toContain('webhook.enabled=true');
   });
 
-  it('refuses a sidecar brokerAddress and an unknown failurePolicy', () => {
+  it('refuses a sidecar brokerAddress, a misspelt sidecar key and an unknown failurePolicy', () => {
     const address = charts.template(
       charts.broker,
       ['minimal.yaml', 'webhook.yaml'],
       ['--set', 'webhook.sidecar.brokerAddress=x:1'],
     );
     expect(address.ok).toBe(false);
-    expect(address.stderr).toMatch(/webhook\.sidecar/);
+    expect(address.stderr).toMatch(/webhook\/sidecar': additional properties 'brokerAddress'/);
+    const typo = charts.template(
+      charts.broker,
+      ['minimal.yaml', 'webhook.yaml'],
+      ['--set', 'webhook.sidecar.tls.caConfigMapp=x'],
+    );
+    expect(typo.stderr).toMatch(/webhook\/sidecar\/tls': additional properties 'caConfigMapp'/);
     const policy = charts.template(
       charts.broker,
       ['minimal.yaml', 'webhook.yaml'],

@@ -21,6 +21,22 @@ describe('the webhook sidecar settings', () => {
     expect(parse(block!)).toEqual(DEFAULTS);
   });
 
+  it("are the keys the broker chart's schema allows in webhook.sidecar (brokerAddress is the chart's)", () => {
+    interface Node {
+      properties?: Record<string, Node>;
+    }
+    const schema = JSON.parse(
+      readFileSync(join(REPO, 'deploy', 'helm', 'token-broker', 'values.schema.json'), 'utf8'),
+    ) as Node;
+    const sidecar = schema.properties!.webhook!.properties!.sidecar!;
+    const { brokerAddress: _, ...rest } = DEFAULTS;
+    expect(Object.keys(sidecar.properties!).sort()).toEqual(Object.keys(rest).sort());
+    for (const group of ['image', 'serviceAccountToken', 'tls', 'telemetry'] as const)
+      expect(Object.keys(sidecar.properties![group]!.properties!).sort(), group).toEqual(
+        Object.keys(DEFAULTS[group]).sort(),
+      );
+  });
+
   it('merge over the defaults and refuse what is no setting, naming it', () => {
     const merged = mergeSettings(
       { brokerAddress: 'dns:///b:50051', tls: { serverName: 'b.svc' }, maxUsers: 5 },
