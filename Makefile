@@ -47,7 +47,7 @@ typecheck: deps
 	tsc -p tsconfig.json
 
 circular: deps
-	dpdm --no-warning --no-tree --transform --exit-code circular:1 'broker/**/*.ts' 'sidecar/**/*.ts' 'shared/**/*.ts' 'gen/**/*.ts'
+	dpdm --no-warning --no-tree --transform --exit-code circular:1 'broker/**/*.ts' 'sidecar/**/*.ts' 'webhook/**/*.ts' 'shared/**/*.ts' 'gen/**/*.ts'
 
 unit: setup
 	vitest run

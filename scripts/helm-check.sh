@@ -24,12 +24,16 @@ render() {
 render "$chart" -f "$values/minimal.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/external-redis.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/hpa-servicemonitor.yaml"
+render "$chart" -f "$values/minimal.yaml" --set metrics.enabled=true,metrics.prometheusRule.enabled=true
 render "$chart" -f "$values/folio.yaml"
+render "$chart" -f "$values/idps.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/tls-cert-manager.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/tls-existing-secret.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/auth-policy.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/auth-jwks.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/insecure.yaml"
+render "$chart" -f "$values/minimal.yaml" -f "$values/webhook.yaml"
+render "$chart" -f "$values/minimal.yaml" -f "$values/webhook-cert-manager.yaml"
 render "$example"
 render "$example" -f "$values/module-container-sidecar.yaml"
 render "$example" -f "$values/module-tls-options.yaml"
@@ -48,4 +52,4 @@ for bad in "$values"/invalid-*.yaml "$values"/missing-*.yaml; do
   fi
   refused=$((refused + 1))
 done
-echo "helm-check: 3 charts lint clean, 13 value sets render, $refused bad ones are refused"
+echo "helm-check: 3 charts lint clean, 17 value sets render, $refused bad ones are refused"

@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parse } from 'yaml';
 import { loadConfig } from '../../broker/config.js';
 import { telemetrySettings } from '../../shared/telemetry/telemetry-settings.js';
+import { expectValid, prepareValidator } from './chart-checks.js';
 import { find, findAll, HelmCharts, type K8sObject } from './helm-harness.js';
 
 // A well-formed sealing key for Secrets the chart does not render (existingSecret).
@@ -35,6 +36,7 @@ interface Volume {
     sources: Array<{
       serviceAccountToken?: { path: string };
       configMap?: { items: KeyToPath[] };
+      secret?: { name: string; items: KeyToPath[] };
       downwardAPI?: { items: Array<{ path: string }> };
     }>;
   };
@@ -52,6 +54,7 @@ let charts: HelmCharts;
 let dir: string;
 beforeAll(() => {
   charts = HelmCharts.setUp();
+  prepareValidator();
   dir = mkdtempSync(join(tmpdir(), 'tb-broker-env-'));
 }, 120_000);
 afterAll(() => {
@@ -99,6 +102,8 @@ function kubeletEnv(objects: K8sObject[], scenario: string): Record<string, stri
         writeFileSync(join(local, source.serviceAccountToken.path), 'not-a-real-token');
       for (const item of source.configMap?.items ?? [])
         writeFileSync(join(local, item.path), `value-of-${item.key}`);
+      for (const item of source.secret?.items ?? [])
+        writeFileSync(join(local, item.path), secretValue(source.secret!.name, item.key));
       for (const item of source.downwardAPI?.items ?? [])
         writeFileSync(join(local, item.path), 'token-broker');
     }
@@ -153,6 +158,40 @@ describe('the broker accepts the configuration the chart renders', () => {
     );
     expect(env.TB_SECRETS_DIR).toBeDefined();
     expect(JSON.stringify(loadConfig(env))).toContain('https://okapi.folio.example.org');
+  });
+
+  it('with several IdPs: the file TB_IDPS_FILE reads, each client secret from its Secret key', async () => {
+    const objects = charts.render(charts.broker, ['idps.yaml']);
+    await expectValid(objects);
+    const env = kubeletEnv(objects, 'idps');
+    // The single-IdP variables would make the broker refuse the file.
+    expect(Object.keys(env).filter((k) => k.startsWith('TB_IDP_'))).toEqual(['TB_IDP_TIMEOUT_MS']);
+    // Paths inside the file are the container's: map the secrets' mount to where it was written.
+    const mount = (
+      find(objects, 'Deployment') as unknown as { spec: { template: { spec: BrokerPod } } }
+    ).spec.template.spec.containers[0]!.volumeMounts.find((m) => m.name === 'idp-secrets')!;
+    const text = readFileSync(env.TB_IDPS_FILE!, 'utf8');
+    expect(text).toContain(`${mount.mountPath}/keycloak`);
+    writeFileSync(
+      env.TB_IDPS_FILE!,
+      text.replaceAll(mount.mountPath, join(dir, 'idps', 'idp-secrets')),
+    );
+    const config = loadConfig(env);
+    expect(config.idps.map((i) => [i.name, i.type])).toEqual([
+      ['keycloak', 'oauth2'],
+      ['folio', 'folio'],
+    ]);
+    expect(config.idps.map((i) => i.timeoutMs)).toEqual([5000, 8000]);
+    // The client secret is the file of the Secret key clientSecretRef names, never in a ConfigMap.
+    const serialized = JSON.stringify(config.idps[0]);
+    expect(serialized).toContain('value-of-idp-secrets-keycloak-secret');
+    const configs = findAll(objects, 'ConfigMap').map((c) => JSON.stringify(c));
+    expect(configs.join('\n')).not.toContain('value-of-idp-secrets');
+    expect(
+      findAll(objects, 'Secret')
+        .map((x) => JSON.stringify(x))
+        .join('\n'),
+    ).not.toContain('idp-client-secret');
   });
 
   it('fails where the broker would: a folio IdP given an OAuth2 setting through broker.env', () => {

@@ -72,6 +72,7 @@ const ALL_KINDS = [
   ['monitoring.coreos.com/v1', 'ServiceMonitor'],
   ['rbac.authorization.k8s.io/v1', 'ClusterRoleBinding'],
   ['cert-manager.io/v1', 'Certificate'],
+  ['admissionregistration.k8s.io/v1', 'MutatingWebhookConfiguration'],
 ].map(([apiVersion, kind]) => ({ apiVersion: apiVersion!, kind: kind! }));
 
 export const env = (container: Container, name: string) =>

@@ -13,13 +13,16 @@ import {
   readFileSync,
   rmSync,
   symlinkSync,
+  writeFileSync,
 } from 'node:fs';
+import { get as httpsGet } from 'node:https';
 import { builtinModules } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { devIdentity } from '../../scripts/dev/dev-identity.js';
 import { freePort } from '../../scripts/dev/free-port.js';
+import { makeCa, makeLeaf } from '../harness/test-certs.js';
 import { find, HelmCharts, REPO, type K8sObject } from './helm-harness.js';
 
 const dockerfile = readFileSync(join(REPO, 'deploy', 'docker', 'Dockerfile'), 'utf8');
@@ -276,6 +279,69 @@ describe('the image layout, replayed', () => {
     // With the sidecar gone, the same probe fails: it really asked the server.
     const [, ...args] = container.livenessProbe!.exec.command;
     expect(probeStatus(args)).not.toBe(0);
+  }, 60_000);
+
+  it('runs the sidecar injection webhook from the broker image, as the chart starts it', async () => {
+    const charts = HelmCharts.setUp();
+    let objects: K8sObject[];
+    try {
+      objects = charts.render(charts.broker, ['minimal.yaml', 'webhook.yaml']);
+    } finally {
+      charts.tearDown();
+    }
+    const container = (
+      find(objects, 'Deployment', 'token-broker-webhook') as unknown as {
+        spec: { template: { spec: { containers: Array<{ image: string; command: string[] }> } } };
+      }
+    ).spec.template.spec.containers[0]!;
+    // The broker's image (no stage of its own), its second entry point.
+    const broker = find(objects, 'Deployment', 'token-broker') as unknown as {
+      spec: { template: { spec: { containers: Array<{ image: string }> } } };
+    };
+    expect(container.image).toBe(broker.spec.template.spec.containers[0]!.image);
+    expect(container.command[0]).toBe('node');
+    expect(existsSync(join(app, container.command.at(-1)!))).toBe(true);
+
+    const ca = await makeCa('image-webhook');
+    const leaf = await makeLeaf(ca, { commonName: 'token-broker-webhook.token-broker.svc' });
+    const settings = join(app, 'sidecar.json');
+    const configMap = find(objects, 'ConfigMap', 'token-broker-webhook') as K8sObject & {
+      data: Record<string, string>;
+    };
+    writeFileSync(settings, configMap.data['sidecar.json']!);
+    const port = await freePort();
+    const webhook = await startNode(
+      app,
+      container.command.slice(1),
+      {
+        TB_WEBHOOK_HOST: '127.0.0.1',
+        TB_WEBHOOK_PORT: String(port),
+        TB_WEBHOOK_TLS_CERT_FILE: leaf.certFile,
+        TB_WEBHOOK_TLS_KEY_FILE: leaf.keyFile,
+        TB_WEBHOOK_SIDECAR_FILE: settings,
+        TB_WEBHOOK_NAMESPACE: 'token-broker',
+      },
+      'webhook serving',
+    );
+    children.push(webhook.child);
+    const status = await new Promise<number>((resolve, reject) =>
+      httpsGet(
+        {
+          host: '127.0.0.1',
+          port,
+          path: '/healthz',
+          ca: ca.certPem,
+          servername: 'token-broker-webhook.token-broker.svc',
+        },
+        (res) => {
+          res.resume();
+          resolve(res.statusCode ?? 0);
+        },
+      ).on('error', reject),
+    );
+    expect(status).toBe(200);
+    webhook.child.kill('SIGTERM');
+    expect(await webhook.exited).toBe(0);
   }, 60_000);
 });
 

@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { parse } from 'yaml';
+import { ANNOTATIONS } from '../../webhook/annotations.js';
 import { REPO } from './helm-harness.js';
 
 type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
@@ -14,7 +15,15 @@ interface SchemaNode {
 }
 
 // Free-form maps: their keys are the user's, not the chart's.
-const FREE_FORM = new Set(['resources', 'podLabels', 'sidecarPodLabels']);
+const FREE_FORM = new Set([
+  'resources',
+  'podLabels',
+  'sidecarPodLabels',
+  'namespaceSelector',
+  'objectSelector',
+  // webhook.sidecar: the tokenBroker.* keys, documented in the library's table.
+  'sidecar',
+]);
 
 /** Paths of the values a user sets: scalars, lists, empty or free-form maps. */
 function leaves(value: Json, prefix = ''): Map<string, Json> {
@@ -113,6 +122,16 @@ describe('README "Install with Helm"', () => {
       .filter((k) => k.startsWith('tokenBroker.'))
       .filter((k) => !values.has(k.slice('tokenBroker.'.length)));
     expect(stale, 'README rows that are no value').toEqual([]);
+  });
+
+  it('shows the annotation path first, the library chart after it', () => {
+    const annotation = section.indexOf("token-broker.io/inject: 'true'");
+    const library = section.indexOf('include "token-broker-sidecar.initContainers"');
+    expect(annotation).toBeGreaterThan(-1);
+    expect(library).toBeGreaterThan(annotation);
+    // Every annotation the webhook reads has a row.
+    for (const name of Object.values(ANNOTATIONS))
+      expect(section, name).toMatch(new RegExp(`^\\| \`${name}\` +\\|`, 'm'));
   });
 
   it('sets only variables the broker reads (broker/config.ts)', () => {

@@ -19,6 +19,7 @@ image:
   tag: "0.1.0"
   pullPolicy: IfNotPresent
 port: 8181
+socket: ""
 users: []
 allowedUsers: []
 maxUsers: null
@@ -43,6 +44,15 @@ tls:
   enabled: true
   caConfigMap: token-broker-ca
   serverName: ""
+telemetry:
+  enabled: false
+  endpoint: ""
+  protocol: grpc
+  serviceName: token-broker-sidecar
+  traces: true
+  metrics: true
+  sampler: parentbased_traceidratio
+  samplerArg: "1.0"
 {{- end }}
 
 {{- define "token-broker-sidecar.config" -}}
@@ -53,7 +63,7 @@ tls:
 {{- end }}
 {{- end }}
 {{- /* One level down too, for the groups of settings (not the free-form maps). */}}
-{{- range $group := list "image" "serviceAccountToken" "tls" }}
+{{- range $group := list "image" "serviceAccountToken" "tls" "telemetry" }}
 {{- $given := index (default (dict) $.Values.tokenBroker) $group }}
 {{- if kindIs "map" $given }}
 {{- range $key, $_ := $given }}
@@ -82,13 +92,29 @@ tls:
 {{- fail (printf "tokenBroker.maxUsers must be a whole number of at least 1, got %v" $config.maxUsers) }}
 {{- end }}
 {{- end }}
+{{- with $config.socket }}
+{{- if or (not (regexMatch "^/[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)+$" .)) (gt (len .) 107) (contains "/../" .) }}
+{{- fail (printf "tokenBroker.socket must be an absolute file path in a directory (at most 107 bytes), got %q" .) }}
+{{- end }}
+{{- if eq (dir .) (trimSuffix "/" $config.tokenDir) }}
+{{- fail "tokenBroker.socket must not be in tokenBroker.tokenDir (the module mounts that read-only)" }}
+{{- end }}
+{{- end }}
+{{- if $config.telemetry.enabled }}
+{{- if not $config.telemetry.endpoint }}
+{{- fail "tokenBroker.telemetry.endpoint is required with tokenBroker.telemetry.enabled (the OTLP collector, e.g. http://otel-collector.observability.svc:4317)" }}
+{{- end }}
+{{- if not (has $config.telemetry.protocol (list "grpc" "http/protobuf" "http/json")) }}
+{{- fail (printf "tokenBroker.telemetry.protocol must be grpc, http/protobuf or http/json, got %q" $config.telemetry.protocol) }}
+{{- end }}
+{{- end }}
 {{- range $name, $_ := $config.env }}
 {{- if not (hasPrefix "TB_SIDECAR_" $name) }}
 {{- fail (printf "tokenBroker.env.%s: only TB_SIDECAR_* variables belong here" $name) }}
 {{- end }}
-{{- /* These have their own keys; a Unix socket would leave the probes nothing to ask. */}}
+{{- /* These have their own keys. */}}
 {{- if has $name (list "TB_SIDECAR_BROKER_ADDRESS" "TB_SIDECAR_PORT" "TB_SIDECAR_LOG_LEVEL" "TB_SIDECAR_USERS" "TB_SIDECAR_SAFETY_SKEW_MS" "TB_SIDECAR_TOKEN_DIR" "TB_SIDECAR_SOCKET" "TB_SIDECAR_ALLOWED_USERS" "TB_SIDECAR_MAX_USERS" "TB_SIDECAR_BROKER_TLS" "TB_SIDECAR_BROKER_CA_FILE" "TB_SIDECAR_BROKER_SERVER_NAME" "TB_SIDECAR_TOKEN_FILE") }}
-{{- fail (printf "tokenBroker.env.%s is set by the chart (use its tokenBroker key); TB_SIDECAR_SOCKET is not supported" $name) }}
+{{- fail (printf "tokenBroker.env.%s is set by the chart (use its tokenBroker key)" $name) }}
 {{- end }}
 {{- end }}
 {{- toJson $config }}
@@ -99,16 +125,21 @@ tls:
 {{- toYaml $config.podLabels }}
 {{- end }}
 
-{{/* One HTTP GET of the sidecar's localhost API. It binds 127.0.0.1 only, and kubelet's httpGet
-probes go to the pod IP, so the probe runs inside the container with the image's node. */}}
+{{/* One HTTP GET of the sidecar's localhost API. It binds 127.0.0.1 (or a Unix socket) only, and
+kubelet's httpGet probes go to the pod IP, so the probe runs inside the container with the image's
+node: fetch for the port, node:http for the socket (fetch cannot dial one). */}}
 {{- define "token-broker-sidecar.probe" -}}
-{{- $port := index . 0 }}
+{{- $config := index . 0 }}
 {{- $path := index . 1 -}}
 exec:
   command:
     - node
     - -e
-    - {{ printf "fetch('http://127.0.0.1:%d%s', { signal: AbortSignal.timeout(2000) }).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))" (int $port) $path | quote }}
+    {{- if $config.socket }}
+    - {{ printf "require('node:http').get({ socketPath: '%s', path: '%s', headers: { host: 'localhost' }, timeout: 2000 }, (r) => process.exit(r.statusCode === 200 ? 0 : 1)).on('timeout', () => process.exit(1)).on('error', () => process.exit(1))" $config.socket $path | quote }}
+    {{- else }}
+    - {{ printf "fetch('http://127.0.0.1:%d%s', { signal: AbortSignal.timeout(2000) }).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))" (int $config.port) $path | quote }}
+    {{- end }}
 {{- end }}
 
 {{- define "token-broker-sidecar.container" -}}
@@ -123,8 +154,13 @@ exec:
   env:
     - name: TB_SIDECAR_BROKER_ADDRESS
       value: {{ $config.brokerAddress | quote }}
+    {{- if $config.socket }}
+    - name: TB_SIDECAR_SOCKET
+      value: {{ $config.socket | quote }}
+    {{- else }}
     - name: TB_SIDECAR_PORT
       value: {{ $config.port | int | toString | quote }}
+    {{- end }}
     - name: TB_SIDECAR_LOG_LEVEL
       value: {{ $config.logLevel | quote }}
     {{- with $config.users }}
@@ -164,21 +200,52 @@ exec:
       value: {{ . | quote }}
     {{- end }}
     {{- end }}
+    {{- with $config.telemetry }}
+    {{- if .enabled }}
+    # OTLP export of the sidecar's traces and metrics (Prometheus cannot scrape 127.0.0.1).
+    - name: OTEL_SERVICE_NAME
+      value: {{ .serviceName | quote }}
+    - name: K8S_POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    - name: K8S_NAMESPACE_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.namespace
+    - name: OTEL_RESOURCE_ATTRIBUTES
+      value: "k8s.pod.name=$(K8S_POD_NAME),k8s.namespace.name=$(K8S_NAMESPACE_NAME)"
+    - name: OTEL_EXPORTER_OTLP_ENDPOINT
+      value: {{ .endpoint | quote }}
+    - name: OTEL_EXPORTER_OTLP_PROTOCOL
+      value: {{ .protocol | quote }}
+    - name: OTEL_TRACES_EXPORTER
+      value: {{ ternary "otlp" "none" .traces | quote }}
+    - name: OTEL_METRICS_EXPORTER
+      value: {{ ternary "otlp" "none" .metrics | quote }}
+    - name: OTEL_TRACES_SAMPLER
+      value: {{ .sampler | quote }}
+    - name: OTEL_TRACES_SAMPLER_ARG
+      value: {{ .samplerArg | toString | quote }}
+    - name: OTEL_LOGS_EXPORTER
+      value: "none"
+    {{- end }}
+    {{- end }}
     {{- range $name, $value := $config.env }}
     - name: {{ $name }}
       value: {{ $value | toString | quote }}
     {{- end }}
   startupProbe:
-    {{- include "token-broker-sidecar.probe" (list $config.port "/healthz") | nindent 4 }}
+    {{- include "token-broker-sidecar.probe" (list $config "/healthz") | nindent 4 }}
     periodSeconds: 1
     timeoutSeconds: 3
     failureThreshold: 30
   readinessProbe:
-    {{- include "token-broker-sidecar.probe" (list $config.port "/readyz") | nindent 4 }}
+    {{- include "token-broker-sidecar.probe" (list $config "/readyz") | nindent 4 }}
     periodSeconds: 5
     timeoutSeconds: 3
   livenessProbe:
-    {{- include "token-broker-sidecar.probe" (list $config.port "/healthz") | nindent 4 }}
+    {{- include "token-broker-sidecar.probe" (list $config "/healthz") | nindent 4 }}
     periodSeconds: 10
     timeoutSeconds: 3
     failureThreshold: 3
@@ -208,6 +275,10 @@ exec:
     {{- with $config.tokenDir }}
     - name: token-broker-tokens
       mountPath: {{ . }}
+    {{- end }}
+    {{- with $config.socket }}
+    - name: token-broker-socket
+      mountPath: {{ dir . }}
     {{- end }}
 {{- end }}
 
@@ -249,13 +320,24 @@ exec:
     medium: Memory
     sizeLimit: 1Mi
 {{- end }}
+{{- if $config.socket }}
+- name: token-broker-socket
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- end }}
 {{- end }}
 
 {{/* Environment for the module's container: where to read tokens. */}}
 {{- define "token-broker-sidecar.moduleEnv" -}}
 {{- $config := include "token-broker-sidecar.config" . | fromJson -}}
+{{- if $config.socket }}
+- name: TOKEN_BROKER_SOCKET
+  value: {{ $config.socket | quote }}
+{{- else }}
 - name: TOKEN_BROKER_URL
   value: {{ printf "http://127.0.0.1:%d" (int $config.port) | quote }}
+{{- end }}
 {{- with $config.tokenDir }}
 - name: TOKEN_BROKER_TOKEN_DIR
   value: {{ . | quote }}
@@ -268,5 +350,10 @@ exec:
 - name: token-broker-tokens
   mountPath: {{ . }}
   readOnly: true
+{{- end }}
+{{- with $config.socket }}
+# The socket's directory: connecting needs write access to the socket file.
+- name: token-broker-socket
+  mountPath: {{ dir . }}
 {{- end }}
 {{- end }}

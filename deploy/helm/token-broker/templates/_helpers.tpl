@@ -178,7 +178,7 @@ taking the lock and closing Redis connections. An explicit value below that fail
 
 {{/* "true" when the broker authenticates to an OAuth2 IdP with a client secret. */}}
 {{- define "token-broker.usesClientSecret" -}}
-{{- if and (eq .Values.idp.type "oauth2") (ne .Values.idp.authMethod "none") }}true{{ end }}
+{{- if and (not .Values.idps) (eq .Values.idp.type "oauth2") (ne .Values.idp.authMethod "none") }}true{{ end }}
 {{- end }}
 
 {{/* Where the server certificate comes from: certManager, existingSecret or generated. */}}
@@ -212,5 +212,46 @@ taking the lock and closing Redis connections. An explicit value below that fail
 {{- define "token-broker.jwksConfigMapName" -}}
 {{- if .Values.auth.jwksConfigMap }}{{ .Values.auth.jwksConfigMap }}
 {{- else if .Values.auth.jwksFile }}{{ printf "%s-jwks" (include "token-broker.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "token-broker.webhookName" -}}
+{{- printf "%s-webhook" (include "token-broker.fullname" .) }}
+{{- end }}
+
+{{- define "token-broker.webhookSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "token-broker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: webhook
+{{- end }}
+
+{{/* The webhook's Service, as the API server dials it (and as its certificate names it). */}}
+{{- define "token-broker.webhookDnsNames" -}}
+{{- $service := include "token-broker.webhookName" . }}
+{{- toJson (list $service (printf "%s.%s" $service .Release.Namespace) (printf "%s.%s.svc" $service .Release.Namespace) (printf "%s.%s.svc.%s" $service .Release.Namespace .Values.clusterDomain)) }}
+{{- end }}
+
+{{/* The injected sidecar's settings (the library chart's tokenBroker keys), as JSON: this
+release's address, CA and audience, then webhook.sidecar over them. */}}
+{{- define "token-broker.webhookSidecarSettings" -}}
+{{- $fullname := include "token-broker.fullname" . }}
+{{- if hasKey .Values.webhook.sidecar "brokerAddress" }}
+{{- fail "webhook.sidecar.brokerAddress is set by the chart (this release's headless Service)" }}
+{{- end }}
+{{- $tls := dict "enabled" .Values.tls.enabled "caConfigMap" (ternary (printf "%s-ca" $fullname) "" .Values.tls.enabled) }}
+{{- $computed := dict "brokerAddress" (printf "dns:///%s-headless.%s.svc.%s:50051" $fullname .Release.Namespace .Values.clusterDomain) "tls" $tls "serviceAccountToken" (dict "audience" .Values.auth.audience) }}
+{{- toJson (mustMergeOverwrite $computed (deepCopy .Values.webhook.sidecar)) }}
+{{- end }}
+
+{{/* The projected-volume sources of the idps' client secrets (file = the IdP's name). */}}
+{{- define "token-broker.idpSecretSources" -}}
+{{- range $idp := .Values.idps }}
+{{- with $idp.clientSecretRef }}
+- secret:
+    name: {{ .name }}
+    items:
+      - key: {{ .key }}
+        path: {{ $idp.name }}
+{{- end }}
 {{- end }}
 {{- end }}
