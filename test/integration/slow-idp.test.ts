@@ -38,6 +38,10 @@ describe('a slow IdP, three replicas, 50 users', () => {
     const env = brokerEnv(oidc, redisTopology(redis.urls), {
       TB_IDP_TIMEOUT_MS: '1500',
       TB_IDP_ANSWER_WAIT_MS: '8000',
+      // A lock shorter than the IdP's latency: only extending it keeps the wait exclusive.
+      TB_LOCK_TTL_MS: '2200',
+      TB_LOCK_EXTEND_BEFORE_MS: '600',
+      TB_LOCK_MARGIN_MS: '100',
       // Introspection off: only waiting for the answer can keep the families alive.
       TB_IDP_INTROSPECTION_ENDPOINT: '',
       TB_IDP_REFRESH_INTROSPECTION: 'off',
