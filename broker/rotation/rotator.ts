@@ -371,7 +371,26 @@ export class Rotator {
         return this.onIdpFailure(record, lost);
       }
       // Not probed yet: an inactive answer may only mean that introspection ignores refresh tokens.
+      // While the access token lasts, wait for this replica's next rotation to probe it: then
+      // the answer can be believed (or introspection is known unusable), instead of presenting a
+      // token the IdP may indeed have consumed.
       this.metrics.introspection('unknown');
+      const now = this.clock();
+      const decideBy = record.accessExpiresAt - 2 * this.options.idpTimeoutMs;
+      if (active === false && now < decideBy) {
+        this.metrics.outcomeUnknown('deferred');
+        log.info(
+          { tenant: ref.tenant, generation: record.generation },
+          'answer lost; introspection, not yet probed, says inactive: deciding after the probe',
+        );
+        return this.failTransient(
+          record,
+          now,
+          'IDP_UNAVAILABLE',
+          Math.min(1_000, decideBy - now),
+          true,
+        );
+      }
     }
     const graceMs = this.semanticsOf(idp.name).reuseGraceMs;
     if (graceMs > 0 && sentAt !== undefined) {

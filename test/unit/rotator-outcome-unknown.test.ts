@@ -25,6 +25,7 @@ import { MetricSnapshot } from '../../shared/telemetry/metric-snapshot.js';
  */
 const T0 = 1_800_000_000_000;
 const REF = { tenant: 'diku', user: 'alice' };
+const BOB = { tenant: 'diku', user: 'bob' };
 
 type Step = () => Promise<TokenSet>;
 
@@ -115,16 +116,16 @@ function rotator(
   );
 }
 
-async function seed(): Promise<void> {
+async function seed(ref = REF): Promise<void> {
   const record: SessionRecord = {
-    ...REF,
+    ...ref,
     idp: 'default',
     generation: 1,
     status: 'ACTIVE',
     accessToken: 'at-1',
     tokenType: 'Bearer',
     accessExpiresAt: now + 60_000,
-    refreshToken: 'rt-1',
+    refreshToken: ref === REF ? 'rt-1' : `rt-${ref.user}`,
     refreshExpiresAt: 0,
     issuedAt: now,
     nextRefreshAt: now + 45_000,
@@ -215,13 +216,41 @@ describe('introspection that knows only access tokens', () => {
     expect(logged('presenting it again once').length).toBe(1);
   });
 
-  it('before any probe, an inactive answer is not believed: the session is not ended by it', async () => {
+  it('before any probe, an inactive answer is not believed: deferred until a probe decides', async () => {
+    // The lost answer consumed rt-1; tokens the IdP has just issued are active.
+    idp.introspect = (token) => token !== 'rt-1';
+    const r = rotator();
+    idp.next(lost);
+    expect((await rotateNow(r)).outcome).toBe('retry-scheduled');
+    expect(idp.presented).toEqual(['rt-1']);
+    expect((await record()).outcomeUnknown).toBe(true);
+    expect((await record()).status).toBe('ACTIVE');
+    expect(await metrics.value('tb_broker_outcome_unknown', { resolution: 'deferred' })).toBe(1);
+
+    // Another session's rotation probes introspection on a live token: usable.
+    await seed(BOB);
+    idp.next(tokens(9));
+    expect((await r.rotate(BOB, { kind: 'generation', generation: 1 })).outcome).toBe('rotated');
+    expect(r.introspection.state(idp)).toBe('usable');
+
+    // Now the inactive answer is believed: consumed, never presented again.
+    now += 1_000;
+    expect((await rotateNow(r)).outcome).toBe('reauth-required');
+    expect(idp.presented.filter((t) => t === 'rt-1')).toHaveLength(1);
+    expect((await record()).lastErrorCode).toBe('IDP_TOKEN_CONSUMED');
+  });
+
+  it('an unprobed inactive answer defers no longer than the access token allows, then presents once', async () => {
     idp.introspect = () => false;
     const r = rotator();
     idp.next(lost, tokens(2));
+    expect((await rotateNow(r)).outcome).toBe('retry-scheduled');
+    expect(idp.presented).toEqual(['rt-1']);
+    // Two send timeouts before the access token expires, the broker decides without the probe.
+    now = (await record()).accessExpiresAt - 2 * 2_000;
     const result = await rotateNow(r);
-    expect(idp.introspected).toEqual(['rt-1', 'rt-2']);
     expect(result.outcome).toBe('rotated');
+    expect(idp.presented).toEqual(['rt-1', 'rt-1']);
     expect((await record()).status).toBe('ACTIVE');
     expect((await record()).lastErrorCode).toBe('OUTCOME_UNKNOWN_REPRESENTED');
   });
