@@ -112,6 +112,17 @@ describe('answers lost after the IdP consumed the token', () => {
       },
     );
     try {
+      // The start-up line says which semantics are in force.
+      const semantics = t.lines.filter((l) => l.msg === 'IdP rotation semantics');
+      expect(semantics).toHaveLength(1);
+      expect(semantics[0]).toMatchObject({
+        idp: 'default',
+        profile: 'hydra',
+        reuseGraceMs: 10_000,
+        refreshIntrospection: 'off',
+        sendTimeoutMs: 2_000,
+        answerWaitMs: 60_000,
+      });
       await t.loseOneAnswerEach();
       const all = await t.sessions();
       console.log(
