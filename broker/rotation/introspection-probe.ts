@@ -18,11 +18,15 @@ export type IntrospectionState = 'unprobed' | 'usable' | 'unusable' | 'off';
 export class IntrospectionProbes {
   private readonly states = new Map<string, IntrospectionState>();
   private readonly probing = new Set<string>();
+  /** After a failed probe, none before this time (epoch ms): a probe holds a rotation's lock. */
+  private readonly notBefore = new Map<string, number>();
 
   constructor(
     private readonly modeOf: (idp: string) => RefreshIntrospection,
     private readonly metrics: BrokerMetrics,
     private readonly log: Logger,
+    private readonly clock: () => number = Date.now,
+    private readonly retryMs = 10_000,
   ) {}
 
   state(idp: IdpAdapter): IntrospectionState {
@@ -33,7 +37,7 @@ export class IntrospectionProbes {
   /**
    * Asks the IdP about `liveToken`, a refresh token it has just issued, while the caller still
    * holds the session's lock (so nobody can have presented it since). Once per IdP and process;
-   * a failed probe (network, non-200) is tried again at the next rotation.
+   * a failed probe (network, non-200) is tried again at a rotation 10 s later or more.
    */
   async probe(
     idp: IdpAdapter,
@@ -42,6 +46,7 @@ export class IntrospectionProbes {
     context: IdpContext,
   ): Promise<void> {
     if (this.state(idp) !== 'unprobed' || this.probing.has(idp.name)) return;
+    if ((this.notBefore.get(idp.name) ?? 0) > this.clock()) return;
     this.probing.add(idp.name);
     try {
       const active = await idp.isActive!(liveToken, signal, context);
@@ -67,9 +72,10 @@ export class IntrospectionProbes {
         );
       }
     } catch (err) {
+      this.notBefore.set(idp.name, this.clock() + this.retryMs);
       this.log.warn(
         { idp: idp.name, err: errorText(err) },
-        'could not probe the IdP introspection; will probe again at the next rotation',
+        'could not probe the IdP introspection; will probe again at a rotation in 10 s or later',
       );
     } finally {
       this.probing.delete(idp.name);

@@ -143,6 +143,7 @@ export class Rotator {
       (idp) => this.semanticsOf(idp).refreshIntrospection,
       this.metrics,
       deps.log,
+      this.clock,
     );
   }
 

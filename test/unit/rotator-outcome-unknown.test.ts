@@ -193,6 +193,27 @@ describe('a lost answer, with introspection probed and working', () => {
   });
 });
 
+describe('the introspection probe', () => {
+  it('after a failed probe, probes again only 10 s later (a probe holds the lock)', async () => {
+    idp.introspect = () => {
+      throw new Error('introspection endpoint down');
+    };
+    const r = rotator();
+    idp.next(tokens(2), tokens(3), tokens(4));
+    await rotateNow(r);
+    expect(idp.introspected).toEqual(['rt-2']);
+    expect(r.introspection.state(idp)).toBe('unprobed');
+    idp.introspect = () => true;
+    now += 5_000;
+    await rotateNow(r);
+    expect(idp.introspected).toEqual(['rt-2']);
+    now += 5_000;
+    await rotateNow(r);
+    expect(idp.introspected).toEqual(['rt-2', 'rt-4']);
+    expect(r.introspection.state(idp)).toBe('usable');
+  });
+});
+
 describe('introspection that knows only access tokens', () => {
   it('is found unusable by the probe, logged and counted, and ends no session', async () => {
     idp.introspect = () => false;
