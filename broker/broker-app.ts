@@ -11,6 +11,7 @@ import { BrokerGrpcServer } from './grpc/grpc-server.js';
 import { serverTlsCredentials } from './grpc/server-tls.js';
 import type { IdpAdapter } from './idp/idp-adapter.js';
 import { createIdpAdapter } from './idp/idp-factory.js';
+import { describeSemantics } from './idp/idp-profiles.js';
 import { LoginSecrets } from './idp/login-secrets.js';
 import type { LockService } from './lock/lock-service.js';
 import { MemoryLockService } from './lock/memory-lock-service.js';
@@ -122,8 +123,22 @@ export async function startBroker(
       persistRetryMs: config.persistRetryMs,
       loginAheadMs: config.loginAheadMs,
     },
-    { store, locks, keys, idps, policy, metrics, log, clock, secrets },
+    {
+      store,
+      locks,
+      keys,
+      idps,
+      policy,
+      metrics,
+      log,
+      clock,
+      secrets,
+      semantics: new Map(config.idps.map((idp) => [idp.name, idp])),
+    },
   );
+  // One line per IdP: which rotation semantics are in force (no secrets, no URLs).
+  for (const idp of config.idps)
+    log.info({ idp: idp.name, ...describeSemantics(idp) }, 'IdP rotation semantics');
   const hub = new WatchHub(store, log);
   metrics.observe({
     sessionCounts: () => store.sessionCounts(),

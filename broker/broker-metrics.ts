@@ -51,6 +51,16 @@ const UNREADABLE_CODES = ['SEALING_KEY_UNKNOWN', 'SEAL_INVALID'] as const;
 
 const INTROSPECTION_RESULTS = ['active', 'consumed', 'unknown', 'failed'] as const;
 
+/** How a presentation whose answer was lost was resolved (issue 12's order). */
+export const OUTCOME_UNKNOWN_RESOLUTIONS = [
+  'introspected-active',
+  'introspected-consumed',
+  'grace-represented',
+  'represented-once',
+  'deferred',
+] as const;
+export type OutcomeUnknownResolution = (typeof OUTCOME_UNKNOWN_RESOLUTIONS)[number];
+
 const SECONDS_FAST = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
 const SECONDS_IDP = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 const SECONDS_LAG = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
@@ -64,6 +74,8 @@ export class BrokerMetrics {
   private readonly persistFailures;
   private readonly takeovers;
   private readonly introspections;
+  private readonly introspectionUnusableGauge;
+  private readonly outcomeUnknowns;
   private readonly unreadableRecords;
 
   constructor(private readonly meter: Meter = metrics.getMeter('token-broker')) {
@@ -100,6 +112,16 @@ export class BrokerMetrics {
       description:
         'IdP introspections of a refresh token whose last presentation had no known outcome, by result (active, consumed, unknown, failed).',
     });
+    this.introspectionUnusableGauge = meter.createGauge('tb_broker_introspection_unusable', {
+      description:
+        'Per IdP: 1 when introspection answered that a refresh token the broker had just received was inactive, so it is not used to resolve lost answers; 0 while usable or not yet probed.',
+    });
+    this.outcomeUnknowns = meter.createCounter('tb_broker_outcome_unknown', {
+      description:
+        'Refresh presentations whose answer was lost, by resolution (introspected-active, introspected-consumed, grace-represented, represented-once, deferred).',
+    });
+    for (const resolution of OUTCOME_UNKNOWN_RESOLUTIONS)
+      this.outcomeUnknowns.add(0, { resolution });
     this.unreadableRecords = meter.createCounter('tb_broker_unreadable_records', {
       description:
         'Session records no configured sealing key opens, by code (SEALING_KEY_UNKNOWN: a kid not in TB_SEALING_KEYS; SEAL_INVALID: tampered or corrupt).',
@@ -146,6 +168,14 @@ export class BrokerMetrics {
 
   introspection(result: (typeof INTROSPECTION_RESULTS)[number]): void {
     this.introspections.add(1, { result });
+  }
+
+  introspectionUnusable(idp: string, unusable: boolean): void {
+    this.introspectionUnusableGauge.record(unusable ? 1 : 0, { idp });
+  }
+
+  outcomeUnknown(resolution: OutcomeUnknownResolution): void {
+    this.outcomeUnknowns.add(1, { resolution });
   }
 
   /** Registers the gauges; a failed read skips that collection instead of failing it. */

@@ -2,6 +2,13 @@ import { readFileSync, statSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { checkUrl as checkUrlWith, EnvReader, type Env } from '../shared/env-reader.js';
 import { ConfigError } from './errors.js';
+import {
+  IDP_PROFILES,
+  PROFILES,
+  REFRESH_INTROSPECTION_MODES,
+  type IdpProfileName,
+  type RefreshIntrospection,
+} from './idp/idp-profiles.js';
 import { DEFAULT_ROTATION_POLICY, type RotationPolicyOptions } from './rotation/rotation-policy.js';
 
 const configError = (setting: string, problem: string) => new ConfigError(setting, problem);
@@ -40,7 +47,16 @@ export interface IdpConfig {
   scope: string | undefined;
   /** oauth2: RFC 8693 requested_token_type of exchange enrollments; undefined: refresh token. */
   exchangeTokenType: string | undefined;
+  /** Bounds connecting and sending a request (TB_IDP_TIMEOUT_MS). */
   timeoutMs: number;
+  /** Bounds waiting for the answer to a sent token request (TB_IDP_ANSWER_WAIT_MS). */
+  answerWaitMs: number;
+  /** The preset of rotation semantics (TB_IDP_PROFILE). */
+  profile: IdpProfileName;
+  /** Inside this long after a presentation, presenting the same token again is safe (0: never). */
+  reuseGraceMs: number;
+  /** Whether introspection may be asked about refresh tokens (after a successful probe). */
+  refreshIntrospection: RefreshIntrospection;
 }
 
 /** TLS on the gRPC listener; the files are re-read when they change. */
@@ -137,6 +153,10 @@ const IDP_VARIABLES = {
   scope: 'TB_IDP_SCOPE',
   exchangeTokenType: 'TB_IDP_EXCHANGE_TOKEN_TYPE',
   timeoutMs: 'TB_IDP_TIMEOUT_MS',
+  answerWaitMs: 'TB_IDP_ANSWER_WAIT_MS',
+  profile: 'TB_IDP_PROFILE',
+  reuseGraceMs: 'TB_IDP_REUSE_GRACE_MS',
+  refreshIntrospection: 'TB_IDP_REFRESH_INTROSPECTION',
 } as const;
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -533,10 +553,10 @@ function readIdps(read: EnvReader): IdpWithSetting[] {
       get: (field) => read.string(IDP_VARIABLES[field]),
       setting: (field) => IDP_VARIABLES[field],
     };
-    return [buildIdp(source, 'default', 5_000)];
+    return [buildIdp(source, 'default', 5_000, DEFAULT_ANSWER_WAIT_MS)];
   }
   for (const [field, variable] of Object.entries(IDP_VARIABLES)) {
-    if (field !== 'name' && field !== 'timeoutMs' && read.string(variable))
+    if (!FILE_DEFAULTS.has(field as IdpField) && read.string(variable))
       throw new ConfigError(
         variable,
         'cannot be combined with TB_IDPS_FILE: describe every IdP in that file',
@@ -553,6 +573,10 @@ function readIdps(read: EnvReader): IdpWithSetting[] {
   if (!Array.isArray(entries) || entries.length === 0)
     throw new ConfigError('TB_IDPS_FILE', 'must hold a non-empty JSON array of IdP objects');
   const defaultTimeout = read.int('TB_IDP_TIMEOUT_MS', 5_000, { min: 100, unit: UNIT });
+  const defaultAnswerWait = read.int('TB_IDP_ANSWER_WAIT_MS', DEFAULT_ANSWER_WAIT_MS, {
+    min: 100,
+    unit: UNIT,
+  });
   const idps = entries.map((entry: unknown, i) => {
     const at = `TB_IDPS_FILE[${i}]`;
     if (typeof entry !== 'object' || entry === null || Array.isArray(entry))
@@ -568,7 +592,7 @@ function readIdps(read: EnvReader): IdpWithSetting[] {
       get: (field) => {
         const value = fields[field];
         if (value === undefined || value === null) return undefined;
-        if (field === 'timeoutMs' && typeof value === 'number') return String(value);
+        if (NUMERIC_FIELDS.has(field) && typeof value === 'number') return String(value);
         if (typeof value !== 'string') throw new ConfigError(`${at}.${field}`, 'must be a string');
         return value.trim() || undefined;
       },
@@ -576,7 +600,7 @@ function readIdps(read: EnvReader): IdpWithSetting[] {
     };
     if (source.get('name') === undefined)
       throw new ConfigError(`${at}.name`, 'is required with TB_IDPS_FILE');
-    return buildIdp(source, '', defaultTimeout);
+    return buildIdp(source, '', defaultTimeout, defaultAnswerWait);
   });
   const seen = new Set<string>();
   for (const [i, idp] of idps.entries()) {
@@ -595,7 +619,76 @@ function readIdps(read: EnvReader): IdpWithSetting[] {
   return [chosen, ...idps.filter((idp) => idp !== chosen)];
 }
 
-function buildIdp(source: IdpSource, defaultName: string, defaultTimeout: number): IdpWithSetting {
+/** Set once for every entry of TB_IDPS_FILE as a default (an entry may override them). */
+const FILE_DEFAULTS = new Set<IdpField>(['name', 'timeoutMs', 'answerWaitMs']);
+const NUMERIC_FIELDS = new Set<IdpField>(['timeoutMs', 'answerWaitMs', 'reuseGraceMs']);
+const DEFAULT_ANSWER_WAIT_MS = 60_000;
+
+/**
+ * The rotation semantics of one IdP: the profile's presets, overridden by explicit settings.
+ * The answer wait must exceed the send timeout: it is the bound of the whole call.
+ */
+function readSemantics(
+  source: IdpSource,
+  field: EnvReader,
+  type: IdpType,
+  timeoutMs: number,
+  defaultAnswerWait: number,
+) {
+  const { setting } = source;
+  const profile = field.oneOf(
+    setting('profile'),
+    IDP_PROFILES,
+    type === 'folio' ? 'folio' : 'generic',
+  );
+  if ((profile === 'folio') !== (type === 'folio'))
+    throw new ConfigError(
+      setting('profile'),
+      type === 'folio'
+        ? `must be folio with ${setting('type')}=folio`
+        : `folio needs ${setting('type')}=folio`,
+    );
+  const preset = PROFILES[profile];
+  const answerWaitMs = field.int(
+    setting('answerWaitMs'),
+    Math.max(defaultAnswerWait, timeoutMs + 1),
+    {
+      min: 100,
+      max: 600_000,
+      unit: UNIT,
+    },
+  );
+  if (answerWaitMs <= timeoutMs)
+    throw new ConfigError(
+      setting('answerWaitMs'),
+      `(${answerWaitMs}) must exceed ${setting('timeoutMs')} (${timeoutMs}): it bounds the whole call once the request is sent`,
+    );
+  const reuseGraceMs = field.int(setting('reuseGraceMs'), preset.reuseGraceMs, {
+    min: 0,
+    max: 3_600_000,
+    unit: UNIT,
+  });
+  if (reuseGraceMs > 0 && !preset.offersReuseGrace)
+    throw new ConfigError(
+      setting('reuseGraceMs'),
+      `must be 0 with ${setting('profile')}=${profile}: that IdP offers no reuse grace period, a second presentation would be a reuse`,
+    );
+  const refreshIntrospection = field.oneOf(
+    setting('refreshIntrospection'),
+    REFRESH_INTROSPECTION_MODES,
+    preset.refreshIntrospection,
+  );
+  if (type === 'folio' && refreshIntrospection !== 'off')
+    throw new ConfigError(setting('refreshIntrospection'), 'must be off with FOLIO (it has none)');
+  return { profile, answerWaitMs, reuseGraceMs, refreshIntrospection };
+}
+
+function buildIdp(
+  source: IdpSource,
+  defaultName: string,
+  defaultTimeout: number,
+  defaultAnswerWait: number,
+): IdpWithSetting {
   const { setting } = source;
   const field = reader(
     Object.fromEntries(
@@ -605,7 +698,13 @@ function buildIdp(source: IdpSource, defaultName: string, defaultTimeout: number
   const name = source.get('name') ?? defaultName;
   const type = field.oneOf(setting('type'), IDP_TYPES, 'oauth2');
   const timeoutMs = field.int(setting('timeoutMs'), defaultTimeout, { min: 100, unit: UNIT });
-  const common = { name, type, timeoutMs, timeoutSetting: setting('timeoutMs') };
+  const common = {
+    name,
+    type,
+    timeoutMs,
+    timeoutSetting: setting('timeoutMs'),
+    ...readSemantics(source, field, type, timeoutMs, defaultAnswerWait),
+  };
   if (type === 'folio') {
     for (const other of OAUTH2_ONLY)
       if (source.get(other) !== undefined)

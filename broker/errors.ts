@@ -18,6 +18,7 @@ export type BrokerErrorCode =
   | 'SEALING_KEY_UNKNOWN'
   | 'LOCK_UNAVAILABLE'
   | 'IDP_INVALID_GRANT'
+  | 'IDP_TOKEN_CONSUMED'
   | 'IDP_LOGIN_REJECTED'
   | 'IDP_INVALID_CLIENT'
   | 'BROKER_CLIENT_REJECTED'
@@ -186,18 +187,36 @@ export class IdpInvalidClientError extends BrokerError {
 /**
  * A failure worth retrying: 5xx, 429, timeout, connection error. `retryAfterMs` carries the IdP's
  * Retry-After when it sent one. `presented` is false only when the request surely never reached
- * the IdP (connection refused), so the refresh token was certainly not consumed.
+ * the IdP (connection refused), so the refresh token was certainly not consumed. `answered` is
+ * true when the IdP sent an HTTP answer (a 503, a 429): a known outcome, the token was not
+ * consumed. Only presented and not answered leaves the outcome unknown.
  */
 export class IdpTransientError extends BrokerError {
   readonly code = 'IDP_UNAVAILABLE';
+  readonly answered: boolean;
   constructor(
     message: string,
     readonly retryAfterMs: number | undefined,
     readonly presented: boolean,
-    options?: { detail?: string; cause?: unknown },
+    options?: { detail?: string; cause?: unknown; answered?: boolean },
   ) {
     super(message, options);
+    this.answered = options?.answered ?? false;
   }
+
+  /** Sent, and no answer came back: the IdP may have consumed the token. */
+  get outcomeUnknown(): boolean {
+    return this.presented && !this.answered;
+  }
+}
+
+/**
+ * The IdP said (through introspection that is known to work for refresh tokens) that a token
+ * whose answer was lost is no longer active: the lost answer consumed it. Not an invalid_grant:
+ * the IdP never said that.
+ */
+export class IdpTokenConsumedError extends BrokerError {
+  readonly code = 'IDP_TOKEN_CONSUMED';
 }
 
 /** The IdP answered with something that is not a valid token response. */

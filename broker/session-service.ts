@@ -164,10 +164,10 @@ export class SessionService {
     // the broker stores nothing of it before the IdP answered, no other replica can present it.
     const meta = await this.deps.locks.withLock(this.deps.keys.lock(ref), async (lock) => {
       const issuedAt = this.clock();
-      const signal = AbortSignal.any([
-        lock.signal,
-        AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000),
-      ]);
+      // The adapter bounds sending (TB_IDP_TIMEOUT_MS) and, once sent, waiting for the answer
+      // (TB_IDP_ANSWER_WAIT_MS): a sent credential's answer is awaited while the lock holds, as
+      // for a rotation, since it carries the only copy of the new refresh token.
+      const signal = lock.signal;
       const count = (outcome: string) => {
         if (first.counted)
           this.deps.rotator.countEnrollment(first.counted, outcome, this.clock() - issuedAt);

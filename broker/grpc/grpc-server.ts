@@ -56,6 +56,7 @@ const GRPC_CODE: Record<BrokerErrorCode, grpc.status> = {
   POLICY_INVALID: grpc.status.INTERNAL,
   // The session service turns IdP failures into the codes above; one that escapes is a bug.
   IDP_INVALID_GRANT: grpc.status.INTERNAL,
+  IDP_TOKEN_CONSUMED: grpc.status.INTERNAL,
   IDP_LOGIN_REJECTED: grpc.status.INTERNAL,
   IDP_INVALID_CLIENT: grpc.status.INTERNAL,
   IDP_UNAVAILABLE: grpc.status.INTERNAL,

@@ -32,6 +32,8 @@ export interface FolioAdapterOptions {
   /** The gateway's base URL (Okapi or Kong), e.g. https://folio-okapi.example.org. */
   baseUrl: string;
   timeoutMs: number;
+  /** Bounds waiting for the answer of a refresh or login once sent (default 60 s). */
+  answerWaitMs?: number;
   now?: () => number;
   fetch?: typeof fetch;
 }
@@ -62,6 +64,7 @@ export class FolioAdapter implements IdpAdapter {
   readonly name: string;
   private readonly baseUrl: string;
   private readonly timeoutMs: number;
+  private readonly answerWaitMs: number;
   private readonly now: () => number;
   private readonly fetch: typeof fetch;
   private readonly label: string;
@@ -71,6 +74,7 @@ export class FolioAdapter implements IdpAdapter {
     this.name = options.name;
     this.baseUrl = options.baseUrl.replace(/\/+$/, '');
     this.timeoutMs = options.timeoutMs;
+    this.answerWaitMs = Math.max(options.answerWaitMs ?? 60_000, options.timeoutMs);
     this.now = options.now ?? Date.now;
     this.fetch = options.fetch ?? ((input, init) => fetch(input, init));
     this.label = `FOLIO ${JSON.stringify(this.name)}`;
@@ -90,7 +94,8 @@ export class FolioAdapter implements IdpAdapter {
       cookie: `${REFRESH_TOKEN_COOKIE}=${refreshToken}`,
     };
     const sentAt = this.now();
-    const answer = await this.post(url, headers, undefined, where, signal);
+    // No body: the request counts as sent at once, so only the answer wait bounds it.
+    const answer = await this.post(url, headers, undefined, where, signal, this.answerWaitMs);
     if (answer.status === 200 || answer.status === 201)
       return readTokens(answer, sentAt, where, [refreshToken]);
     throw this.failure(answer, where, [refreshToken], (message, options) =>
@@ -113,7 +118,7 @@ export class FolioAdapter implements IdpAdapter {
     const headers = { ...this.headers(context, where), 'content-type': 'application/json' };
     const body = JSON.stringify({ username: credentials.username, password: credentials.password });
     const sentAt = this.now();
-    const answer = await this.post(url, headers, body, where, signal);
+    const answer = await this.post(url, headers, body, where, signal, this.answerWaitMs);
     const secrets = [credentials.password];
     if (answer.status === 200 || answer.status === 201)
       return readTokens(answer, sentAt, where, secrets);
@@ -168,10 +173,12 @@ export class FolioAdapter implements IdpAdapter {
     body: string | undefined,
     where: string,
     signal: AbortSignal,
+    answerWaitMs = this.timeoutMs,
   ): Promise<HttpAnswer> {
     return postOnce(url, headers, body, {
       where,
       timeoutMs: this.timeoutMs,
+      answerWaitMs,
       signal,
       fetch: this.fetch,
     });
@@ -191,7 +198,7 @@ export class FolioAdapter implements IdpAdapter {
     const { status } = answer;
     if (status === 408 || status === 429 || status >= 500) {
       const retryAfterMs = parseRetryAfter(answer.headers.get('retry-after'), this.now());
-      return new IdpTransientError(message, retryAfterMs, true, options);
+      return new IdpTransientError(message, retryAfterMs, true, { ...options, answered: true });
     }
     return classify(message, options);
   }

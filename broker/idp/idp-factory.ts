@@ -10,6 +10,7 @@ export function createIdpAdapter(config: IdpConfig): IdpAdapter {
       name: config.name,
       baseUrl: config.folioUrl ?? '',
       timeoutMs: config.timeoutMs,
+      answerWaitMs: config.answerWaitMs,
     });
   }
   return new OAuth2Adapter({
@@ -24,5 +25,6 @@ export function createIdpAdapter(config: IdpConfig): IdpAdapter {
     scope: config.scope,
     exchangeTokenType: config.exchangeTokenType,
     timeoutMs: config.timeoutMs,
+    answerWaitMs: config.answerWaitMs,
   });
 }

@@ -21,14 +21,30 @@ const NOT_PRESENTED_CODES = new Set([
 export interface SendOptions {
   /** Names the IdP and endpoint in messages (never a token). */
   where: string;
+  /**
+   * Bounds connecting and handing the request over (TB_IDP_TIMEOUT_MS). A call that has not
+   * handed its body to the connection by then is aborted: the IdP never saw the token.
+   */
   timeoutMs: number;
+  /**
+   * Bounds the whole call once the request is sent (TB_IDP_ANSWER_WAIT_MS; default `timeoutMs`).
+   * A presented refresh is not abandoned at `timeoutMs`: the answer is the only copy of the new
+   * refresh token, so the broker waits for it (the lock is extended meanwhile).
+   */
+  answerWaitMs?: number;
   signal: AbortSignal;
   fetch: typeof fetch;
 }
 
 /**
  * Sends one POST and reads the whole answer. Every network failure becomes IdpTransientError;
- * `presented` is false only when the request surely never left (aborted first, connection refused).
+ * `presented` is false only when the request surely never left (aborted or timed out before the
+ * body was handed to the connection, connection refused).
+ *
+ * The body travels as a one-chunk stream with its exact Content-Length, so the moment fetch pulls
+ * it (connected, headers written) is visible: before it, `timeoutMs` aborts a request that never
+ * reached the IdP; after it, only `answerWaitMs` or the caller's signal (lock lost) ends the wait.
+ * A request without a body gives no such moment: it is treated as sent from the start.
  */
 export async function postOnce(
   url: string,
@@ -37,38 +53,80 @@ export async function postOnce(
   options: SendOptions,
 ): Promise<HttpAnswer> {
   const { where, timeoutMs, signal } = options;
+  const answerWaitMs = Math.max(options.answerWaitMs ?? timeoutMs, timeoutMs);
   if (signal.aborted) {
     throw new IdpTransientError(`${where}: aborted before the request was sent`, undefined, false);
   }
-  const timeout = AbortSignal.timeout(timeoutMs);
+  let sent = body === undefined;
+  const bytes = body === undefined ? undefined : Buffer.from(body, 'utf8');
+  const stream =
+    bytes === undefined
+      ? undefined
+      : new ReadableStream<Uint8Array>(
+          {
+            pull(controller) {
+              sent = true;
+              controller.enqueue(bytes);
+              controller.close();
+            },
+          },
+          // No read ahead: pull() runs only when fetch writes the body to a connected socket.
+          { highWaterMark: 0 },
+        );
+  const local = new AbortController();
+  let timedOut: 'send' | 'answer' | undefined;
+  const sendTimer = setTimeout(() => {
+    if (sent) return;
+    timedOut = 'send';
+    local.abort();
+  }, timeoutMs);
+  const answerTimer = setTimeout(() => {
+    timedOut = 'answer';
+    local.abort();
+  }, answerWaitMs);
   try {
     const response = await options.fetch(url, {
       method: 'POST',
-      headers,
-      ...(body === undefined ? {} : { body }),
+      headers:
+        bytes === undefined ? headers : { ...headers, 'content-length': String(bytes.length) },
+      ...(stream === undefined ? {} : { body: stream, duplex: 'half' as const }),
       // A followed 307/308 would resend the token to wherever the redirect points.
       redirect: 'manual',
-      signal: AbortSignal.any([signal, timeout]),
+      signal: AbortSignal.any([signal, local.signal]),
     });
+    sent = true;
     return { status: response.status, headers: response.headers, text: await response.text() };
   } catch (err) {
     if (signal.aborted) {
       throw new IdpTransientError(
-        `${where}: aborted by the caller after the request was sent`,
+        sent
+          ? `${where}: aborted by the caller after the request was sent`
+          : `${where}: aborted by the caller before the request was sent`,
         undefined,
-        true,
+        sent,
       );
     }
-    if (timeout.aborted) {
-      throw new IdpTransientError(`${where}: no answer within ${timeoutMs} ms`, undefined, true);
+    if (timedOut === 'send') {
+      throw new IdpTransientError(
+        `${where}: could not connect and send the request within ${timeoutMs} ms`,
+        undefined,
+        false,
+      );
+    }
+    if (timedOut === 'answer') {
+      throw new IdpTransientError(`${where}: no answer within ${answerWaitMs} ms`, undefined, true);
     }
     const codes = errorCodes(err);
-    const presented = codes.length === 0 || !codes.every((code) => NOT_PRESENTED_CODES.has(code));
+    const presented =
+      sent && (codes.length === 0 || !codes.every((code) => NOT_PRESENTED_CODES.has(code)));
     const reason = codes.length === 0 ? 'request failed' : `request failed (${codes.join(', ')})`;
     throw new IdpTransientError(`${where}: ${reason}`, undefined, presented, {
       detail: errorChain(err),
       cause: err,
     });
+  } finally {
+    clearTimeout(sendTimer);
+    clearTimeout(answerTimer);
   }
 }
 

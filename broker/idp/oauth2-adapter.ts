@@ -44,7 +44,10 @@ export interface OAuth2AdapterOptions {
    * since the broker needs a family of its own.
    */
   exchangeTokenType?: string;
+  /** Bounds connecting and sending; the whole call, for calls that consume nothing. */
   timeoutMs: number;
+  /** Bounds waiting for the token endpoint's answer once sent (default: 60 s). */
+  answerWaitMs?: number;
   now?: () => number;
   fetch?: typeof fetch;
 }
@@ -101,6 +104,7 @@ export class OAuth2Adapter implements IdpAdapter {
   private readonly scope: string | undefined;
   private readonly exchangeTokenType: string;
   private readonly timeoutMs: number;
+  private readonly answerWaitMs: number;
   private readonly now: () => number;
   private readonly fetch: typeof fetch;
   private readonly label: string;
@@ -121,6 +125,7 @@ export class OAuth2Adapter implements IdpAdapter {
     this.scope = options.scope;
     this.exchangeTokenType = options.exchangeTokenType ?? REFRESH_TOKEN_TYPE;
     this.timeoutMs = options.timeoutMs;
+    this.answerWaitMs = Math.max(options.answerWaitMs ?? 60_000, options.timeoutMs);
     this.now = options.now ?? Date.now;
     this.fetch = options.fetch ?? ((input, init) => fetch(input, init));
     this.label = `IdP ${JSON.stringify(this.name)}`;
@@ -175,7 +180,8 @@ export class OAuth2Adapter implements IdpAdapter {
 
     // Read before sending, so every expiry we compute errs early.
     const sentAt = this.now();
-    const answer = await this.post(endpoint, form, where, signal);
+    // A sent grant may consume a token: its answer is awaited, not abandoned at timeoutMs.
+    const answer = await this.post(endpoint, form, where, signal, this.answerWaitMs);
     if (answer.status !== 200) throw this.errorAnswer(answer, where, sentToken);
 
     const body = parseJsonObject(answer.text);
@@ -250,6 +256,7 @@ export class OAuth2Adapter implements IdpAdapter {
     form: URLSearchParams,
     where: string,
     signal: AbortSignal,
+    answerWaitMs = this.timeoutMs,
   ): Promise<HttpAnswer> {
     const headers: Record<string, string> = {
       accept: 'application/json',
@@ -266,6 +273,7 @@ export class OAuth2Adapter implements IdpAdapter {
     return postOnce(endpoint, headers, form.toString(), {
       where,
       timeoutMs: this.timeoutMs,
+      answerWaitMs,
       signal,
       fetch: this.fetch,
     });
@@ -290,14 +298,14 @@ export class OAuth2Adapter implements IdpAdapter {
 
     const { status } = answer;
     if (status === 408 || status === 429 || status >= 500) {
-      return new IdpTransientError(message, retryAfterMs, true, options);
+      return new IdpTransientError(message, retryAfterMs, true, { ...options, answered: true });
     }
     if (code === 'invalid_grant') return new IdpInvalidGrantError(message, options);
     if (code !== undefined && CLIENT_CONFIG_ERRORS.has(code)) {
       return new IdpInvalidClientError(message, options);
     }
     if (code !== undefined && TRANSIENT_ERRORS.has(code)) {
-      return new IdpTransientError(message, retryAfterMs, true, options);
+      return new IdpTransientError(message, retryAfterMs, true, { ...options, answered: true });
     }
     // A bare 401 from a token endpoint can only be about the client's own credentials.
     if (code === undefined && status === 401) return new IdpInvalidClientError(message, options);

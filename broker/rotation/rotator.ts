@@ -23,10 +23,13 @@ import {
   IdpInvalidClientError,
   IdpInvalidGrantError,
   IdpLoginRejectedError,
+  IdpTokenConsumedError,
   IdpTransientError,
   LockUnavailableError,
   LoginSecretError,
 } from '../errors.js';
+import type { RefreshIntrospection } from '../idp/idp-profiles.js';
+import { IntrospectionProbes } from './introspection-probe.js';
 import { errorText } from '../redaction.js';
 import type { SessionRecord, SessionRef, StoredSession } from '../store/session-record.js';
 import type { MarkResult, SessionStore } from '../store/session-store.js';
@@ -60,7 +63,11 @@ export interface RotationResult {
 
 export interface RotatorOptions {
   replica: string;
-  /** The longest an IdP call may take; it is aborted then. */
+  /**
+   * The longest connecting and sending a call may take (TB_IDP_TIMEOUT_MS): it must fit in the
+   * lock's validity. Once sent, the answer is awaited (the adapter's answer wait bounds it) while
+   * the lock is extended; only a lost lock aborts it.
+   */
   idpTimeoutMs: number;
   /** Kept between the IdP deadline and the lock's end: the call never outlives the lock. */
   lockMarginMs: number;
@@ -85,6 +92,18 @@ export interface RotatorOptions {
   loginAheadMs?: number;
 }
 
+/** What the rotator must know of one IdP's rotation semantics (TB_IDP_PROFILE and overrides). */
+export interface IdpRotationSemantics {
+  /** Inside this long after a presentation, presenting the same token again is safe; 0: never. */
+  reuseGraceMs: number;
+  refreshIntrospection: RefreshIntrospection;
+}
+
+const DEFAULT_SEMANTICS: IdpRotationSemantics = { reuseGraceMs: 0, refreshIntrospection: 'probe' };
+
+/** Why a token is presented again after a lost answer (issue 12's order). */
+type Representation = 'introspected' | 'grace' | 'once';
+
 /** What the rotator needs of the store. */
 export type RotatorStore = Pick<
   SessionStore,
@@ -103,6 +122,8 @@ export interface RotatorDeps {
   clock?: () => number;
   /** Password files of system users (TB_SECRETS_DIR); absent when none is configured. */
   secrets?: LoginSecrets | undefined;
+  /** Per IdP name; an IdP not listed has no grace and probes its introspection. */
+  semantics?: ReadonlyMap<string, IdpRotationSemantics>;
 }
 
 /**
@@ -114,6 +135,8 @@ export class Rotator {
   private readonly pending = new Map<string, Promise<RotationResult>>();
   private readonly clock: () => number;
   private readonly metrics: BrokerMetrics;
+  /** Whether each IdP's introspection may be trusted about refresh tokens (probed per process). */
+  readonly introspection: IntrospectionProbes;
 
   constructor(
     private readonly options: RotatorOptions,
@@ -121,6 +144,16 @@ export class Rotator {
   ) {
     this.clock = deps.clock ?? Date.now;
     this.metrics = deps.metrics ?? new BrokerMetrics();
+    this.introspection = new IntrospectionProbes(
+      (idp) => this.semanticsOf(idp).refreshIntrospection,
+      this.metrics,
+      deps.log,
+      this.clock,
+    );
+  }
+
+  private semanticsOf(idp: string): IdpRotationSemantics {
+    return this.deps.semantics?.get(idp) ?? DEFAULT_SEMANTICS;
   }
 
   /** Rotations running in this process (for graceful shutdown). */
@@ -246,7 +279,9 @@ export class Rotator {
     }
     const call: IdpCall = {
       idp,
-      signal: AbortSignal.any([lock.signal, AbortSignal.timeout(gate.deadline - now)]),
+      // Not the deadline: a sent request is never abandoned while the lock is held (the adapter
+      // bounds connecting and sending, and the wait for the answer).
+      signal: lock.signal,
       context: { tenant: record.tenant, user: record.user },
       deadline: gate.deadline,
     };
@@ -254,9 +289,14 @@ export class Rotator {
     // Or its family ends soon: it logs in again ahead of the end (the refresh token is unused).
     const ahead = loginAheadAt(record, this.loginAheadMs);
     const loggingIn = record.refreshToken === '' || (ahead !== undefined && now >= ahead);
-    if ((claim.tookOver || record.outcomeUnknown) && !loggingIn && idp.isActive) {
-      const resolved = await this.checkOrphan(ref, stored, lock, call);
-      if (resolved) return resolved;
+    if ((claim.tookOver || record.outcomeUnknown) && !loggingIn) {
+      // The earlier attempt claimed at about its deadline minus the send timeout.
+      const earlier =
+        stored.inflight?.generation === record.generation ? stored.inflight : undefined;
+      const sentAt = earlier ? earlier.deadline - this.options.idpTimeoutMs : undefined;
+      const resolved = await this.resolveUnknown(ref, stored, lock, call, sentAt);
+      if ('outcome' in resolved) return resolved;
+      return this.presentOnce(ref, stored, lock, call, false, resolved.represent);
     }
     return this.presentOnce(ref, stored, lock, call, loggingIn);
   }
@@ -299,53 +339,120 @@ export class Rotator {
   }
 
   /**
-   * The last presentation of this token has no known outcome. Ask before presenting it again: if
-   * the IdP consumed it, presenting it would be a reuse that revokes the family. Returns the
-   * result when the question settles the attempt, undefined when the token may be presented.
+   * The last presentation of this token has no known outcome: the IdP may have consumed it, and
+   * presenting it again would then be a reuse that revokes the family. In this order: ask
+   * introspection when it is known to work for refresh tokens (an unprobed one is believed only
+   * when it says active); inside the IdP's reuse grace period present again (safe); otherwise
+   * present again once, and say so. Returns the result when the question settles the attempt.
+   * `sentAt` is when the lost presentation was sent, when known (the grace period counts from it).
    */
-  private async checkOrphan(
+  private async resolveUnknown(
     ref: SessionRef,
     stored: StoredSession,
     lock: HeldLock,
     call: IdpCall,
-  ): Promise<RotationResult | undefined> {
+    sentAt: number | undefined,
+  ): Promise<RotationResult | { represent: Representation }> {
     const { store, log } = this.deps;
     const record = stored.record;
-    let active: boolean | undefined;
-    try {
-      active = await inSpan('idp.introspect', { [ATTR.idp]: call.idp.name }, () =>
-        call.idp.isActive!(record.refreshToken, call.signal, call.context),
-      );
-    } catch (err) {
-      this.metrics.introspection('failed');
-      // Keep the marker, so the next attempt asks again instead of presenting blindly.
-      const at = this.deps.policy.retryAt(this.clock(), record.failedAttempts + 1, undefined, 0);
-      await store.schedule(ref, Math.max(at, call.deadline + this.options.busyRetryMs));
-      log.warn(
-        { tenant: ref.tenant, err: errorText(err) },
-        'could not ask the IdP whether an orphaned refresh token is still unused; will ask again',
-      );
-      return { outcome: 'retry-scheduled', record, errorCode: 'IDP_UNAVAILABLE' };
+    const { idp } = call;
+    const state = this.introspection.state(idp);
+    if (state === 'usable' || state === 'unprobed') {
+      let active: boolean | undefined;
+      try {
+        active = await inSpan('idp.introspect', { [ATTR.idp]: idp.name }, () =>
+          idp.isActive!(record.refreshToken, call.signal, call.context),
+        );
+      } catch (err) {
+        this.metrics.introspection('failed');
+        if (state === 'usable') {
+          // Keep the marker, so the next attempt asks again instead of presenting blindly.
+          this.metrics.outcomeUnknown('deferred');
+          const at = this.deps.policy.retryAt(
+            this.clock(),
+            record.failedAttempts + 1,
+            undefined,
+            0,
+          );
+          await store.schedule(ref, Math.max(at, call.deadline + this.options.busyRetryMs));
+          log.warn(
+            { tenant: ref.tenant, err: errorText(err) },
+            'could not ask the IdP whether a refresh token whose answer was lost is still unused; will ask again',
+          );
+          return { outcome: 'retry-scheduled', record, errorCode: 'IDP_UNAVAILABLE' };
+        }
+        active = undefined;
+      }
+      if (active === true) {
+        this.metrics.introspection('active');
+        this.metrics.outcomeUnknown('introspected-active');
+        return { represent: 'introspected' };
+      }
+      if (active === false && state === 'usable') {
+        this.metrics.introspection('consumed');
+        this.metrics.outcomeUnknown('introspected-consumed');
+        const lost = new IdpTokenConsumedError(
+          'the refresh token was consumed by a presentation whose answer was lost (introspection says inactive)',
+        );
+        if (this.mayLogInAgain(record, lost)) return this.logInAgain(ref, stored, lock, lost);
+        return this.onIdpFailure(record, lost);
+      }
+      // Not probed yet: an inactive answer may only mean that introspection ignores refresh tokens.
+      // While the access token lasts, wait for this replica's next rotation to probe it: then
+      // the answer can be believed (or introspection is known unusable), instead of presenting a
+      // token the IdP may indeed have consumed.
+      this.metrics.introspection('unknown');
+      const now = this.clock();
+      const decideBy = record.accessExpiresAt - 2 * this.options.idpTimeoutMs;
+      if (active === false && now < decideBy) {
+        this.metrics.outcomeUnknown('deferred');
+        log.info(
+          { tenant: ref.tenant, generation: record.generation },
+          'answer lost; introspection, not yet probed, says inactive: deciding after the probe',
+        );
+        return this.failTransient(
+          record,
+          now,
+          'IDP_UNAVAILABLE',
+          Math.min(1_000, decideBy - now),
+          true,
+        );
+      }
     }
-    if (active !== false) {
-      this.metrics.introspection(active ? 'active' : 'unknown');
-      return undefined;
+    const graceMs = this.semanticsOf(idp.name).reuseGraceMs;
+    if (graceMs > 0 && sentAt !== undefined) {
+      // The second request must reach the IdP inside the grace: keep the send timeout in hand.
+      const left = sentAt + graceMs - this.clock() - this.options.idpTimeoutMs;
+      if (left > 0) {
+        this.metrics.outcomeUnknown('grace-represented');
+        log.info(
+          { tenant: ref.tenant, generation: record.generation, graceMs },
+          'answer lost: presenting the refresh token again inside the IdP reuse grace period',
+        );
+        return { represent: 'grace' };
+      }
     }
-    this.metrics.introspection('consumed');
-    const lost = new IdpInvalidGrantError(
-      'the refresh token was consumed by an attempt whose answer was lost (its replica died)',
+    this.metrics.outcomeUnknown('represented-once');
+    log.warn(
+      { tenant: ref.tenant, generation: record.generation, code: 'OUTCOME_UNKNOWN_REPRESENTED' },
+      'answer lost and nothing can tell whether the IdP consumed the refresh token: presenting it again once (a reuse if it was consumed)',
     );
-    if (this.mayLogInAgain(record, lost)) return this.logInAgain(ref, stored, lock, lost);
-    return this.onIdpFailure(record, lost);
+    return { represent: 'once' };
   }
 
-  /** Presents the refresh token (or logs in) exactly once, then commits what the IdP said. */
+  /**
+   * Presents the refresh token (or logs in) exactly once, then commits what the IdP said. When
+   * the answer is lost (sent, no HTTP answer) and the lock is still held, the outcome is resolved
+   * at once (resolveUnknown); a presentation that is itself such a second one (`represented`) is
+   * not repeated: its loss is recorded and the next attempt resolves it.
+   */
   private async presentOnce(
     ref: SessionRef,
     stored: StoredSession,
     lock: HeldLock,
     call: IdpCall,
     loggingIn: boolean,
+    represented?: Representation,
   ): Promise<RotationResult> {
     const record = stored.record;
     const { idp, signal, context } = call;
@@ -370,6 +477,23 @@ export class Rotator {
       if (loggingIn && record.refreshToken !== '') return this.loginAheadFailed(record, err);
       if (!loggingIn && this.mayLogInAgain(record, err))
         return this.logInAgain(ref, stored, lock, err as IdpInvalidGrantError);
+      const unknown = err instanceof IdpTransientError && err.outcomeUnknown && !loggingIn;
+      if (unknown && represented === undefined && !lock.signal.aborted) {
+        const resolved = await this.resolveUnknown(ref, stored, lock, call, callStart);
+        if ('outcome' in resolved) return resolved;
+        return this.presentOnce(ref, stored, lock, call, false, resolved.represent);
+      }
+      if (represented === 'once' && err instanceof IdpInvalidGrantError) {
+        this.deps.log.warn(
+          {
+            tenant: ref.tenant,
+            generation: record.generation,
+            code: 'OUTCOME_UNKNOWN_REPRESENTED',
+          },
+          'the IdP refused the second presentation (invalid_grant): the lost answer had consumed the token',
+        );
+        return this.onIdpFailure(record, err, 'OUTCOME_UNKNOWN_REPRESENTED');
+      }
       return this.onIdpFailure(record, err);
     }
     called('ok');
@@ -390,7 +514,19 @@ export class Rotator {
     const due = dueWithLoginAhead(at.nextRefreshAt, transition.next, this.loginAheadMs);
     if (due !== at.nextRefreshAt)
       transition = rotated(record, tokens, { ...at, nextRefreshAt: due });
-    return this.persist(transition, record.generation, lock);
+    // A blind second presentation that worked stays visible on the session until the next one.
+    if (represented === 'once') transition.next.lastErrorCode = 'OUTCOME_UNKNOWN_REPRESENTED';
+    const result = await this.persist(transition, record.generation, lock);
+    // A refresh token just received and stored under the lock is surely live: the one moment to
+    // learn whether this IdP's introspection knows refresh tokens.
+    if (result.outcome === 'rotated' && tokens.refreshToken !== undefined && !lock.signal.aborted)
+      await this.introspection.probe(
+        idp,
+        tokens.refreshToken,
+        AbortSignal.any([lock.signal, AbortSignal.timeout(this.options.idpTimeoutMs)]),
+        context,
+      );
+    return result;
   }
 
   private async logIn(
@@ -415,7 +551,7 @@ export class Rotator {
 
   private mayLogInAgain(record: SessionRecord, err: unknown): boolean {
     return (
-      err instanceof IdpInvalidGrantError &&
+      (err instanceof IdpInvalidGrantError || err instanceof IdpTokenConsumedError) &&
       record.login !== undefined &&
       (record.reloginStreak ?? 0) < (this.options.maxRelogins ?? 3)
     );
@@ -430,14 +566,16 @@ export class Rotator {
     ref: SessionRef,
     stored: StoredSession,
     lock: HeldLock,
-    err: IdpInvalidGrantError,
+    err: IdpInvalidGrantError | IdpTokenConsumedError,
   ): Promise<RotationResult> {
     const record = stored.record;
     const now = this.clock();
     const forgotten = familyForgotten(record, err.code, now);
     this.deps.log.warn(
       { tenant: ref.tenant, generation: record.generation, relogins: forgotten.next.reloginStreak },
-      'token family ended (invalid_grant): logging in again with the enrolled login',
+      err instanceof IdpTokenConsumedError
+        ? 'token family lost with an answer (introspection says consumed): logging in again with the enrolled login'
+        : 'token family ended (invalid_grant): logging in again with the enrolled login',
     );
     // Same generation: nothing to publish; the commit also clears the in-flight marker.
     if (!(await this.deps.store.commit(forgotten, record.generation, now)))
@@ -506,22 +644,33 @@ export class Rotator {
     }
   }
 
-  private async onIdpFailure(record: SessionRecord, err: unknown): Promise<RotationResult> {
+  private async onIdpFailure(
+    record: SessionRecord,
+    err: unknown,
+    codeOverride?: string,
+  ): Promise<RotationResult> {
     const { store, log } = this.deps;
     const now = this.clock();
-    if (err instanceof IdpInvalidGrantError || err instanceof IdpLoginRejectedError) {
+    if (
+      err instanceof IdpInvalidGrantError ||
+      err instanceof IdpLoginRejectedError ||
+      err instanceof IdpTokenConsumedError
+    ) {
+      const code = codeOverride ?? err.code;
       log.warn(
-        { tenant: record.tenant, generation: record.generation, code: err.code },
+        { tenant: record.tenant, generation: record.generation, code },
         err instanceof IdpLoginRejectedError
           ? 'login refused by the IdP: session needs re-enrollment'
-          : 'refresh token rejected (invalid_grant): session needs re-authentication',
+          : err instanceof IdpTokenConsumedError
+            ? 'refresh token consumed by a presentation whose answer was lost: session needs re-authentication'
+            : 'refresh token rejected (invalid_grant): session needs re-authentication',
       );
-      const transition = reauthRequired(record, err.code, currentTraceparent());
+      const transition = reauthRequired(record, code, currentTraceparent());
       const written = await store.commit(transition, record.generation, now);
       return {
         outcome: 'reauth-required',
         record: written ? transition.next : undefined,
-        errorCode: err.code,
+        errorCode: code,
       };
     }
     if (err instanceof IdpInvalidClientError) {
@@ -545,8 +694,10 @@ export class Rotator {
       );
     }
     const retryAfter = err instanceof IdpTransientError ? err.retryAfterMs : undefined;
-    // Sent, but no answer: the token may be consumed. The next attempt asks before presenting.
-    const unknown = err instanceof IdpTransientError && err.presented && record.refreshToken !== '';
+    // Sent, but no answer: the token may be consumed. The next attempt resolves it before
+    // presenting (resolveUnknown). An HTTP answer (503, 429) is a known outcome: not consumed.
+    const unknown =
+      err instanceof IdpTransientError && err.outcomeUnknown && record.refreshToken !== '';
     return this.failTransient(record, now, errorCode(err), retryAfter, unknown);
   }
 

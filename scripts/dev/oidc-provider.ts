@@ -43,7 +43,9 @@
  * Counted in `exchanges`.
  *
  * Faults apply to every token-endpoint request (mints included) until replaced, or for the next
- * `times` requests. `drop-response` lets the provider process the request (rotating the token)
+ * `times` requests. `delay` waits before the provider reads the request (a client that gives up
+ * meanwhile consumed nothing); `slow-answer` lets the provider process it at once and holds the
+ * answer back (a client that gives up lost the new token). `drop-response` lets the provider process the request (rotating the token)
  * and then resets the connection without answering: the client never learns the new token.
  * A request in flight when stopListening() is called may or may not have been processed.
  */
@@ -69,6 +71,7 @@ const REFRESH_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:refresh_token';
 const MINT_SCOPE = 'openid offline_access';
 const TOKEN_PATH = '/token';
 const REVOCATION_PATH = '/token/revocation';
+const INTROSPECTION_PATH = '/token/introspection';
 const REUSE_DETAIL = 'refresh token already used';
 /** The scope a JWT access token's resource server grants (see `jwtAccessTokens`). */
 const RESOURCE_SCOPE = 'api';
@@ -84,6 +87,8 @@ export type Fault =
   | { kind: 'none' }
   | { kind: 'status'; status: 503 | 429 | 500; retryAfterSeconds?: number; times?: number }
   | { kind: 'delay'; ms: number; times?: number }
+  /** The provider processes the request at once (consuming the token), the answer waits `ms`. */
+  | { kind: 'slow-answer'; ms: number; times?: number }
   | { kind: 'drop-response'; times?: number };
 
 export interface MintedTokens {
@@ -105,6 +110,10 @@ export interface OidcCounters {
   exchanges: number;
   faultsInjected: number;
   serverErrors: number;
+  /** Refresh tokens presented again inside `reuseGraceMs` and answered as the first time. */
+  graceReplays: number;
+  /** Introspection requests (any answer). */
+  introspections: number;
 }
 
 export interface OidcProviderOptions {
@@ -128,6 +137,17 @@ export interface OidcProviderOptions {
    * (invalid_grant). Default: none (each rotated refresh token lives refreshTokenTtlSeconds).
    */
   sessionMaxSeconds?: number;
+  /**
+   * A reuse grace period (as Okta, Auth0 and Hydra offer): a consumed refresh token presented
+   * again within this many ms of its rotation gets the same answer again instead of reuse
+   * detection. Counted in `graceReplays`. Default 0: none.
+   */
+  reuseGraceMs?: number;
+  /**
+   * Introspection that knows only access tokens (as some servers ship): every refresh token,
+   * live or not, is answered `active: false`. Default off: the provider's own introspection.
+   */
+  introspectionKnowsOnlyAccessTokens?: boolean;
 }
 
 export interface OidcProviderHarness {
@@ -420,7 +440,22 @@ export async function startOidcProvider(
     if (token?.exp !== undefined) body.refresh_expires_in = Math.max(0, token.exp - epochSeconds());
   };
 
+  const graceMs = options.reuseGraceMs ?? 0;
+  const graceAnswers = new Map<string, { at: number; body: unknown }>();
   provider.use(async (ctx: KoaContext, next: Next) => {
+    if (ctx.method === 'POST' && ctx.path === INTROSPECTION_PATH) {
+      counters.introspections++;
+      if (!options.introspectionKnowsOnlyAccessTokens) {
+        await next();
+        return;
+      }
+      const token = (await readForm(ctx.req)).get('token') ?? '';
+      const accessToken = await provider.AccessToken.find(token);
+      ctx.status = 200;
+      ctx.set('Cache-Control', 'no-store');
+      ctx.body = { active: accessToken !== undefined && !accessToken.isExpired };
+      return;
+    }
     if (ctx.method === 'POST' && ctx.path === REVOCATION_PATH) {
       await next();
       if (ctx.status === 200) counters.revocations++;
@@ -450,12 +485,35 @@ export async function startOidcProvider(
       return;
     }
     if (active.kind === 'delay') await sleep(active.ms);
+    let graceKey: string | undefined;
+    if (graceMs > 0) {
+      const form = await readForm(ctx.req);
+      (ctx.request as { body?: unknown }).body = Object.fromEntries(form);
+      const token = form.get('refresh_token');
+      if (form.get('grant_type') === 'refresh_token' && token) {
+        graceKey = sha256Hex(token);
+        const earlier = graceAnswers.get(graceKey);
+        if (earlier && arrivedAt - earlier.at <= graceMs) {
+          counters.graceReplays++;
+          counters.refreshRequests++;
+          presented.set(graceKey, (presented.get(graceKey) ?? 0) + 1);
+          presentedAt.set(graceKey, [...(presentedAt.get(graceKey) ?? []), arrivedAt]);
+          ctx.status = 200;
+          ctx.set('Cache-Control', 'no-store');
+          ctx.body = earlier.body;
+          return;
+        }
+      }
+    }
     try {
       await next();
       if (options.sessionMaxSeconds !== undefined) await addRefreshExpiresIn(ctx);
     } finally {
       recordPresentation(ctx, arrivedAt);
     }
+    if (graceKey !== undefined && ctx.status === 200)
+      graceAnswers.set(graceKey, { at: Date.now(), body: ctx.body });
+    if (active.kind === 'slow-answer') await sleep(active.ms);
     if (active.kind === 'drop-response') {
       counters.faultsInjected++;
       ctx.respond = false;
@@ -491,7 +549,7 @@ export async function startOidcProvider(
     port,
     tokenEndpoint,
     revocationEndpoint: `${issuer}${REVOCATION_PATH}`,
-    introspectionEndpoint: `${issuer}${TOKEN_PATH}/introspection`,
+    introspectionEndpoint: `${issuer}${INTROSPECTION_PATH}`,
     jwksUri: `${issuer}/jwks`,
     clients,
     counters,
@@ -555,6 +613,8 @@ function zeroCounters(): OidcCounters {
     exchanges: 0,
     faultsInjected: 0,
     serverErrors: 0,
+    graceReplays: 0,
+    introspections: 0,
   };
 }
 

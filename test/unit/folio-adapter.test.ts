@@ -99,8 +99,8 @@ function answer(
 const guideAnswer: Script = (_seen, res) =>
   answer(res, 201, GUIDE_BODY, [GUIDE_AT_COOKIE, GUIDE_RT_COOKIE]);
 
-function adapter(base: string, timeoutMs = 2_000): FolioAdapter {
-  return new FolioAdapter({ name: 'folio', baseUrl: base, timeoutMs, now: () => T0 });
+function adapter(base: string, timeoutMs = 2_000, answerWaitMs?: number): FolioAdapter {
+  return new FolioAdapter({ name: 'folio', baseUrl: base, timeoutMs, answerWaitMs, now: () => T0 });
 }
 
 async function caught(promise: Promise<unknown>): Promise<Error> {
@@ -234,9 +234,9 @@ describe('FolioAdapter.refresh', () => {
     expect((err as IdpTransientError).presented).toBe(true);
   });
 
-  it('a gateway that does not answer in time is transient and presented', async () => {
+  it('a gateway that does not answer within the answer wait is transient and presented', async () => {
     const gateway = await fakeGateway(() => undefined);
-    const err = await caught(adapter(gateway.base, 200).refresh(SENT_RT, signal(), CONTEXT));
+    const err = await caught(adapter(gateway.base, 100, 200).refresh(SENT_RT, signal(), CONTEXT));
     expect(err).toBeInstanceOf(IdpTransientError);
     expect((err as IdpTransientError).presented).toBe(true);
     expect(err.message).toContain('no answer within 200 ms');

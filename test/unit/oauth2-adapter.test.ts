@@ -323,18 +323,61 @@ describe('OAuth2Adapter failure classes', () => {
       expect(err).toBeInstanceOf(IdpTransientError);
       const transient = err as IdpTransientError;
       expect(transient.presented).toBe(true);
+      // An HTTP answer is a known outcome: the IdP did not consume the token.
+      expect(transient.answered).toBe(true);
+      expect(transient.outcomeUnknown).toBe(false);
       expect(transient.retryAfterMs).toBe(retryAfterMs);
       expect(transient.message).toContain(`HTTP ${status}`);
     }
   });
 
-  it('a timeout is transient and presented, after about timeoutMs', async () => {
+  it('waits past timeoutMs for the answer to a sent request (up to answerWaitMs)', async () => {
+    const idp = await fakeIdp((_seen, res) => {
+      setTimeout(() => reply(res, 200, tokenResponse), 400);
+    });
+    const started = performance.now();
+    const tokens = await adapter({
+      tokenEndpoint: `${idp.base}/token`,
+      timeoutMs: 150,
+      answerWaitMs: 5_000,
+    }).refresh(SENT_RT, signal());
+    expect(performance.now() - started).toBeGreaterThanOrEqual(380);
+    expect(tokens.refreshToken === NEW_RT).toBe(true);
+    expect(idp.seen).toHaveLength(1);
+  });
+
+  it('a request never handed to the connection within timeoutMs is aborted, not presented', async () => {
+    // A fetch that connects nowhere: it never pulls the body, as when connecting hangs.
+    const hanging: typeof fetch = (_input, init) =>
+      new Promise((_resolve, reject) => {
+        init?.signal?.addEventListener('abort', () => reject(new Error('aborted')), { once: true });
+      });
+    const started = performance.now();
+    const err = await caught(
+      adapter({
+        tokenEndpoint: 'http://127.0.0.1:9/token',
+        timeoutMs: 150,
+        answerWaitMs: 5_000,
+        fetch: hanging,
+      }).refresh(SENT_RT, signal()),
+    );
+    expect(performance.now() - started).toBeLessThan(2_000);
+    expect(err).toBeInstanceOf(IdpTransientError);
+    expect((err as IdpTransientError).presented).toBe(false);
+    expect((err as IdpTransientError).outcomeUnknown).toBe(false);
+    expect((err as IdpTransientError).message).toContain('within 150 ms');
+  });
+
+  it('a sent request that gets no answer is transient and presented, after about answerWaitMs', async () => {
     const idp = await fakeIdp(() => {
       /* never answers */
     });
     const started = performance.now();
     const err = await caught(
-      adapter({ tokenEndpoint: `${idp.base}/token`, timeoutMs: 300 }).refresh(SENT_RT, signal()),
+      adapter({ tokenEndpoint: `${idp.base}/token`, timeoutMs: 100, answerWaitMs: 300 }).refresh(
+        SENT_RT,
+        signal(),
+      ),
     );
     const elapsed = performance.now() - started;
     expect(err).toBeInstanceOf(IdpTransientError);
@@ -361,6 +404,7 @@ describe('OAuth2Adapter failure classes', () => {
     );
     expect(err).toBeInstanceOf(IdpTransientError);
     expect((err as IdpTransientError).presented).toBe(true);
+    expect((err as IdpTransientError).outcomeUnknown).toBe(true);
   });
 
   it('a caller abort in flight is transient, presented, and says aborted', async () => {
@@ -497,10 +541,11 @@ describe('OAuth2Adapter never leaks tokens into errors', () => {
     });
     expectClean(
       await caught(
-        adapter({ tokenEndpoint: `${hanging.base}/token`, timeoutMs: 100 }).refresh(
-          SENT_RT,
-          signal(),
-        ),
+        adapter({
+          tokenEndpoint: `${hanging.base}/token`,
+          timeoutMs: 100,
+          answerWaitMs: 150,
+        }).refresh(SENT_RT, signal()),
       ),
     );
     const controller = new AbortController();

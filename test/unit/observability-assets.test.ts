@@ -43,6 +43,7 @@ beforeAll(async () => {
   metrics.idpCall('refresh', 'ok', 120);
   metrics.lockWait(3);
   metrics.dueLag(40);
+  metrics.introspectionUnusable('default', false);
   const sidecar = openMetricsEndpoint('sidecar');
   const sidecarMetrics = new OtelSidecarMetrics(sidecar, {
     streamUp: () => true,

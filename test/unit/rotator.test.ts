@@ -270,7 +270,8 @@ describe('Rotator', () => {
 
     // The second failure backs off further and honours Retry-After.
     now = retryAt;
-    idp.next(failure(new IdpTransientError('slow down', 5_000, true)));
+    // An HTTP answer (429 with Retry-After): a known outcome, the token was not consumed.
+    idp.next(failure(new IdpTransientError('slow down', 5_000, true, { answered: true })));
     const second = await rotator().rotate(REF, { kind: 'due' });
     expect(second.outcome).toBe('retry-scheduled');
     const again = (await stored()).record;
