@@ -188,7 +188,17 @@ export class SessionService {
         login: first.login,
         enrolledBy: input.enrolledBy,
       };
-      return this.commitFamily(ref, idpName, seed, issuedAt, tokens);
+      const committed = await this.commitFamily(ref, idpName, seed, issuedAt, tokens);
+      // The refresh token just received and stored under the lock is surely live: as at a
+      // rotation, the moment to learn whether this IdP's introspection knows refresh tokens.
+      if (tokens.refreshToken !== undefined && !lock.signal.aborted)
+        await this.deps.rotator.introspection.probe(
+          idp,
+          tokens.refreshToken,
+          AbortSignal.any([lock.signal, AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000)]),
+          ref,
+        );
+      return committed;
     });
     await this.deps.store.touch(ref, this.clock());
     this.deps.log.info(
