@@ -1,6 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import {
   TokenBrokerServiceClient,
+  type GetTokenRequest,
+  type GetTokenResponse,
   type RefreshRequest,
   type RefreshResponse,
 } from '../gen/tokenbroker/v1/token_broker.js';
@@ -49,6 +51,15 @@ export function connectBroker(options: BrokerClientOptions, log?: TlsLog): Broke
     refresh: (request: RefreshRequest, timeoutMs: number) =>
       new Promise<RefreshResponse>((resolve, reject) => {
         client.refresh(
+          request,
+          new grpc.Metadata(),
+          { deadline: Date.now() + timeoutMs },
+          (err, response) => (err ? reject(err) : resolve(response)),
+        );
+      }),
+    getToken: (request: GetTokenRequest, timeoutMs: number) =>
+      new Promise<GetTokenResponse>((resolve, reject) => {
+        client.getToken(
           request,
           new grpc.Metadata(),
           { deadline: Date.now() + timeoutMs },

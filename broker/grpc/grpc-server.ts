@@ -30,7 +30,12 @@ import { MAX_ID_LENGTH } from '../../shared/session-ref.js';
 import { DEFAULT_WATCH_LIMITS, type WatchLimits } from '../config.js';
 import { validateRef, type EnrollCredential, type SessionService } from '../session-service.js';
 import { KeySpace } from '../store/keys.js';
-import type { SessionMetadata, SessionRecord, SessionRef } from '../store/session-record.js';
+import {
+  epochOf,
+  type SessionMetadata,
+  type SessionRecord,
+  type SessionRef,
+} from '../store/session-record.js';
 import type { WatchHub, WatchSink } from '../watch-hub.js';
 
 const SERVICE_NAME = 'tokenbroker.v1.TokenBrokerService';
@@ -84,6 +89,8 @@ export function toTokenEvent(record: SessionRecord, now = Date.now()): TokenEven
     traceparent: record.traceparent,
     tracestate: '',
     errorCode: record.lastErrorCode,
+    epoch: epochOf(record),
+    issuedAt: toDate(record.issuedAt),
   };
 }
 
@@ -102,6 +109,7 @@ export function toSession(meta: SessionMetadata): Session {
     lastErrorCode: meta.lastErrorCode,
     failedAttempts: meta.failedAttempts,
     enrolledBy: meta.enrolledBy ?? '',
+    epoch: epochOf(meta),
   };
 }
 
@@ -524,7 +532,7 @@ export class BrokerGrpcServer {
       if (caller) this.deps.access?.audit.read(auditCaller(caller), ref, rule);
       subscribed.set(id, ref);
       void sessions.watchStarted(ref).catch(() => undefined);
-      hub.subscribe(ref, sink, action.value.afterGeneration).then(
+      hub.subscribe(ref, sink, action.value.afterGeneration, action.value.epoch).then(
         (exists) => {
           if (!exists)
             sink.send(`error:${id}`, {
