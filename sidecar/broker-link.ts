@@ -135,10 +135,9 @@ export class BrokerLink {
     return this.slots.map((s) => this.peerOf(s)).filter((p) => p !== '');
   }
 
+  /** Known once the broker answered (headers or a message); before, grpc-js may name the target. */
   private peerOf(slot: StreamSlot): string {
-    if (!slot.call) return '';
-    const peer = slot.peerAddress || slot.call.getPeer();
-    return peer === 'unknown' ? '' : peer;
+    return slot.call && slot.peerAddress !== 'unknown' ? slot.peerAddress : '';
   }
 
   /** Keeps the streams open until `signal` aborts. */
@@ -269,6 +268,8 @@ export class BrokerLink {
     const onAbort = () => call.cancel();
     signal.addEventListener('abort', onAbort, { once: true });
     for (const entry of this.store.all()) this.writeSubscribe(call, entry);
+    // Brokers send headers as a stream opens: the replica is known before any event.
+    call.on('metadata', () => this.answered(slot, call));
     call.on('data', (response: WatchResponse) => this.onResponse(slot, call, response));
     return new Promise((resolve) => {
       let finished = false;
@@ -346,17 +347,20 @@ export class BrokerLink {
     });
   }
 
+  private answered(slot: StreamSlot, call: ClientDuplexStream<WatchRequest, WatchResponse>): void {
+    if (slot.received || slot.call !== call) return;
+    slot.received = true;
+    slot.peerAddress = call.getPeer();
+    this.log.info({ peer: slot.peerAddress, stream: slot.index }, 'broker stream up');
+    this.checkSpread();
+  }
+
   private onResponse(
     slot: StreamSlot,
     call: ClientDuplexStream<WatchRequest, WatchResponse>,
     response: WatchResponse,
   ): void {
-    if (!slot.received) {
-      slot.received = true;
-      slot.peerAddress = call.getPeer();
-      this.log.info({ peer: slot.peerAddress, stream: slot.index }, 'broker stream up');
-      this.checkSpread();
-    }
+    this.answered(slot, call);
     const event = response.event;
     if (event?.$case === 'token') {
       const token = event.value;

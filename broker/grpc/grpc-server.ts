@@ -487,6 +487,8 @@ export class BrokerGrpcServer {
       );
     });
     this.streams.set(call, sink);
+    // Headers at once: the sidecar learns which replica it reached before any event arrives.
+    call.sendMetadata(new grpc.Metadata());
     // A stream lives on its caller's token: when that expires the stream ends, and the sidecar
     // reconnects with the fresh token kubelet wrote (its cached tokens keep serving meanwhile).
     const expiry = caller
