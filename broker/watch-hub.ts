@@ -25,12 +25,13 @@ export interface Position {
 
 /**
  * Whether `record` is news to a watcher at `held`: a newer generation of the same epoch, or any
- * generation of another epoch (an enrollment again; generations may have restarted at 1). A
- * record without an epoch (written before epochs) compares by generation only.
+ * generation of another epoch (an enrollment again; generations may have restarted at 1). When
+ * either epoch is unknown ('': a record written before epochs, or a watcher that names none, as
+ * clients that predate epochs) the generation alone decides, as it always did.
  */
 export function isNewer(record: SessionRecord, held: Position): boolean {
   const epoch = epochOf(record);
-  if (epoch !== '' && epoch !== held.epoch) return true;
+  if (epoch !== '' && held.epoch !== '' && epoch !== held.epoch) return true;
   return record.generation > held.generation;
 }
 
