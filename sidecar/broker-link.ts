@@ -385,27 +385,31 @@ export class BrokerLink {
   }
 
   /**
-   * Hands a session state to the store inside a `sidecar.deliver` span whose parent is the
-   * rotation that produced it (the event's traceparent), so one trace shows a rotation reaching
-   * every sidecar.
+   * Hands a session state to the store. A state it takes gets a `sidecar.deliver` span whose
+   * parent is the rotation that produced it (the event's traceparent), so one trace shows a
+   * rotation reaching every sidecar once; the duplicate the second stream brings gets none.
    */
   private deliver(token: TokenEvent, via: 'watch' | 'refresh' | 'get_token'): ApplyOutcome {
-    const span = tracer.startSpan(
-      'sidecar.deliver',
-      {
-        attributes: {
-          [ATTR.tenant]: token.tenant,
-          [ATTR.userHash]: userHash(token.user),
-          [ATTR.generation]: token.generation,
-          'tb.via': via,
-        },
-      },
-      contextOf(token.traceparent),
-    );
+    const startTime = Date.now();
     const outcome = this.store.apply(token, toTokenState(token, this.clock()));
-    span.setAttribute(ATTR.outcome, outcome);
-    span.end();
     this.metrics.tokenEvent(outcome);
+    if (outcome !== 'applied') return outcome;
+    tracer
+      .startSpan(
+        'sidecar.deliver',
+        {
+          startTime,
+          attributes: {
+            [ATTR.tenant]: token.tenant,
+            [ATTR.userHash]: userHash(token.user),
+            [ATTR.generation]: token.generation,
+            'tb.via': via,
+            [ATTR.outcome]: outcome,
+          },
+        },
+        contextOf(token.traceparent),
+      )
+      .end();
     return outcome;
   }
 }
