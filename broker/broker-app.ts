@@ -173,6 +173,7 @@ export async function startBroker(
     access,
     credentials,
     watchLimits: config.watch,
+    connectionAge: config.connectionAge,
   });
   const port = await grpcServer.listen(config.grpcAddress).catch(async (err: unknown) => {
     service.close();

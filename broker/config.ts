@@ -118,7 +118,17 @@ export interface BrokerConfig {
   loginAheadMs: number;
   shutdownGraceMs: number;
   watch: WatchLimits;
+  /** Connections live at most this long (plus grace), so streams spread again after a restart. */
+  connectionAge: ConnectionAge;
 }
+
+export interface ConnectionAge {
+  maxMs: number;
+  /** Calls still open when the age is reached get this long before they are cancelled. */
+  graceMs: number;
+}
+
+export const DEFAULT_CONNECTION_AGE: Readonly<ConnectionAge> = { maxMs: 300_000, graceMs: 30_000 };
 
 /** Per-stream bounds of a Watch stream (a peer that never reads must not grow memory). */
 export interface WatchLimits {
@@ -168,6 +178,8 @@ export type LogLevel = (typeof LOG_LEVELS)[number];
  */
 export const BROKER_VARIABLES: ReadonlySet<string> = new Set([
   'TB_GRPC_ADDRESS',
+  'TB_GRPC_MAX_CONNECTION_AGE_MS',
+  'TB_GRPC_MAX_CONNECTION_AGE_GRACE_MS',
   'TB_REPLICA_ID',
   'TB_LOG_LEVEL',
   'TB_TELEMETRY',
@@ -343,6 +355,18 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
         max: 1_073_741_824,
         why: 'one answer must fit',
         unit: 'of bytes',
+      }),
+    },
+    connectionAge: {
+      maxMs: read.int('TB_GRPC_MAX_CONNECTION_AGE_MS', DEFAULT_CONNECTION_AGE.maxMs, {
+        min: 1_000,
+        max: 2 ** 31 - 1,
+        unit: UNIT,
+      }),
+      graceMs: read.int('TB_GRPC_MAX_CONNECTION_AGE_GRACE_MS', DEFAULT_CONNECTION_AGE.graceMs, {
+        min: 0,
+        max: 2 ** 31 - 1,
+        unit: UNIT,
       }),
     },
   };

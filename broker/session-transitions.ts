@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import type { TokenSet } from './idp/idp-adapter.js';
 import type { SessionRecord, SessionRef, StoredLogin } from './store/session-record.js';
 
@@ -27,13 +28,23 @@ export interface FamilySeed {
   login: StoredLogin | undefined;
   /** The caller enrolling it (namespace/serviceaccount), for ListSessions and the audit. */
   enrolledBy: string | undefined;
+  /** The new family's epoch; default a fresh random one (tests pass their own). */
+  epoch?: string | undefined;
 }
 
 /**
- * A new family for the session (Enroll), replacing any earlier one. Enroll passes `issued`: the
- * pair its first rotation, login or exchange obtained, a new generation at once, due at
- * `nextRefreshAt`. Without it the family must still be rotated or logged into: due now, so the
- * due queue finishes it.
+ * A new epoch id: 64 random bits in hex. Random rather than counted, so an enrollment after the
+ * state store lost everything still gets an epoch no sidecar has seen.
+ */
+export function newEpoch(): string {
+  return randomBytes(8).toString('hex');
+}
+
+/**
+ * A new family for the session (Enroll), replacing any earlier one, in a new epoch (the only
+ * transition that changes it). Enroll passes `issued`: the pair its first rotation, login or
+ * exchange obtained, a new generation at once, due at `nextRefreshAt`. Without it the family must
+ * still be rotated or logged into: due now, so the due queue finishes it.
  */
 export function enrolled(
   ref: SessionRef,
@@ -62,6 +73,7 @@ export function enrolled(
     login: seed.login,
     reloginStreak: 0,
     enrolledBy: seed.enrolledBy,
+    epoch: seed.epoch ?? newEpoch(),
   };
   if (!issued) return { next: base, dueAt: at.now };
   const { tokens, nextRefreshAt } = issued;

@@ -1,7 +1,12 @@
 import type { Logger } from 'pino';
 import { UnavailableError } from './errors.js';
 import { KeySpace } from './store/keys.js';
-import type { SessionEvent, SessionRecord, SessionRef } from './store/session-record.js';
+import {
+  epochOf,
+  type SessionEvent,
+  type SessionRecord,
+  type SessionRef,
+} from './store/session-record.js';
 import type { SessionStore } from './store/session-store.js';
 
 /** What the hub reads: one session's current state. */
@@ -12,14 +17,34 @@ export interface WatchSink {
   deliver(record: SessionRecord): void;
 }
 
+/** A point in a session's history: a generation within an epoch. */
+export interface Position {
+  epoch: string;
+  generation: number;
+}
+
+/**
+ * Whether `record` is news to a watcher at `held`: a newer generation of the same epoch, or any
+ * generation of another epoch (an enrollment again; generations may have restarted at 1). When
+ * either epoch is unknown ('': a record written before epochs, or a watcher that names none, as
+ * clients that predate epochs) the generation alone decides, as it always did.
+ */
+export function isNewer(record: SessionRecord, held: Position): boolean {
+  const epoch = epochOf(record);
+  if (epoch !== '' && held.epoch !== '' && epoch !== held.epoch) return true;
+  return record.generation > held.generation;
+}
+
 interface Watched {
   ref: SessionRef;
-  /** Each sink with the newest generation it was sent. */
-  sinks: Map<WatchSink, number>;
+  /** Each sink with the newest position it was sent. */
+  sinks: Map<WatchSink, Position>;
   waiters: Set<{ above: number; resolve: (record: SessionRecord | undefined) => void }>;
   loading: Promise<void> | undefined;
   dirty: boolean;
+  /** Generation of the newest record read (-1: none yet), and its epoch. */
   newest: number;
+  newestEpoch: string;
   /** The last read failed (store unreachable), so "not found" cannot be told apart. */
   failed: boolean;
 }
@@ -38,13 +63,18 @@ export class WatchHub {
   ) {}
 
   /**
-   * Starts delivery of `ref` to `sink`: the current state now (if newer than `afterGeneration`),
-   * then each newer one. Returns false when the session does not exist yet; the subscription
-   * stays, and the first state arrives when the session is enrolled.
+   * Starts delivery of `ref` to `sink`: the current state now (if newer than `afterGeneration`
+   * of `epoch`, or of another epoch), then each newer one. Returns false when the session does
+   * not exist yet; the subscription stays, and the first state arrives when it is enrolled.
    */
-  async subscribe(ref: SessionRef, sink: WatchSink, afterGeneration: number): Promise<boolean> {
+  async subscribe(
+    ref: SessionRef,
+    sink: WatchSink,
+    afterGeneration: number,
+    epoch = '',
+  ): Promise<boolean> {
     const entry = this.entry(ref);
-    if (!entry.sinks.has(sink)) entry.sinks.set(sink, afterGeneration);
+    if (!entry.sinks.has(sink)) entry.sinks.set(sink, { epoch, generation: afterGeneration });
     await this.reload(entry);
     if (entry.newest < 0 && entry.failed)
       throw new UnavailableError('the session state cannot be read now; subscribe again shortly');
@@ -94,7 +124,10 @@ export class WatchHub {
 
   onEvent(event: SessionEvent): void {
     const entry = this.watched.get(KeySpace.sessionId(event));
-    if (entry && event.generation > entry.newest) void this.reload(entry);
+    if (!entry) return;
+    // Another epoch's generation may be lower than the one held (enrolled again): news too.
+    const otherEpoch = event.epoch !== undefined && event.epoch !== entry.newestEpoch;
+    if (otherEpoch || event.generation > entry.newest) void this.reload(entry);
   }
 
   /** Events may have been lost: re-read every watched session. */
@@ -124,6 +157,7 @@ export class WatchHub {
         loading: undefined,
         dirty: false,
         newest: -1,
+        newestEpoch: '',
         failed: false,
       };
       this.watched.set(id, entry);
@@ -159,10 +193,14 @@ export class WatchHub {
   }
 
   private fanOut(entry: Watched, record: SessionRecord): void {
-    entry.newest = Math.max(entry.newest, record.generation);
+    const epoch = epochOf(record);
+    if (epoch !== entry.newestEpoch) {
+      entry.newestEpoch = epoch;
+      entry.newest = record.generation;
+    } else entry.newest = Math.max(entry.newest, record.generation);
     for (const [sink, sent] of entry.sinks) {
-      if (record.generation <= sent) continue;
-      entry.sinks.set(sink, record.generation);
+      if (!isNewer(record, sent)) continue;
+      entry.sinks.set(sink, { epoch: epoch || sent.epoch, generation: record.generation });
       sink.deliver(record);
     }
     for (const waiter of entry.waiters)

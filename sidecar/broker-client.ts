@@ -1,6 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import {
   TokenBrokerServiceClient,
+  type GetTokenRequest,
+  type GetTokenResponse,
   type RefreshRequest,
   type RefreshResponse,
 } from '../gen/tokenbroker/v1/token_broker.js';
@@ -20,7 +22,7 @@ export interface BrokerClientOptions {
 /**
  * The gRPC edge. round_robin keeps a connection to every address the target resolves to, so when
  * one replica dies the next Watch call goes to one that is already connected. Keepalive pings
- * notice a silent dead peer within keepalive + keepalive/2.
+ * notice a silent (frozen, unplugged) peer within keepalive + its timeout: 5 s by default.
  */
 export function connectBroker(options: BrokerClientOptions, log?: TlsLog): BrokerApi {
   const transport = clientTransport(
@@ -37,7 +39,7 @@ export function connectBroker(options: BrokerClientOptions, log?: TlsLog): Broke
     'grpc.service_config': JSON.stringify({ loadBalancingConfig: [{ round_robin: {} }] }),
     'grpc.service_config_disable_resolution': 1,
     'grpc.keepalive_time_ms': options.keepaliveMs,
-    'grpc.keepalive_timeout_ms': Math.round(options.keepaliveMs / 2),
+    'grpc.keepalive_timeout_ms': keepaliveTimeoutMs(options.keepaliveMs),
     'grpc.keepalive_permit_without_calls': 1,
     'grpc.initial_reconnect_backoff_ms': Math.min(200, options.reconnectMaxMs),
     'grpc.max_reconnect_backoff_ms': options.reconnectMaxMs,
@@ -55,8 +57,22 @@ export function connectBroker(options: BrokerClientOptions, log?: TlsLog): Broke
           (err, response) => (err ? reject(err) : resolve(response)),
         );
       }),
+    getToken: (request: GetTokenRequest, timeoutMs: number) =>
+      new Promise<GetTokenResponse>((resolve, reject) => {
+        client.getToken(
+          request,
+          new grpc.Metadata(),
+          { deadline: Date.now() + timeoutMs },
+          (err, response) => (err ? reject(err) : resolve(response)),
+        );
+      }),
     channelReady: () =>
       client.getChannel().getConnectivityState(false) === grpc.connectivityState.READY,
     close: () => client.close(),
   };
+}
+
+/** How long a keepalive ping may go unanswered: half the interval, but 2 s at least on a busy node. */
+export function keepaliveTimeoutMs(keepaliveMs: number): number {
+  return Math.max(2_000, Math.round(keepaliveMs / 2));
 }

@@ -54,8 +54,8 @@ export const DEFAULT_TOKEN_FILE = '/var/run/secrets/tokens/token-broker';
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
 
-/** The broker refuses client pings more often than this while a connection carries no data. */
-export const BROKER_MIN_PING_INTERVAL_MS = 5_000;
+/** The broker accepts client pings this often (its min_ping_interval_without_data). */
+export const BROKER_MIN_PING_INTERVAL_MS = 1_000;
 
 const KNOWN = new Set([
   'TB_SIDECAR_BROKER_ADDRESS',
@@ -141,7 +141,7 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
     tokenDir,
     logLevel: read.oneOf('TB_SIDECAR_LOG_LEVEL', LOG_LEVELS, 'info'),
     reconnectMaxMs: read.int('TB_SIDECAR_RECONNECT_MAX_MS', 10_000, { min: 100, max: 600_000 }),
-    keepaliveMs: read.int('TB_SIDECAR_KEEPALIVE_MS', 10_000, {
+    keepaliveMs: read.int('TB_SIDECAR_KEEPALIVE_MS', 3_000, {
       min: BROKER_MIN_PING_INTERVAL_MS,
       max: 600_000,
       why: 'the broker closes connections that ping more often',

@@ -32,6 +32,11 @@ export interface TokenSessions {
   read(ref: SessionRef): UserEntry;
   /** The module reported `generation` as rejected: have the broker rotate (coalesced). */
   requestRefresh(entry: UserEntry, generation: number): void;
+  /**
+   * The held token is within its skew and no newer generation came on the streams: ask a broker
+   * replica for the current state (GetToken; coalesced and rate-limited per user).
+   */
+  fetchCurrent(entry: UserEntry): void;
 }
 
 export interface Readiness {
@@ -263,10 +268,11 @@ export class SidecarHttpApi {
     let decision = first;
     while (decision.kind === 'wait') {
       if (decision.refresh) this.deps.sessions.requestRefresh(entry, request.minGeneration - 1);
+      if (decision.fetch) this.deps.sessions.fetchCurrent(entry);
       const remaining = deadline - performance.now();
       await this.deps.store.waitForChange(
         entry,
-        decision.refresh ? Math.min(remaining, REFRESH_RECHECK_MS) : remaining,
+        decision.refresh || decision.fetch ? Math.min(remaining, REFRESH_RECHECK_MS) : remaining,
       );
       if (gone) {
         this.deps.metrics.tokenRead('CLIENT_CLOSED', (performance.now() - started) / 1000);

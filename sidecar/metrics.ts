@@ -18,6 +18,8 @@ export interface SidecarMetrics {
   brokerReconnect(): void;
   tokenEvent(outcome: 'applied' | 'stale' | 'unwatched'): void;
   refreshCall(outcome: 'ok' | 'error'): void;
+  /** A GetToken call because a held token neared its skew with no newer generation streamed. */
+  fetchCall(outcome: 'ok' | 'error'): void;
   /** Text for GET /metrics, or undefined when metrics leave another way. */
   exposition(): Promise<MetricsText | undefined>;
 }
@@ -25,6 +27,8 @@ export interface SidecarMetrics {
 /** Values read when metrics are collected. */
 export interface SidecarGauges {
   streamUp(): boolean;
+  /** Watch streams that are up (each on another replica when there are several). */
+  streamsUp(): number;
   watchedUsers(): number;
   freshUsers(): number;
   reauthRequiredUsers(): number;
@@ -42,6 +46,7 @@ export class OtelSidecarMetrics implements SidecarMetrics {
   private readonly reconnects: Counter;
   private readonly events: Counter;
   private readonly refreshes: Counter;
+  private readonly fetches: Counter;
   /** One attribute object per label value: the read path records without allocating. */
   private readonly codeLabels = new Map<string, Attributes>();
 
@@ -78,12 +83,20 @@ export class OtelSidecarMetrics implements SidecarMetrics {
     this.refreshes = meter.createCounter('tb_sidecar_refresh_requests', {
       description: 'Refresh calls to the broker after a module reported a rejected generation.',
     });
+    this.fetches = meter.createCounter('tb_sidecar_get_token_requests', {
+      description:
+        'GetToken calls because a held token neared its safety skew and no stream brought a newer one.',
+    });
     // The series the text exporter always showed start at 0.
     this.reconnects.add(0);
     for (const outcome of ['applied', 'stale', 'unwatched']) this.events.add(0, { outcome });
     for (const outcome of ['ok', 'error']) this.refreshes.add(0, { outcome });
+    for (const outcome of ['ok', 'error']) this.fetches.add(0, { outcome });
     const up = meter.createObservableGauge('tb_sidecar_broker_stream_up', {
-      description: '1 while the Watch stream to a broker is up.',
+      description: '1 while at least one Watch stream to a broker is up.',
+    });
+    const streams = meter.createObservableGauge('tb_sidecar_broker_streams_up', {
+      description: 'Watch streams up, each on another broker replica when there are several (2).',
     });
     const watched = meter.createObservableGauge('tb_sidecar_watched_users', {
       description: 'Users this sidecar subscribes to.',
@@ -97,11 +110,12 @@ export class OtelSidecarMetrics implements SidecarMetrics {
     meter.addBatchObservableCallback(
       (result) => {
         result.observe(up, gauges.streamUp() ? 1 : 0);
+        result.observe(streams, gauges.streamsUp());
         result.observe(watched, gauges.watchedUsers());
         result.observe(fresh, gauges.freshUsers());
         result.observe(reauth, gauges.reauthRequiredUsers());
       },
-      [up, watched, fresh, reauth],
+      [up, streams, watched, fresh, reauth],
     );
   }
 
@@ -127,6 +141,10 @@ export class OtelSidecarMetrics implements SidecarMetrics {
 
   refreshCall(outcome: 'ok' | 'error'): void {
     this.refreshes.add(1, { outcome });
+  }
+
+  fetchCall(outcome: 'ok' | 'error'): void {
+    this.fetches.add(1, { outcome });
   }
 
   exposition(): Promise<MetricsText> {

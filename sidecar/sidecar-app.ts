@@ -37,18 +37,30 @@ export async function startSidecar(
   ),
 ): Promise<RunningSidecar> {
   const clock = Date.now;
-  const sink = config.tokenDir
-    ? new TokenFileSink(config.tokenDir, config.safetySkewMs, log)
-    : undefined;
+  const sink = config.tokenDir ? new TokenFileSink(config.tokenDir, log) : undefined;
   const store: TokenStore = new TokenStore({
     safetySkewMs: config.safetySkewMs,
     onApplied: (entry) => {
       if (entry.pinned) sink?.update(entry, store.isFresh(entry));
     },
+    onSkewShrunk: (entry, skew) => {
+      log.warn(
+        {
+          tenant: entry.tenant,
+          user: entry.user,
+          lifetimeMs: skew.lifetimeMs,
+          configuredSkewMs: skew.configuredMs,
+          skewMs: skew.skewMs,
+        },
+        'access tokens of this user live too briefly for TB_SIDECAR_SAFETY_SKEW_MS: serving them until a quarter of their lifetime before expiry instead',
+      );
+    },
   });
+
   const metricsEndpoint = openMetricsEndpoint('token-broker-sidecar');
   const metrics = new OtelSidecarMetrics(metricsEndpoint, {
     streamUp: (): boolean => link.up,
+    streamsUp: (): number => link.streamsUp,
     watchedUsers: () => store.size,
     freshUsers: () => [...store.all()].filter((e) => store.isFresh(e)).length,
     reauthRequiredUsers: () =>
@@ -95,6 +107,7 @@ export async function startSidecar(
       return entry;
     },
     requestRefresh: (entry, generation) => link.requestRefresh(entry, generation),
+    fetchCurrent: (entry) => link.fetchCurrent(entry),
   };
 
   const readiness = (): Readiness => {
@@ -123,7 +136,10 @@ export async function startSidecar(
     const up = link.up;
     // With listed users: each has a token, and the stream is up or every token is still fresh.
     const ready = config.users.length === 0 ? up : allHaveToken && (up || allFresh);
-    return { ready, body: { ready, broker: { up, peer: link.peer || null }, users } };
+    return {
+      ready,
+      body: { ready, broker: { up, peer: link.peer || null, peers: link.peers }, users },
+    };
   };
 
   const http = new SidecarHttpApi({

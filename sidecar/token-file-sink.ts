@@ -34,7 +34,7 @@ export function tokenFileName(id: string): string {
 /**
  * Writes each listed user's access token to `<dir>/<tenant>/<user>` (names per `tokenFileName`) (mode 0600, a temporary file
  * renamed into place, so a reader sees a whole token or the previous one), and removes the file
- * when the token has no more than the safety skew left, like the HTTP API stops serving it.
+ * when the token has no more than its safety skew left, like the HTTP API stops serving it.
  */
 export class TokenFileSink {
   private readonly files = new Map<string, FileState>();
@@ -42,7 +42,6 @@ export class TokenFileSink {
 
   constructor(
     private readonly root: string,
-    private readonly safetySkewMs: number,
     private readonly log: Logger,
     private readonly clock: () => number = Date.now,
   ) {}
@@ -57,7 +56,8 @@ export class TokenFileSink {
     if (fresh && state) {
       file.want = { token: state.accessToken, generation: state.generation };
       const want = file.want;
-      const stopAt = state.expiresAtMs - this.safetySkewMs;
+      // The entry's own skew: a short-lived token's is smaller than the configured one.
+      const stopAt = state.expiresAtMs - entry.skewMs;
       file.expiry = setTimeout(
         () => {
           if (file.want !== want) return;

@@ -392,7 +392,7 @@ async function watch(
       stream.write({
         action: {
           $case: 'subscribe',
-          value: { tenant: args[i]!, user: args[i + 1]!, afterGeneration: 0 },
+          value: { tenant: args[i]!, user: args[i + 1]!, afterGeneration: 0, epoch: '' },
         },
       });
   });

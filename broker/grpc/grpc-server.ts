@@ -27,10 +27,20 @@ import {
   type BrokerErrorCode,
 } from '../errors.js';
 import { MAX_ID_LENGTH } from '../../shared/session-ref.js';
-import { DEFAULT_WATCH_LIMITS, type WatchLimits } from '../config.js';
+import {
+  DEFAULT_CONNECTION_AGE,
+  DEFAULT_WATCH_LIMITS,
+  type ConnectionAge,
+  type WatchLimits,
+} from '../config.js';
 import { validateRef, type EnrollCredential, type SessionService } from '../session-service.js';
 import { KeySpace } from '../store/keys.js';
-import type { SessionMetadata, SessionRecord, SessionRef } from '../store/session-record.js';
+import {
+  epochOf,
+  type SessionMetadata,
+  type SessionRecord,
+  type SessionRef,
+} from '../store/session-record.js';
 import type { WatchHub, WatchSink } from '../watch-hub.js';
 
 const SERVICE_NAME = 'tokenbroker.v1.TokenBrokerService';
@@ -86,6 +96,8 @@ export function toTokenEvent(record: SessionRecord, now = Date.now()): TokenEven
     traceparent: record.traceparent,
     tracestate: '',
     errorCode: record.lastErrorCode,
+    epoch: epochOf(record),
+    issuedAt: toDate(record.issuedAt),
   };
 }
 
@@ -104,6 +116,7 @@ export function toSession(meta: SessionMetadata): Session {
     lastErrorCode: meta.lastErrorCode,
     failedAttempts: meta.failedAttempts,
     enrolledBy: meta.enrolledBy ?? '',
+    epoch: epochOf(meta),
   };
 }
 
@@ -200,7 +213,16 @@ export interface GrpcServerDeps {
   credentials?: grpc.ServerCredentials | undefined;
   /** Per-stream bounds of Watch; default DEFAULT_WATCH_LIMITS. */
   watchLimits?: WatchLimits | undefined;
+  /** Connection age bound; default DEFAULT_CONNECTION_AGE. */
+  connectionAge?: ConnectionAge | undefined;
 }
+
+/**
+ * Clients may ping this often while idle (the sidecar's keepalive notices a silent broker in a few
+ * seconds). grpc-js 1.14 does not police client pings itself; the option tells any HTTP/2 layer
+ * that does.
+ */
+export const MIN_CLIENT_PING_INTERVAL_MS = 1_000;
 
 const HEALTH_PREFIX = '/grpc.health.v1.Health/';
 
@@ -220,11 +242,18 @@ export class BrokerGrpcServer {
   >();
 
   constructor(private readonly deps: GrpcServerDeps) {
+    const age = deps.connectionAge ?? DEFAULT_CONNECTION_AGE;
     this.server = new grpc.Server({
       'grpc.keepalive_time_ms': 30_000,
       'grpc.keepalive_timeout_ms': 10_000,
       'grpc.keepalive_permit_without_calls': 1,
-      'grpc.http2.min_ping_interval_without_data_ms': 5_000,
+      'grpc.http2.min_ping_interval_without_data_ms': MIN_CLIENT_PING_INTERVAL_MS,
+      // A connection lives a bounded time (grpc-js adds +-10% jitter), then gets GOAWAY: its
+      // Watch streams end after the grace and sidecars reopen them, round robin over every
+      // replica, so streams spread again after a replica returns. Nothing is lost: a reopened
+      // stream resubscribes after the generation it holds.
+      'grpc.max_connection_age_ms': age.maxMs,
+      'grpc.max_connection_age_grace_ms': age.graceMs,
       interceptors: deps.access ? [this.authenticating(deps.access)] : [],
     });
     this.server.addService(TokenBrokerServiceService, this.implementation());
@@ -464,6 +493,8 @@ export class BrokerGrpcServer {
       );
     });
     this.streams.set(call, sink);
+    // Headers at once: the sidecar learns which replica it reached before any event arrives.
+    call.sendMetadata(new grpc.Metadata());
     // A stream lives on its caller's token: when that expires the stream ends, and the sidecar
     // reconnects with the fresh token kubelet wrote (its cached tokens keep serving meanwhile).
     const expiry = caller
@@ -530,7 +561,7 @@ export class BrokerGrpcServer {
       if (caller) this.deps.access?.audit.read(auditCaller(caller), ref, rule);
       subscribed.set(id, ref);
       void sessions.watchStarted(ref).catch(() => undefined);
-      hub.subscribe(ref, sink, action.value.afterGeneration).then(
+      hub.subscribe(ref, sink, action.value.afterGeneration, action.value.epoch).then(
         (exists) => {
           if (!exists)
             sink.send(`error:${id}`, {

@@ -1,6 +1,12 @@
 import type { Transition } from '../session-transitions.js';
 import { KeySpace } from './keys.js';
-import type { InflightMarker, SessionEvent, SessionRef, StoredSession } from './session-record.js';
+import {
+  epochOf,
+  type InflightMarker,
+  type SessionEvent,
+  type SessionRef,
+  type StoredSession,
+} from './session-record.js';
 import {
   familyEndOf,
   type DueClaim,
@@ -35,7 +41,12 @@ export class MemorySessionStore implements SessionStore {
     if (transition.dueAt === undefined) this.due.delete(id);
     else this.due.set(id, transition.dueAt);
     if (current?.record.generation !== record.generation) {
-      const event = { tenant: record.tenant, user: record.user, generation: record.generation };
+      const event: SessionEvent = {
+        tenant: record.tenant,
+        user: record.user,
+        generation: record.generation,
+        epoch: epochOf(record),
+      };
       // Delivered after the write returns, as a Redis subscriber would see it.
       queueMicrotask(() => this.listeners.forEach((listener) => listener(event)));
     }

@@ -4,6 +4,7 @@ import { SealError } from '../errors.js';
 import type { Sealer } from '../sealing.js';
 import { KeySpace } from './keys.js';
 import type { Transition } from '../session-transitions.js';
+import { epochOf } from './session-record.js';
 import { CLAIM_DUE, COMMIT_SESSION, MARK_INFLIGHT, TOUCH_SESSION } from './redis-scripts.js';
 import type {
   InflightMarker,
@@ -129,6 +130,7 @@ export class RedisSessionStore implements SessionStore {
       tenant: record.tenant,
       user: record.user,
       generation: record.generation,
+      epoch: epochOf(record),
     };
     const committed = await this.redis.tbCommit(
       this.keys.session(record),

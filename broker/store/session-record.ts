@@ -53,6 +53,18 @@ export interface SessionRecord extends SessionRef {
   outcomeUnknown?: boolean | undefined;
   /** Who enrolled the current family (namespace/serviceaccount); undefined without authentication. */
   enrolledBy?: string | undefined;
+  /**
+   * The enrollment this family belongs to (random hex, new at each Enroll, kept by every other
+   * transition). Watchers apply the generation order within one epoch only, so a session enrolled
+   * again after its state was lost (generations restarting at 1) is served at once. Undefined in
+   * records written before epochs existed: they read as epoch ''.
+   */
+  epoch?: string | undefined;
+}
+
+/** A record's epoch; '' for a record written before epochs existed. */
+export function epochOf(record: Pick<SessionRecord, 'epoch'>): string {
+  return record.epoch ?? '';
 }
 
 /** A stored record with the fields kept beside it in plain text. */
@@ -79,6 +91,8 @@ export interface InflightMarker {
 /** What a publish carries: watchers re-read the record, so no token ever travels in an event. */
 export interface SessionEvent extends SessionRef {
   generation: number;
+  /** The record's epoch; absent from replicas that predate epochs. */
+  epoch?: string | undefined;
 }
 
 /** A metadata view of a record: never token values, never login credentials. */

@@ -151,8 +151,10 @@ export class Watcher {
     stream.on('error', end);
   }
 
-  subscribe(tenant: string, user: string, afterGeneration = 0): void {
-    this.stream.write({ action: { $case: 'subscribe', value: { tenant, user, afterGeneration } } });
+  subscribe(tenant: string, user: string, afterGeneration = 0, epoch = ''): void {
+    this.stream.write({
+      action: { $case: 'subscribe', value: { tenant, user, afterGeneration, epoch } },
+    });
   }
 
   unsubscribe(tenant: string, user: string): void {

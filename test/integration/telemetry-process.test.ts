@@ -139,7 +139,8 @@ describe('telemetry of real processes', () => {
     expect(samples(text, 'tb_broker_due_lag_seconds_bucket').length).toBeGreaterThan(5);
     expect(value('tb_broker_sessions_active')).toBe(1);
     expect(value('tb_broker_sessions_reauth_required')).toBe(1);
-    expect(value('tb_broker_watchers')).toBe(4);
+    // Each sidecar subscribes each user on its two Watch streams (one replica here: both on it).
+    expect(value('tb_broker_watchers')).toBe(8);
     expect(value('tb_broker_reuse_suspicions_total')).toBe(0);
     expect(value('tb_broker_persist_failures_total')).toBe(0);
   });

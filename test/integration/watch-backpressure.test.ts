@@ -19,7 +19,7 @@ function write(stream: { write: (r: WatchRequest, cb: () => void) => boolean }, 
 }
 
 const subscribe = (tenant: string, user: string): WatchRequest => ({
-  action: { $case: 'subscribe', value: { tenant, user, afterGeneration: 0 } },
+  action: { $case: 'subscribe', value: { tenant, user, afterGeneration: 0, epoch: '' } },
 });
 
 describe('Watch against a peer that never reads', () => {

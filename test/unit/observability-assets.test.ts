@@ -47,6 +47,7 @@ beforeAll(async () => {
   const sidecar = openMetricsEndpoint('sidecar');
   const sidecarMetrics = new OtelSidecarMetrics(sidecar, {
     streamUp: () => true,
+    streamsUp: () => 2,
     watchedUsers: () => 1,
     freshUsers: () => 1,
     reauthRequiredUsers: () => 0,

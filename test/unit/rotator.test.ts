@@ -184,7 +184,7 @@ describe('Rotator', () => {
     expect(result.outcome).toBe('not-needed');
     expect(idp.presented.length).toBe(0);
     expect(await store.nextDueAt()).toBe(record.nextRefreshAt);
-    expect(events).toEqual([{ ...REF, generation: 1 }]);
+    expect(events).toEqual([{ ...REF, generation: 1, epoch: '' }]);
 
     now = record.nextRefreshAt;
     await store.touch(REF, now);

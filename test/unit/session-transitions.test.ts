@@ -74,6 +74,14 @@ describe('session transitions (pure)', () => {
     expect(again.next.login).toBeUndefined();
     expect(again.next.enrolledBy).toBe('folio/mod-login');
     expect(again.next.outcomeUnknown).toBeUndefined();
+    // Each enrollment starts a new epoch (random 64-bit hex), unless the caller names one.
+    expect(fresh.next.epoch).toMatch(/^[0-9a-f]{16}$/);
+    expect(again.next.epoch).toMatch(/^[0-9a-f]{16}$/);
+    expect(again.next.epoch).not.toBe(fresh.next.epoch);
+    expect(
+      enrolled(REF, 'default', { ...seed, epoch: 'e1' }, previous, { now: NOW, traceparent: TP })
+        .next.epoch,
+    ).toBe('e1');
 
     // A token exchange issues the family at once: a new generation, due by the policy's time.
     const issued = enrolled(

@@ -27,7 +27,7 @@ describe('sidecar configuration', () => {
       tokenDir: undefined,
       logLevel: 'info',
       reconnectMaxMs: 10_000,
-      keepaliveMs: 10_000,
+      keepaliveMs: 3_000,
       brokerTls: { caFile: undefined, serverName: undefined },
       tokenFile: '/var/run/secrets/tokens/token-broker',
       allowedUsers: undefined,
@@ -155,7 +155,7 @@ describe('sidecar configuration', () => {
     [{ ...BASE, TB_SIDECAR_MAX_WAIT_MS: '9999999' }, 'TB_SIDECAR_MAX_WAIT_MS', /at most/],
     [{ ...BASE, TB_SIDECAR_LOG_LEVEL: 'loud' }, 'TB_SIDECAR_LOG_LEVEL', /one of/],
     [{ ...BASE, TB_SIDECAR_RECONNECT_MAX_MS: '1' }, 'TB_SIDECAR_RECONNECT_MAX_MS', /least 100/],
-    [{ ...BASE, TB_SIDECAR_KEEPALIVE_MS: '1000' }, 'TB_SIDECAR_KEEPALIVE_MS', /ping/],
+    [{ ...BASE, TB_SIDECAR_KEEPALIVE_MS: '500' }, 'TB_SIDECAR_KEEPALIVE_MS', /ping/],
     [{ ...BASE, TB_SIDECAR_WAIT_MS: '5' }, 'TB_SIDECAR_WAIT_MS', /not a sidecar setting/],
   ])('refuses %j naming %s', (env, setting, problem) => {
     const err = failure(env);

@@ -7,6 +7,7 @@ describe('OtelSidecarMetrics', () => {
     const endpoint = openMetricsEndpoint('test');
     const metrics = new OtelSidecarMetrics(endpoint, {
       streamUp: () => true,
+      streamsUp: () => 2,
       watchedUsers: () => 3,
       freshUsers: () => 2,
       reauthRequiredUsers: () => 1,

@@ -8,6 +8,7 @@ const alice = { tenant: 'diku', user: 'alice' };
 
 function state(generation: number, extra: Partial<TokenState> = {}): TokenState {
   return {
+    epoch: '',
     generation,
     status: 'ACTIVE',
     accessToken: `at-${generation}`,
@@ -135,7 +136,8 @@ describe('decideRead', () => {
     store.ensure(alice);
     store.apply(alice, state(4));
     now = T0 + 60_000 - SKEW;
-    expect(decide(0, false)).toEqual({ kind: 'wait', refresh: false });
+    // While waiting, another replica is asked (GetToken): this stream's replica may be frozen.
+    expect(decide(0, false)).toEqual({ kind: 'wait', refresh: false, fetch: true });
     const failed = decide(0, true);
     if (failed.kind !== 'fail') throw new Error('expected a failure');
     expect([failed.error.status, failed.error.code]).toEqual([503, 'TOKEN_UNAVAILABLE']);
@@ -177,5 +179,90 @@ describe('decideRead', () => {
     expect(decide(0, false).kind).toBe('wait');
     const idle = decide(0, true);
     expect(idle.kind === 'fail' && idle.error.message).toMatch(/idle/);
+  });
+});
+
+describe('epochs', () => {
+  it('takes a new epoch at once (generation 1 after 500), and never the retired one again', () => {
+    const { entry } = store.ensure(alice);
+    expect(store.apply(alice, state(500, { epoch: 'aaaa' }))).toBe('applied');
+    // Enrolled again after the broker lost its state: generations restart in a new epoch.
+    expect(store.apply(alice, state(1, { epoch: 'bbbb', accessToken: 'new-1' }))).toBe('applied');
+    expect(entry.state).toMatchObject({ epoch: 'bbbb', generation: 1, accessToken: 'new-1' });
+    expect(decideRead(store, entry, 0, true, 0, now).kind).toBe('serve');
+    // A lagging replica still streaming the old epoch cannot bring it back, whatever its number.
+    expect(store.apply(alice, state(501, { epoch: 'aaaa' }))).toBe('stale');
+    expect(store.apply(alice, state(1, { epoch: 'bbbb' }))).toBe('stale');
+    expect(store.apply(alice, state(2, { epoch: 'bbbb', accessToken: 'new-2' }))).toBe('applied');
+    expect(entry.state?.accessToken).toBe('new-2');
+  });
+
+  it('a state without an epoch (a broker that predates epochs) counts in the epoch held', () => {
+    const { entry } = store.ensure(alice);
+    store.apply(alice, state(4, { epoch: 'cccc' }));
+    expect(store.apply(alice, state(4, { epoch: '' }))).toBe('stale');
+    expect(store.apply(alice, state(5, { epoch: '' }))).toBe('applied');
+    expect(entry.state?.epoch).toBe('cccc');
+    // ... so the next state of that epoch is still compared by generation.
+    expect(store.apply(alice, state(5, { epoch: 'cccc' }))).toBe('stale');
+    // A legacy-held entry ('' epoch) takes the first real epoch at once.
+    const bob = { tenant: 'diku', user: 'bob' };
+    const held = store.ensure(bob).entry;
+    store.apply(bob, state(300, { epoch: '' }));
+    expect(store.apply(bob, state(1, { epoch: 'dddd' }))).toBe('applied');
+    expect(held.state?.generation).toBe(1);
+  });
+});
+
+describe('effective safety skew', () => {
+  const short = (generation: number, lifetimeMs: number, issuedAtMs = now) =>
+    state(generation, { issuedAtMs, expiresAtMs: issuedAtMs + lifetimeMs });
+
+  it('serves 6-second tokens: the skew shrinks to a quarter of the lifetime, with one warning', () => {
+    const warnings: { skewMs: number; lifetimeMs: number | undefined }[] = [];
+    store = new TokenStore(
+      { safetySkewMs: SKEW, onSkewShrunk: (_e, s) => warnings.push(s) },
+      () => now,
+    );
+    const { entry } = store.ensure(alice);
+    store.apply(alice, short(1, 6_000));
+    expect(entry.skewMs).toBe(1_500);
+    now = T0 + 4_499;
+    expect(decideRead(store, entry, 0, true, 0, now).kind).toBe('serve');
+    now = T0 + 4_500;
+    expect(store.isFresh(entry)).toBe(false);
+    // Each rotation of the same lifetime keeps quiet; another lifetime warns again.
+    store.apply(alice, short(2, 6_000));
+    store.apply(alice, short(3, 6_000));
+    expect(warnings).toEqual([expect.objectContaining({ skewMs: 1_500, lifetimeMs: 6_000 })]);
+    store.apply(alice, short(4, 8_000));
+    expect(warnings.map((w) => w.skewMs)).toEqual([1_500, 2_000]);
+    // A long-lived token gets the configured skew back, without a warning.
+    store.apply(alice, short(5, 120_000));
+    expect(entry.skewMs).toBe(SKEW);
+    expect(warnings).toHaveLength(2);
+  });
+
+  it('the 503 says which skew applied and why', () => {
+    const { entry } = store.ensure(alice);
+    store.apply(alice, short(7, 6_000));
+    now = T0 + 5_000;
+    const shrunk = decideRead(store, entry, 0, true, 0, now);
+    if (shrunk.kind !== 'fail') throw new Error('expected a failure');
+    expect(shrunk.error.message).toMatch(
+      /generation 7\b.*skew of 1\.5 s \(a quarter of the token's 6 s lifetime, smaller than TB_SIDECAR_SAFETY_SKEW_MS 10 s\)/,
+    );
+    store.apply(alice, short(8, 60_000));
+    now = T0 + 55_000;
+    const configured = decideRead(store, entry, 0, true, 0, now);
+    if (configured.kind !== 'fail') throw new Error('expected a failure');
+    expect(configured.error.message).toMatch(/skew of 10 s \(TB_SIDECAR_SAFETY_SKEW_MS\)/);
+    expect(configured.error.message).not.toMatch(/quarter/);
+  });
+
+  it('without issued_at, the lifetime counts from receipt', () => {
+    const { entry } = store.ensure(alice);
+    store.apply(alice, state(1, { receivedAtMs: now, expiresAtMs: now + 6_000 }));
+    expect(entry.skewMs).toBe(1_500);
   });
 });

@@ -69,4 +69,38 @@ describe('WatchHub', () => {
     const other = new WatchHub(store, log);
     await expect(other.subscribe(REF, collector(), 0)).rejects.toBeInstanceOf(UnavailableError);
   });
+
+  it('a new epoch reaches a watcher at once, even with a lower generation (enrolled again)', async () => {
+    const store = new MemorySessionStore();
+    const hub = new WatchHub(store, log);
+    await store.subscribe((event) => hub.onEvent(event));
+    await store.commit({ next: { ...record(500), epoch: 'old' }, dueAt: undefined }, null, 0);
+    const live = collector();
+    await hub.subscribe(REF, live, 0, '');
+    // A sidecar reconnecting while holding generation 500 of the old epoch gets nothing new...
+    const resumed = collector();
+    await hub.subscribe(REF, resumed, 500, 'old');
+    expect([live.seen, resumed.seen]).toEqual([[500], []]);
+    // ...until the state is lost and the user enrolled again: generation 1 of a new epoch.
+    (store as unknown as { sessions: Map<string, unknown> }).sessions.clear();
+    await store.commit({ next: { ...record(1), epoch: 'new' }, dueAt: undefined }, null, 0);
+    await new Promise((r) => setTimeout(r, 20));
+    expect(live.seen).toEqual([500, 1]);
+    expect(resumed.seen).toEqual([1]);
+    // Within the new epoch the generation order holds again.
+    await store.commit({ next: { ...record(2), epoch: 'new' }, dueAt: undefined }, 1, 0);
+    await new Promise((r) => setTimeout(r, 20));
+    expect(live.seen).toEqual([500, 1, 2]);
+    // A sidecar that subscribes holding generation 900 of the old epoch gets the new state.
+    const late = collector();
+    await hub.subscribe(REF, late, 900, 'old');
+    expect(late.seen).toEqual([2]);
+    // A record written before epochs existed compares by generation only.
+    const legacy = new MemorySessionStore();
+    const legacyHub = new WatchHub(legacy, log);
+    await legacy.commit({ next: record(7), dueAt: undefined }, null, 0);
+    const held = collector();
+    await legacyHub.subscribe(REF, held, 7, '');
+    expect(held.seen).toEqual([]);
+  });
 });

@@ -116,6 +116,11 @@ export interface Session {
    * broker ran without caller authentication (TB_AUTH=off) at that enrollment.
    */
   enrolledBy: string;
+  /**
+   * The enrollment this family belongs to: a new random id at each Enroll, kept by every
+   * rotation. Generations increase within an epoch; empty for sessions enrolled before epochs.
+   */
+  epoch: string;
 }
 
 /** TokenEvent is one state of a session as a watcher or reader sees it. */
@@ -135,6 +140,16 @@ export interface TokenEvent {
   tracestate: string;
   /** Stable code of the last refresh failure, empty when none. */
   errorCode: string;
+  /**
+   * The session's epoch (see Session.epoch). A watcher compares generations only within one
+   * epoch; a new epoch's state replaces the old one whatever its generation.
+   */
+  epoch: string;
+  /**
+   * When this access token was obtained (broker clock): with expires_at it gives the token's
+   * lifetime, which bounds the sidecar's safety skew.
+   */
+  issuedAt?: Date | undefined;
 }
 
 export interface EnrollRequest {
@@ -201,6 +216,11 @@ export interface Subscribe {
    * generations are sent.
    */
   afterGeneration: number;
+  /**
+   * The epoch of that generation ('' for none): the current state is sent whatever its
+   * generation when the session's epoch differs (it was enrolled again).
+   */
+  epoch: string;
 }
 
 /** Unsubscribe stops delivery for one session. */
@@ -378,6 +398,7 @@ function createBaseSession(): Session {
     lastErrorCode: "",
     failedAttempts: 0,
     enrolledBy: "",
+    epoch: "",
   };
 }
 
@@ -421,6 +442,9 @@ export const Session: MessageFns<Session> = {
     }
     if (message.enrolledBy !== "") {
       writer.uint32(106).string(message.enrolledBy);
+    }
+    if (message.epoch !== "") {
+      writer.uint32(114).string(message.epoch);
     }
     return writer;
   },
@@ -542,6 +566,14 @@ export const Session: MessageFns<Session> = {
             message.enrolledBy = reader.string();
             continue;
           }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.epoch = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -601,6 +633,7 @@ export const Session: MessageFns<Session> = {
         : isSet(object.enrolled_by)
         ? globalThis.String(object.enrolled_by)
         : "",
+      epoch: isSet(object.epoch) ? globalThis.String(object.epoch) : "",
     };
   },
 
@@ -645,6 +678,9 @@ export const Session: MessageFns<Session> = {
     if (message.enrolledBy !== "") {
       obj.enrolledBy = message.enrolledBy;
     }
+    if (message.epoch !== "") {
+      obj.epoch = message.epoch;
+    }
     return obj;
   },
 
@@ -666,6 +702,7 @@ export const Session: MessageFns<Session> = {
     message.lastErrorCode = object.lastErrorCode ?? "";
     message.failedAttempts = object.failedAttempts ?? 0;
     message.enrolledBy = object.enrolledBy ?? "";
+    message.epoch = object.epoch ?? "";
     return message;
   },
 };
@@ -682,6 +719,8 @@ function createBaseTokenEvent(): TokenEvent {
     traceparent: "",
     tracestate: "",
     errorCode: "",
+    epoch: "",
+    issuedAt: undefined,
   };
 }
 
@@ -716,6 +755,12 @@ export const TokenEvent: MessageFns<TokenEvent> = {
     }
     if (message.errorCode !== "") {
       writer.uint32(82).string(message.errorCode);
+    }
+    if (message.epoch !== "") {
+      writer.uint32(90).string(message.epoch);
+    }
+    if (message.issuedAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.issuedAt), writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -813,6 +858,22 @@ export const TokenEvent: MessageFns<TokenEvent> = {
             message.errorCode = reader.string();
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.epoch = reader.string();
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.issuedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -853,6 +914,12 @@ export const TokenEvent: MessageFns<TokenEvent> = {
         : isSet(object.error_code)
         ? globalThis.String(object.error_code)
         : "",
+      epoch: isSet(object.epoch) ? globalThis.String(object.epoch) : "",
+      issuedAt: isSet(object.issuedAt)
+        ? fromJsonTimestamp(object.issuedAt)
+        : isSet(object.issued_at)
+        ? fromJsonTimestamp(object.issued_at)
+        : undefined,
     };
   },
 
@@ -888,6 +955,12 @@ export const TokenEvent: MessageFns<TokenEvent> = {
     if (message.errorCode !== "") {
       obj.errorCode = message.errorCode;
     }
+    if (message.epoch !== "") {
+      obj.epoch = message.epoch;
+    }
+    if (message.issuedAt !== undefined) {
+      obj.issuedAt = message.issuedAt.toISOString();
+    }
     return obj;
   },
 
@@ -906,6 +979,8 @@ export const TokenEvent: MessageFns<TokenEvent> = {
     message.traceparent = object.traceparent ?? "";
     message.tracestate = object.tracestate ?? "";
     message.errorCode = object.errorCode ?? "";
+    message.epoch = object.epoch ?? "";
+    message.issuedAt = object.issuedAt ?? undefined;
     return message;
   },
 };
@@ -1473,7 +1548,7 @@ export const WatchRequest: MessageFns<WatchRequest> = {
 };
 
 function createBaseSubscribe(): Subscribe {
-  return { tenant: "", user: "", afterGeneration: 0 };
+  return { tenant: "", user: "", afterGeneration: 0, epoch: "" };
 }
 
 export const Subscribe: MessageFns<Subscribe> = {
@@ -1486,6 +1561,9 @@ export const Subscribe: MessageFns<Subscribe> = {
     }
     if (message.afterGeneration !== 0) {
       writer.uint32(24).uint64(message.afterGeneration);
+    }
+    if (message.epoch !== "") {
+      writer.uint32(34).string(message.epoch);
     }
     return writer;
   },
@@ -1527,6 +1605,14 @@ export const Subscribe: MessageFns<Subscribe> = {
             message.afterGeneration = longToNumber(reader.uint64());
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.epoch = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1548,6 +1634,7 @@ export const Subscribe: MessageFns<Subscribe> = {
         : isSet(object.after_generation)
         ? globalThis.Number(object.after_generation)
         : 0,
+      epoch: isSet(object.epoch) ? globalThis.String(object.epoch) : "",
     };
   },
 
@@ -1562,6 +1649,9 @@ export const Subscribe: MessageFns<Subscribe> = {
     if (message.afterGeneration !== 0) {
       obj.afterGeneration = Math.round(message.afterGeneration);
     }
+    if (message.epoch !== "") {
+      obj.epoch = message.epoch;
+    }
     return obj;
   },
 
@@ -1573,6 +1663,7 @@ export const Subscribe: MessageFns<Subscribe> = {
     message.tenant = object.tenant ?? "";
     message.user = object.user ?? "";
     message.afterGeneration = object.afterGeneration ?? 0;
+    message.epoch = object.epoch ?? "";
     return message;
   },
 };
