@@ -1,5 +1,6 @@
 import type { Transition } from '../session-transitions.js';
 import { KeySpace } from './keys.js';
+import { DEAD_STATUSES } from './session-record.js';
 import type { InflightMarker, SessionEvent, SessionRef, StoredSession } from './session-record.js';
 import type {
   DueClaim,
@@ -13,6 +14,8 @@ import type {
 export class MemorySessionStore implements SessionStore {
   private readonly sessions = new Map<string, StoredSession>();
   private readonly due = new Map<string, number>();
+  /** Since when each REVOKED, REAUTH_REQUIRED or IDLE session has been so (retention). */
+  private readonly deadSince = new Map<string, number>();
   private readonly listeners: ((event: SessionEvent) => void)[] = [];
 
   get(ref: SessionRef): Promise<StoredSession | undefined> {
@@ -33,6 +36,8 @@ export class MemorySessionStore implements SessionStore {
     });
     if (transition.dueAt === undefined) this.due.delete(id);
     else this.due.set(id, transition.dueAt);
+    if (!DEAD_STATUSES.has(record.status)) this.deadSince.delete(id);
+    else if (!this.deadSince.has(id)) this.deadSince.set(id, now);
     if (current?.record.generation !== record.generation) {
       const event = { tenant: record.tenant, user: record.user, generation: record.generation };
       // Delivered after the write returns, as a Redis subscriber would see it.
@@ -106,6 +111,19 @@ export class MemorySessionStore implements SessionStore {
       sessions: page.map((id) => structuredClone(this.sessions.get(id)!)),
       next: ids.length > limit ? (page.at(-1) ?? '') : '',
     });
+  }
+
+  sweepDead(cutoff: number, limit: number): Promise<number> {
+    let deleted = 0;
+    for (const [id, since] of this.deadSince) {
+      if (deleted >= limit) break;
+      if (since > cutoff) continue;
+      this.sessions.delete(id);
+      this.due.delete(id);
+      this.deadSince.delete(id);
+      deleted += 1;
+    }
+    return Promise.resolve(deleted);
   }
 
   subscribe(onEvent: (event: SessionEvent) => void): Promise<void> {

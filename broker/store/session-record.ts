@@ -53,6 +53,13 @@ export interface SessionRecord extends SessionRef {
   enrolledBy?: string | undefined;
 }
 
+/** Statuses whose sessions the retention sweep deletes once dead for TB_SESSION_RETENTION_MS. */
+export const DEAD_STATUSES: ReadonlySet<SessionStatusName> = new Set([
+  'REVOKED',
+  'REAUTH_REQUIRED',
+  'IDLE',
+]);
+
 /** A stored record with the fields kept beside it in plain text. */
 export interface StoredSession {
   record: SessionRecord;

@@ -31,8 +31,8 @@ export interface SessionPage {
 
 /**
  * Durable session state. Every multi-field change is atomic; writes are compare-and-set on the
- * session's generation and publish a SessionEvent in the same step when the generation changes
- * (persist, then publish).
+ * session's generation and publish a SessionEvent when the generation changes, once the write is
+ * stored (in Redis: acknowledged by TB_REDIS_MIN_REPLICAS replicas), never before.
  */
 export interface SessionStore {
   get(ref: SessionRef): Promise<StoredSession | undefined>;
@@ -60,6 +60,12 @@ export interface SessionStore {
   list(tenant: string, after: string, limit: number): Promise<SessionPage>;
   /** How many sessions are active and how many need re-authentication (cheap: two counters). */
   sessionCounts(): Promise<SessionCounts>;
+  /**
+   * Deletes up to `limit` sessions that have been REVOKED, REAUTH_REQUIRED or IDLE since before
+   * `cutoff` (epoch ms), with their due-queue and index entries; returns how many. Idempotent, so
+   * replicas may sweep at once.
+   */
+  sweepDead(cutoff: number, limit: number): Promise<number>;
   /**
    * Calls `onEvent` for every published change from any replica. `onResync` is called when
    * events may have been missed (the subscription reconnected): re-read what you watch.
