@@ -262,7 +262,10 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
     clusterNodes.length > 0 && 'TB_REDIS_CLUSTER_NODES',
   ].filter((s): s is string => typeof s === 'string');
   if (shapes.length > 1)
-    throw new ConfigError(shapes[1]!, `and ${shapes[0]} are exclusive: give the state store one way`);
+    throw new ConfigError(
+      shapes[1]!,
+      `and ${shapes[0]} are exclusive: give the state store one way`,
+    );
   const stateSetting = shapes[0];
   const givenRedlockUrls = read.list('TB_REDLOCK_URLS');
   for (const [i, url] of givenRedlockUrls.entries())
@@ -413,10 +416,7 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
  * TB_REDIS_PASSWORD_FILE: the Redis password as a file (a mounted Secret), so it is in no
  * environment variable. One trailing newline is dropped, as `echo` or an editor leaves it.
  */
-function readRedisPassword(
-  read: EnvReader,
-  stateSetting: string | undefined,
-): string | undefined {
+function readRedisPassword(read: EnvReader, stateSetting: string | undefined): string | undefined {
   const file = read.string('TB_REDIS_PASSWORD_FILE');
   if (file === undefined) return undefined;
   if (!stateSetting) throw new ConfigError('TB_REDIS_PASSWORD_FILE', 'needs TB_REDIS_URL as well');
@@ -428,7 +428,10 @@ function readPasswordFile(setting: string, file: string): string {
   try {
     password = readFileSync(file, 'utf8').replace(/\r?\n$/, '');
   } catch (err) {
-    throw new ConfigError(setting, `cannot be read: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
+    throw new ConfigError(
+      setting,
+      `cannot be read: ${(err as NodeJS.ErrnoException).code ?? 'error'}`,
+    );
   }
   if (password === '') throw new ConfigError(setting, 'names an empty file');
   if (/[\r\n]/.test(password)) throw new ConfigError(setting, 'must hold one line (the password)');

@@ -90,9 +90,11 @@ export class RedisSessionStore implements SessionStore {
 
   /** The setting start-up errors name when the store cannot be reached. */
   get setting(): string {
-    return { single: 'TB_REDIS_URL', sentinel: 'TB_REDIS_SENTINELS', cluster: 'TB_REDIS_CLUSTER_NODES' }[
-      this.options.target.kind
-    ];
+    return {
+      single: 'TB_REDIS_URL',
+      sentinel: 'TB_REDIS_SENTINELS',
+      cluster: 'TB_REDIS_CLUSTER_NODES',
+    }[this.options.target.kind];
   }
 
   /** Replicas each commit waits for (after `prepare`). */
@@ -311,7 +313,8 @@ export class RedisSessionStore implements SessionStore {
         generation: record.generation,
       };
       const payload = JSON.stringify(event);
-      if (this.redis instanceof Cluster) await this.redis.spublish(this.keys.events(shard), payload);
+      if (this.redis instanceof Cluster)
+        await this.redis.spublish(this.keys.events(shard), payload);
       else await this.redis.publish(this.keys.events(shard), payload);
     }
     return true;
@@ -412,7 +415,12 @@ export class RedisSessionStore implements SessionStore {
     const page = ids.slice(0, limit);
     const rows = await Promise.all(
       page.map((id) =>
-        this.redis.hmget(this.keys.session(KeySpace.parseSessionId(id)), 'sealed', 'used', 'inflight'),
+        this.redis.hmget(
+          this.keys.session(KeySpace.parseSessionId(id)),
+          'sealed',
+          'used',
+          'inflight',
+        ),
       ),
     );
     const sessions: StoredSession[] = [];

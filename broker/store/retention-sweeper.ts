@@ -52,7 +52,10 @@ export class RetentionSweeper {
       try {
         if ((await this.sweepOnce()) >= this.options.batchSize) wait = 100;
       } catch (err) {
-        this.log.warn({ err: String(err) }, 'retention sweep failed; retrying at the next interval');
+        this.log.warn(
+          { err: String(err) },
+          'retention sweep failed; retrying at the next interval',
+        );
       }
       await new Promise<void>((resolve) => {
         const timer = setTimeout(done, wait);
