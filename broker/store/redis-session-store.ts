@@ -13,6 +13,7 @@ import {
   SWEEP_DEAD,
   TOUCH_SESSION,
 } from './redis-scripts.js';
+import { ShardedEventSubscriber } from './sharded-events.js';
 import {
   DEAD_STATUSES,
   type InflightMarker,
@@ -60,6 +61,7 @@ const MIGRATION_BATCH = 200;
 export class RedisSessionStore implements SessionStore {
   private readonly redis: Client;
   private subscriber: Redis | Cluster | undefined;
+  private sharded: ShardedEventSubscriber | undefined;
   private readonly keys: KeySpace;
   private readonly cluster: boolean;
   private minReplicas: number;
@@ -76,7 +78,7 @@ export class RedisSessionStore implements SessionStore {
     this.keys = new KeySpace(options.prefix);
     this.cluster = options.target.kind === 'cluster';
     this.minReplicas = options.minReplicas ?? 0;
-    const redis = connect(options.target, false);
+    const redis = connect(options.target);
     redis.on('error', (err: Error) => log.warn({ err: err.message }, 'state store error'));
     redis.defineCommand('tbCommit', { numberOfKeys: 5, lua: COMMIT_SESSION });
     redis.defineCommand('tbMark', { numberOfKeys: 1, lua: MARK_INFLIGHT });
@@ -282,28 +284,12 @@ export class RedisSessionStore implements SessionStore {
       record.status === 'REAUTH_REQUIRED' ? '1' : '0',
       dead ? '1' : '0',
     ];
-    const required = this.minReplicas;
     let result: number;
-    if (required === 0) {
-      result = await this.redis.tbCommit(...args);
-    } else {
-      const pipeline = this.redis.pipeline() as unknown as {
-        tbCommit(...a: string[]): unknown;
-        wait(replicas: number, timeout: number): unknown;
-        exec(): Promise<[Error | null, unknown][] | null>;
-      };
-      pipeline.tbCommit(...args);
-      pipeline.wait(required, this.options.waitTimeoutMs);
-      const replies = (await pipeline.exec()) ?? [];
-      const [commitErr, commitReply] = replies[0] ?? [new Error('no reply to the commit')];
-      if (commitErr) throw commitErr;
-      result = Number(commitReply);
-      if (result !== 0) {
-        const [waitErr, acknowledged] = replies[1] ?? [new Error('no reply to WAIT')];
-        if (waitErr) throw waitErr;
-        if (Number(acknowledged) < required)
-          throw new StateNotReplicatedError(Number(acknowledged), required);
-      }
+    if (this.minReplicas === 0) result = await this.redis.tbCommit(...args);
+    else {
+      const replies = await this.withWait((p) => p.tbCommit(...args));
+      result = Number(replies.result);
+      if (result !== 0) replies.check();
     }
     if (result === 0) return false;
     if (expectedGeneration !== record.generation) {
@@ -320,16 +306,58 @@ export class RedisSessionStore implements SessionStore {
     return true;
   }
 
+  /**
+   * Marks the presentation in flight. The mark is waited for like a commit: a refresh token is
+   * presented only when its outcome could be stored durably now (a shard whose master has lost
+   * its replicas refuses here, before the IdP consumes anything, not after).
+   */
   async markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult> {
-    const [status, value] = await this.redis.tbMark(
+    const args = [
       this.keys.session(ref),
       String(marker.generation),
       JSON.stringify(marker),
       String(now),
-    );
+    ] as const;
+    let status: number;
+    let value: number;
+    if (this.minReplicas === 0) [status, value] = await this.redis.tbMark(...args);
+    else {
+      const replies = await this.withWait((p) => p.tbMark(...args));
+      [status, value] = replies.result as [number, number];
+      if (status === 1) replies.check();
+    }
     if (status === 1) return { kind: 'marked', tookOver: value === 1 };
     if (status === -1) return { kind: 'busy', until: value };
     return { kind: 'stale' };
+  }
+
+  /**
+   * Runs one script and WAIT for the required replicas in one round trip on the script's
+   * connection (in a Cluster, the pipeline goes to the node of the script's keys). `check()`
+   * throws StateNotReplicatedError when fewer replicas acknowledged.
+   */
+  private async withWait(
+    add: (pipeline: ScriptCommands) => unknown,
+  ): Promise<{ result: unknown; check: () => void }> {
+    const required = this.minReplicas;
+    const pipeline = this.redis.pipeline() as unknown as ScriptCommands & {
+      wait(replicas: number, timeout: number): unknown;
+      exec(): Promise<[Error | null, unknown][] | null>;
+    };
+    add(pipeline);
+    pipeline.wait(required, this.options.waitTimeoutMs);
+    const replies = (await pipeline.exec()) ?? [];
+    const [scriptErr, result] = replies[0] ?? [new Error('no reply to the script')];
+    if (scriptErr) throw scriptErr;
+    return {
+      result,
+      check: () => {
+        const [waitErr, acknowledged] = replies[1] ?? [new Error('no reply to WAIT')];
+        if (waitErr) throw waitErr;
+        if (Number(acknowledged) < required)
+          throw new StateNotReplicatedError(Number(acknowledged), required);
+      },
+    };
   }
 
   async touch(ref: SessionRef, now: number): Promise<void> {
@@ -357,20 +385,29 @@ export class RedisSessionStore implements SessionStore {
    */
   async claimDue(now: number, limit: number, leaseUntil: number): Promise<DueClaim[]> {
     const shards = KeySpace.shards;
-    const dueCounts = await Promise.all(
+    // A shard whose master is failing over must not stop the others' rotations.
+    const counted = await Promise.allSettled(
       shards.map((shard) => this.redis.zcount(this.keys.due(shard), '-inf', now)),
     );
+    const failed = counted.find((c) => c.status === 'rejected');
+    if (failed && counted.every((c) => c.status === 'rejected')) throw failed.reason;
     const start = this.claimCursor++ % shards.length;
     const claimed: DueClaim[] = [];
     for (let i = 0; i < shards.length && claimed.length < limit; i++) {
       const shard = (start + i) % shards.length;
-      if (dueCounts[shard] === 0) continue;
-      const pairs = await this.redis.tbClaim(
-        this.keys.due(shard),
-        String(now),
-        String(limit - claimed.length),
-        String(leaseUntil),
-      );
+      const count = counted[shard]!;
+      if (count.status === 'rejected' || count.value === 0) continue;
+      const pairs = await this.redis
+        .tbClaim(
+          this.keys.due(shard),
+          String(now),
+          String(limit - claimed.length),
+          String(leaseUntil),
+        )
+        .catch((err: unknown) => {
+          this.log.debug({ shard, err: String(err) }, 'claiming from a shard failed');
+          return [] as string[];
+        });
       for (let j = 0; j + 1 < pairs.length; j += 2)
         claimed.push({ ref: KeySpace.parseSessionId(pairs[j]!), dueAt: Number(pairs[j + 1]) });
     }
@@ -388,13 +425,15 @@ export class RedisSessionStore implements SessionStore {
   }
 
   async nextDueAt(): Promise<number | undefined> {
-    const firsts = await Promise.all(
+    const firsts = await Promise.allSettled(
       KeySpace.shards.map((s) => this.redis.zrange(this.keys.due(s), '0', '0', 'WITHSCORES')),
     );
     let min: number | undefined;
-    for (const first of firsts)
-      if (first[1] !== undefined && (min === undefined || Number(first[1]) < min))
-        min = Number(first[1]);
+    for (const first of firsts) {
+      // A shard that did not answer may have work due now: look again soon.
+      const score = first.status === 'rejected' ? 0 : first.value[1];
+      if (score !== undefined && (min === undefined || Number(score) < min)) min = Number(score);
+    }
     return min;
   }
 
@@ -469,9 +508,6 @@ export class RedisSessionStore implements SessionStore {
   }
 
   async subscribe(onEvent: (event: SessionEvent) => void, onResync: () => void): Promise<void> {
-    const subscriber = connect(this.options.target, true);
-    this.subscriber = subscriber;
-    subscriber.on('error', (err: Error) => this.log.warn({ err: err.message }, 'events error'));
     const deliver = (_channel: string, message: string) => {
       try {
         onEvent(JSON.parse(message) as SessionEvent);
@@ -480,23 +516,33 @@ export class RedisSessionStore implements SessionStore {
       }
     };
     const channels = KeySpace.shards.map((s) => this.keys.events(s));
-    if (subscriber instanceof Cluster) {
-      // Sharded pub/sub: each shard's channel lives on the master of its slot; after a failover
-      // or a slot move the subscription moves, and events published meanwhile may be lost.
-      let ready = false;
-      for (const event of ['+node', '-node', 'subscribersReady'])
-        subscriber.on(event, () => {
-          if (ready) onResync();
-        });
-      subscriber.on('smessage', deliver);
-      for (const channel of channels) await subscriber.ssubscribe(channel);
-      ready = true;
+    if (this.redis instanceof Cluster && this.options.target.kind === 'cluster') {
+      const sharded = new ShardedEventSubscriber(
+        this.redis,
+        nodeOptions(this.options.target),
+        channels,
+        deliver,
+        onResync,
+        this.log,
+      );
+      this.sharded = sharded;
+      await sharded.start();
       return;
     }
+    const subscriber = connect(this.options.target);
+    this.subscriber = subscriber;
+    subscriber.on('error', (err: Error) => this.log.warn({ err: err.message }, 'events error'));
     let connectedOnce = false;
     subscriber.on('ready', () => {
-      // ioredis resubscribes on reconnect; events published meanwhile are lost, so re-read.
-      if (connectedOnce) onResync();
+      // ioredis resubscribes on reconnect, after 'ready'. Events published meanwhile are lost, so
+      // re-read, but only once the subscription is in place again (a SUBSCRIBE queued behind
+      // ioredis's own has been answered), or a change between the read and it would be missed.
+      if (connectedOnce)
+        void subscriber
+          .subscribe(...channels)
+          .then(onResync, (err: unknown) =>
+            this.log.warn({ err: String(err) }, 'resubscribing to events failed'),
+          );
       connectedOnce = true;
     });
     subscriber.on('message', deliver);
@@ -504,6 +550,7 @@ export class RedisSessionStore implements SessionStore {
   }
 
   async close(): Promise<void> {
+    await this.sharded?.close();
     await this.subscriber?.quit().catch(() => this.subscriber?.disconnect());
     await this.redis.quit().catch(() => this.redis.disconnect());
   }
@@ -513,9 +560,16 @@ function tlsOptions(tls: RedisTls | undefined): RedisOptions['tls'] {
   return tls ? (tls.ca === undefined ? {} : { ca: tls.ca }) : undefined;
 }
 
-/** A client for the configured shape; `subscriber` asks a Cluster for sharded subscribers. */
-function connect(target: StateStoreConfig, subscriber: boolean): Redis | Cluster {
-  const common: RedisOptions = { maxRetriesPerRequest: 2, commandTimeout: COMMAND_TIMEOUT_MS };
+const COMMON: RedisOptions = { maxRetriesPerRequest: 2, commandTimeout: COMMAND_TIMEOUT_MS };
+
+/** Options of a connection to one cluster node. */
+function nodeOptions(target: Extract<StateStoreConfig, { kind: 'cluster' }>): RedisOptions {
+  return { ...COMMON, password: target.password, tls: tlsOptions(target.tls) };
+}
+
+/** A client for the configured shape. */
+function connect(target: StateStoreConfig): Redis | Cluster {
+  const common = COMMON;
   switch (target.kind) {
     case 'single':
       return new Redis(target.url, common);
@@ -536,13 +590,14 @@ function connect(target: StateStoreConfig, subscriber: boolean): Redis | Cluster
       });
     case 'cluster': {
       const options: ClusterOptions = {
-        redisOptions: { ...common, password: target.password, tls: tlsOptions(target.tls) },
+        redisOptions: nodeOptions(target),
         scaleReads: 'master',
         retryDelayOnFailover: 100,
         retryDelayOnClusterDown: 100,
         retryDelayOnTryAgain: 100,
+        // Learn of a promoted replica soon even when no command was redirected yet.
+        slotsRefreshInterval: 2_000,
         clusterRetryStrategy: (times: number) => Math.min(100 * times, 1_000),
-        shardedSubscribers: subscriber,
       };
       return new Cluster(target.nodes, options);
     }

@@ -196,6 +196,11 @@ export interface RedisClusterTopology {
   killMasterAndWaitForPromotion(
     timeoutMs: number,
   ): Promise<{ killedPort: number; promotedPort: number; promotionMs: number }>;
+  /**
+   * Restarts a killed node (same port, same cluster config) and waits until it rejoined as a
+   * replica and every master has one again: what Kubernetes does with a lost pod.
+   */
+  restartAsReplica(port: number, timeoutMs: number): Promise<void>;
   stopAll(): Promise<void>;
 }
 
@@ -203,7 +208,9 @@ export async function startRedisCluster(
   options: { masters?: number } = {},
 ): Promise<RedisClusterTopology> {
   const masters = options.masters ?? 3;
-  const group = await startRedisNodes(masters * 2, async () => [
+  // Each node keeps its bus port across a restart (its peers remember it).
+  const busPorts = new Map<number, number>();
+  const group = await startRedisNodes(masters * 2, async (port) => [
     '--cluster-enabled',
     'yes',
     '--cluster-config-file',
@@ -214,7 +221,7 @@ export async function startRedisCluster(
     '0',
     // The bus port would be port + 10000, which may be taken or past 65535: pick a free one.
     '--cluster-port',
-    String(await freePort()),
+    String(busPorts.get(port) ?? busPorts.set(port, await freePort()).get(port)!),
   ]);
   const nodes = group.nodes;
   try {
@@ -277,6 +284,15 @@ export async function startRedisCluster(
           },
         );
         return { killedPort, promotedPort, promotionMs: Date.now() - killedAt };
+      },
+      restartAsReplica: async (port, timeoutMs) => {
+        await nodes.find((n) => n.port === port)!.restart();
+        await until(`node ${port} back as a replica`, timeoutMs, async () => {
+          const ports = await masterPorts();
+          if (ports.includes(port) || ports.length !== masters) return undefined;
+          for (const p of ports) if ((await onlineReplicas(p)) < 1) return undefined;
+          return true;
+        });
       },
       stopAll: () => group.stopAll(),
     };
