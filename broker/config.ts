@@ -194,7 +194,7 @@ export const BROKER_VARIABLES: ReadonlySet<string> = new Set([
   'TB_REDIS_PASSWORD_FILE',
   'TB_REDIS_SENTINELS',
   'TB_REDIS_SENTINEL_MASTER',
-  'TB_REDIS_SENTINEL_PASSWORD_FILE',
+  'TB_REDIS_SENTINEL_PASS_FILE',
   'TB_REDIS_CLUSTER_NODES',
   'TB_REDIS_TLS',
   'TB_REDIS_CA_FILE',
@@ -463,12 +463,12 @@ function readStateStore(
   },
 ): StateStoreConfig | undefined {
   const master = read.string('TB_REDIS_SENTINEL_MASTER');
-  const sentinelPasswordFile = read.string('TB_REDIS_SENTINEL_PASSWORD_FILE');
+  const sentinelPasswordFile = read.string('TB_REDIS_SENTINEL_PASS_FILE');
   const sentinelMode = given.sentinels.length > 0;
   if (!sentinelMode)
     for (const [setting, value] of [
       ['TB_REDIS_SENTINEL_MASTER', master],
-      ['TB_REDIS_SENTINEL_PASSWORD_FILE', sentinelPasswordFile],
+      ['TB_REDIS_SENTINEL_PASS_FILE', sentinelPasswordFile],
     ] as const)
       if (value !== undefined) throw new ConfigError(setting, 'needs TB_REDIS_SENTINELS as well');
   const tlsOn = read.onOff('TB_REDIS_TLS', false);
@@ -510,7 +510,7 @@ function readStateStore(
       sentinelPassword:
         sentinelPasswordFile === undefined
           ? undefined
-          : readPasswordFile('TB_REDIS_SENTINEL_PASSWORD_FILE', sentinelPasswordFile),
+          : readPasswordFile('TB_REDIS_SENTINEL_PASS_FILE', sentinelPasswordFile),
       tls,
     };
   }
