@@ -140,7 +140,16 @@ describe('the broker accepts the configuration the chart renders', () => {
     it(name, () => {
       const env = kubeletEnv(charts.render(charts.broker, files), name.replace(/\W+/g, '-'));
       const config = loadConfig(env);
-      expect(config.redisUrl).toMatch(/^redis:\/\/:[^$]+@/);
+      // Bundled: state on the Sentinel-watched store; external here: one URL. Both with the
+      // password from its file, never from a variable.
+      const store = config.stateStore!;
+      if (store.kind === 'single') expect(store.url).toMatch(/^redis:\/\/:[^$]+@/);
+      else {
+        expect(store.kind).toBe('sentinel');
+        expect(store.password).toMatch(/^[^$]{8,}$/);
+        expect(store.kind === 'sentinel' && store.sentinelPassword).toBe(store.password);
+      }
+      for (const url of config.redlockUrls) expect(url).toMatch(/^redis:\/\/:[^$]+@/);
       expect(config.redlockUrls.length).toBeGreaterThanOrEqual(3);
       expect(config.grpcAddress).toBe('0.0.0.0:50051');
       expect(config.replicaId).toBe('token-broker-7d9f-abcde');
