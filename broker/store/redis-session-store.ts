@@ -1,7 +1,7 @@
 import { Cluster, Redis, type ClusterOptions, type RedisOptions } from 'ioredis';
 import type { Logger } from 'pino';
 import type { RedisTls, StateStoreConfig } from '../config.js';
-import { SealError, StateNotReplicatedError } from '../errors.js';
+import { BrokerError, SealError, StateNotReplicatedError, UnavailableError } from '../errors.js';
 import type { Sealer } from '../sealing.js';
 import { KeySpace } from './keys.js';
 import type { Transition } from '../session-transitions.js';
@@ -88,6 +88,53 @@ export class RedisSessionStore implements SessionStore {
     redis.defineCommand('tbSweep', { lua: SWEEP_DEAD });
     redis.defineCommand('tbMigrate', { numberOfKeys: 9, lua: MIGRATE_LEGACY });
     this.redis = redis as Client;
+  }
+
+  // Every store call: a Redis failure (connection lost, failover in progress, READONLY from a
+  // demoted master) is UNAVAILABLE to callers, a retryable condition, not an internal error.
+
+  get(ref: SessionRef): Promise<StoredSession | undefined> {
+    return unavailableOnFailure(this.getRaw(ref));
+  }
+
+  commit(transition: Transition, expectedGeneration: number | null, now: number): Promise<boolean> {
+    return unavailableOnFailure(this.commitRaw(transition, expectedGeneration, now));
+  }
+
+  markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult> {
+    return unavailableOnFailure(this.markInflightRaw(ref, marker, now));
+  }
+
+  touch(ref: SessionRef, now: number): Promise<void> {
+    return unavailableOnFailure(this.touchRaw(ref, now));
+  }
+
+  schedule(ref: SessionRef, at: number): Promise<void> {
+    return unavailableOnFailure(this.scheduleRaw(ref, at));
+  }
+
+  unschedule(ref: SessionRef): Promise<void> {
+    return unavailableOnFailure(this.unscheduleRaw(ref));
+  }
+
+  claimDue(now: number, limit: number, leaseUntil: number): Promise<DueClaim[]> {
+    return unavailableOnFailure(this.claimDueRaw(now, limit, leaseUntil));
+  }
+
+  sessionCounts(): Promise<SessionCounts> {
+    return unavailableOnFailure(this.sessionCountsRaw());
+  }
+
+  nextDueAt(): Promise<number | undefined> {
+    return unavailableOnFailure(this.nextDueAtRaw());
+  }
+
+  list(tenant: string, after: string, limit: number): Promise<SessionPage> {
+    return unavailableOnFailure(this.listRaw(tenant, after, limit));
+  }
+
+  sweepDead(cutoff: number, limit: number): Promise<number> {
+    return unavailableOnFailure(this.sweepDeadRaw(cutoff, limit));
   }
 
   /** The setting start-up errors name when the store cannot be reached. */
@@ -207,7 +254,7 @@ export class RedisSessionStore implements SessionStore {
     return moved;
   }
 
-  async get(ref: SessionRef): Promise<StoredSession | undefined> {
+  private async getRaw(ref: SessionRef): Promise<StoredSession | undefined> {
     const [sealed, used, inflight] = await this.redis.hmget(
       this.keys.session(ref),
       'sealed',
@@ -255,7 +302,7 @@ export class RedisSessionStore implements SessionStore {
    * The event goes out after the acknowledgement, so no watcher sees a generation a failover
    * could still take back.
    */
-  async commit(
+  private async commitRaw(
     transition: Transition,
     expectedGeneration: number | null,
     now: number,
@@ -311,7 +358,11 @@ export class RedisSessionStore implements SessionStore {
    * presented only when its outcome could be stored durably now (a shard whose master has lost
    * its replicas refuses here, before the IdP consumes anything, not after).
    */
-  async markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult> {
+  private async markInflightRaw(
+    ref: SessionRef,
+    marker: InflightMarker,
+    now: number,
+  ): Promise<MarkResult> {
     const args = [
       this.keys.session(ref),
       String(marker.generation),
@@ -360,7 +411,7 @@ export class RedisSessionStore implements SessionStore {
     };
   }
 
-  async touch(ref: SessionRef, now: number): Promise<void> {
+  private async touchRaw(ref: SessionRef, now: number): Promise<void> {
     await this.redis.tbTouch(this.keys.session(ref), String(now));
   }
 
@@ -368,11 +419,11 @@ export class RedisSessionStore implements SessionStore {
     return this.keys.due(KeySpace.shardOf(KeySpace.sessionId(ref)));
   }
 
-  async schedule(ref: SessionRef, at: number): Promise<void> {
+  private async scheduleRaw(ref: SessionRef, at: number): Promise<void> {
     await this.redis.zadd(this.dueOf(ref), at, KeySpace.sessionId(ref));
   }
 
-  async unschedule(ref: SessionRef): Promise<void> {
+  private async unscheduleRaw(ref: SessionRef): Promise<void> {
     await this.redis.zrem(this.dueOf(ref), KeySpace.sessionId(ref));
   }
 
@@ -383,7 +434,7 @@ export class RedisSessionStore implements SessionStore {
    * Claims from every shard: first counts what is due in each (one concurrent round), then claims
    * from the shards that have some, starting at a rotating shard, until `limit` is reached.
    */
-  async claimDue(now: number, limit: number, leaseUntil: number): Promise<DueClaim[]> {
+  private async claimDueRaw(now: number, limit: number, leaseUntil: number): Promise<DueClaim[]> {
     const shards = KeySpace.shards;
     // A shard whose master is failing over must not stop the others' rotations.
     const counted = await Promise.allSettled(
@@ -414,7 +465,7 @@ export class RedisSessionStore implements SessionStore {
     return claimed;
   }
 
-  async sessionCounts(): Promise<SessionCounts> {
+  private async sessionCountsRaw(): Promise<SessionCounts> {
     const shards = KeySpace.shards;
     const [active, reauth] = await Promise.all([
       Promise.all(shards.map((s) => this.redis.zcard(this.keys.due(s)))),
@@ -424,7 +475,7 @@ export class RedisSessionStore implements SessionStore {
     return { active: sum(active), reauthRequired: sum(reauth) };
   }
 
-  async nextDueAt(): Promise<number | undefined> {
+  private async nextDueAtRaw(): Promise<number | undefined> {
     const firsts = await Promise.allSettled(
       KeySpace.shards.map((s) => this.redis.zrange(this.keys.due(s), '0', '0', 'WITHSCORES')),
     );
@@ -438,7 +489,7 @@ export class RedisSessionStore implements SessionStore {
   }
 
   /** Lexical order over all shards: each shard's next page, merged. */
-  async list(tenant: string, after: string, limit: number): Promise<SessionPage> {
+  private async listRaw(tenant: string, after: string, limit: number): Promise<SessionPage> {
     const prefix = tenant ? `${encodeURIComponent(tenant)}:` : '';
     const min = after ? `(${after}` : `[${prefix}`;
     const max = prefix ? `[${prefix}\xff` : '+';
@@ -480,7 +531,7 @@ export class RedisSessionStore implements SessionStore {
    * Deletes up to `limit` sessions dead (REVOKED, REAUTH_REQUIRED, IDLE) since before `cutoff`,
    * shard after shard, with their due and index entries. Returns how many it deleted.
    */
-  async sweepDead(cutoff: number, limit: number): Promise<number> {
+  private async sweepDeadRaw(cutoff: number, limit: number): Promise<number> {
     let deleted = 0;
     for (const shard of KeySpace.shards) {
       if (deleted >= limit) break;
@@ -601,5 +652,18 @@ function connect(target: StateStoreConfig): Redis | Cluster {
       };
       return new Cluster(target.nodes, options);
     }
+  }
+}
+
+/** Rethrows a Redis client failure as UnavailableError (the detail, for logs, says what it was). */
+async function unavailableOnFailure<T>(call: Promise<T>): Promise<T> {
+  try {
+    return await call;
+  } catch (err) {
+    if (err instanceof BrokerError || !(err instanceof Error)) throw err;
+    throw new UnavailableError('the state store is unavailable', undefined, {
+      detail: err.message.slice(0, 200),
+      cause: err,
+    });
   }
 }

@@ -134,6 +134,22 @@ async function stateTopology(shape: 'single' | 'sentinel' | 'cluster') {
   };
 }
 
+/**
+ * One page of the listing. After a state failover a replica may answer UNAVAILABLE for a moment
+ * (its connection moving to the promoted master): ask again, a bounded number of times.
+ */
+async function listPage(client: BrokerClient, pageToken: string) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await client.list(TENANT, 100, pageToken);
+    } catch (err) {
+      if ((err as ServiceError).code !== GrpcStatus.UNAVAILABLE || attempt >= 20) throw err;
+      console.log(`listing: UNAVAILABLE (${(err as ServiceError).details}), asking again`);
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+}
+
 async function runContention(options: {
   killLockNodeAt?: number;
   state?: 'single' | 'sentinel' | 'cluster';
@@ -246,7 +262,7 @@ async function runContention(options: {
   const finals = new Map<string, number>();
   let pageToken = '';
   do {
-    const page = await clients[0]!.list(TENANT, 100, pageToken);
+    const page = await listPage(clients[0]!, pageToken);
     for (const s of page.sessions) {
       expect(s.status).toBe(SessionStatus.SESSION_STATUS_ACTIVE);
       finals.set(s.user, s.generation);
