@@ -57,6 +57,8 @@ export class RetentionSweeper {
           'retention sweep failed; retrying at the next interval',
         );
       }
+      // An abort during the sweep has fired already: do not wait for an event that is past.
+      if (signal.aborted) break;
       await new Promise<void>((resolve) => {
         const timer = setTimeout(done, wait);
         function done() {

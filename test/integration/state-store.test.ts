@@ -56,7 +56,7 @@ function transition(next: SessionRecord, dueAt?: number): Transition {
 
 async function openStore(target: StateStoreConfig, minReplicas?: number, prefix = randomPrefix()) {
   const store = new RedisSessionStore(
-    { target, prefix, minReplicas, waitTimeoutMs: 300 },
+    { target, prefix, minReplicas, waitTimeoutMs: 500 },
     sealer,
     log,
   );
@@ -67,6 +67,22 @@ async function openStore(target: StateStoreConfig, minReplicas?: number, prefix 
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Commits as the rotator does: an unacknowledged write is retried (bounded), not given up. */
+async function commitAcked(
+  store: RedisSessionStore,
+  t: Transition,
+  expected: number | null,
+  now: number,
+): Promise<boolean> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await store.commit(t, expected, now);
+    } catch (err) {
+      if (!(err instanceof StateNotReplicatedError) || attempt >= 20) throw err;
+    }
+  }
+}
 
 describe('state store on one Redis', () => {
   it('deletes sessions dead past the retention in bounded batches and keeps the rest', async () => {
@@ -312,9 +328,9 @@ describe('state store on a Redis Cluster (3 masters, a replica each)', () => {
     );
     const users = Array.from({ length: 40 }, (_, i) => `user-${String(i).padStart(2, '0')}`);
     for (const [i, user] of users.entries())
-      expect(await store.commit(transition(record(user, 1, 'ACTIVE'), 100 + i), null, 1)).toBe(
-        true,
-      );
+      expect(
+        await commitAcked(store, transition(record(user, 1, 'ACTIVE'), 100 + i), null, 1),
+      ).toBe(true);
     const shards = new Set(
       users.map((u) => KeySpace.shardOf(KeySpace.sessionId({ tenant: 'diku', user: u }))),
     );

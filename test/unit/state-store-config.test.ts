@@ -6,6 +6,8 @@ import { loadConfig } from '../../broker/config.js';
 import { ConfigError } from '../../broker/errors.js';
 import { keySlot } from '../../broker/store/sharded-events.js';
 import { MemorySessionStore } from '../../broker/store/memory-session-store.js';
+import { RetentionSweeper } from '../../broker/store/retention-sweeper.js';
+import { pino } from 'pino';
 import type { SessionRecord, SessionStatusName } from '../../broker/store/session-record.js';
 
 const BASE = {
@@ -177,5 +179,30 @@ describe('MemorySessionStore retention', () => {
     expect(await store.sweepDead(500, 3)).toBe(0);
     const users = (await store.list('', '', 10)).sessions.map((s) => s.record.user);
     expect(users).toEqual(['late', 'live']);
+  });
+});
+
+describe('RetentionSweeper.run', () => {
+  it('stops at once when aborted during a sweep (not after its interval)', async () => {
+    const controller = new AbortController();
+    let calls = 0;
+    const store = {
+      sweepDead: () => {
+        calls += 1;
+        controller.abort(); // The broker stops while this sweep is in flight.
+        return Promise.resolve(0);
+      },
+    };
+    const sweeper = new RetentionSweeper(
+      { retentionMs: 1_000, batchSize: 10, intervalMs: 60_000 },
+      store,
+      pino({ level: 'silent' }),
+    );
+    const outcome = await Promise.race([
+      sweeper.run(controller.signal).then(() => 'stopped'),
+      new Promise((r) => setTimeout(() => r('still sleeping'), 2_000)),
+    ]);
+    expect(outcome).toBe('stopped');
+    expect(calls).toBe(1);
   });
 });
