@@ -24,6 +24,7 @@ import { SessionService } from './session-service.js';
 import { KeySpace } from './store/keys.js';
 import { MemorySessionStore } from './store/memory-session-store.js';
 import { RedisSessionStore } from './store/redis-session-store.js';
+import { RetentionSweeper, retentionOptions } from './store/retention-sweeper.js';
 import type { SessionStore } from './store/session-store.js';
 import { WatchHub } from './watch-hub.js';
 
@@ -51,24 +52,35 @@ export async function startBroker(
   const metrics = new BrokerMetrics(overrides.meter);
   let store: SessionStore;
   let locks: LockService;
-  if (config.redisUrl) {
+  if (config.stateStore) {
     const sealer = new Sealer(
       parseSealingKeys(config.sealingKeysText ?? '', config.sealingKeysSetting),
     );
     const redisStore = new RedisSessionStore(
-      config.redisUrl,
-      config.keyPrefix,
+      {
+        target: config.stateStore,
+        prefix: config.keyPrefix,
+        minReplicas: config.redisMinReplicas,
+        waitTimeoutMs: config.redisWaitTimeoutMs,
+      },
       sealer,
       log,
       (code) => metrics.unreadableRecord(code),
     );
-    await redisStore.waitReady(config.redisConnectTimeoutMs).catch(async (err: unknown) => {
-      await redisStore.close();
-      throw new ConfigError(
-        'TB_REDIS_URL',
-        `did not answer within ${config.redisConnectTimeoutMs} ms (TB_REDIS_CONNECT_TIMEOUT_MS): ${redactUrl((err as Error).message)}`,
-      );
-    });
+    const prepared = await redisStore
+      .waitReady(config.redisConnectTimeoutMs)
+      .then(() => redisStore.prepare())
+      .catch(async (err: unknown) => {
+        await redisStore.close();
+        throw new ConfigError(
+          redisStore.setting,
+          `did not answer within ${config.redisConnectTimeoutMs} ms (TB_REDIS_CONNECT_TIMEOUT_MS): ${redactUrl((err as Error).message)}`,
+        );
+      });
+    log.info(
+      { shape: config.stateStore.kind, ...prepared },
+      'state store ready: a commit counts once minReplicas replicas acknowledge it',
+    );
     store = redisStore;
     const redlock = new RedlockLockService(
       {
@@ -164,6 +176,12 @@ export async function startBroker(
     { store, locks, keys, idps, rotator, hub, log, clock, secrets },
   );
   const worker = new DueWorker(config.worker, store, rotator, log, clock, metrics);
+  const sweeper = new RetentionSweeper(
+    retentionOptions(config.sessionRetentionMs),
+    store,
+    log,
+    clock,
+  );
   const access = config.auth ? await startAccessControl(config.auth, log) : undefined;
   const credentials = config.tls ? serverTlsCredentials(config.tls, log) : undefined;
   const grpcServer = new BrokerGrpcServer({
@@ -188,13 +206,14 @@ export async function startBroker(
   });
   const stopWorker = new AbortController();
   const working = worker.run(stopWorker.signal);
+  const sweeping = sweeper.run(stopWorker.signal);
   const watchingPolicy = access?.run(stopWorker.signal);
   const insecure = warnWhileInsecure(config, log);
   log.info(
     {
       port,
       replica: config.replicaId,
-      mode: config.redisUrl ? 'redis' : 'embedded',
+      mode: config.stateStore ? `redis-${config.stateStore.kind}` : 'embedded',
       tls: config.tls !== undefined,
       auth: config.auth !== undefined,
     },
@@ -210,6 +229,7 @@ export async function startBroker(
       stopWorker.abort();
       clearInterval(insecure);
       await working;
+      await sweeping;
       await watchingPolicy;
       await rotator.drain();
       await grpcServer.shutdown(config.shutdownGraceMs);

@@ -79,6 +79,35 @@ export interface AuthConfig {
   policyFile: string;
 }
 
+export interface RedisAddress {
+  host: string;
+  port: number;
+}
+
+/** TLS towards Redis nodes given as host:port (Sentinel, Cluster); a URL says it with rediss:. */
+export interface RedisTls {
+  /** PEM bundle of the CAs that sign the Redis nodes' certificates; undefined: system CAs. */
+  ca: string | undefined;
+}
+
+/** Where the state lives: one Redis, a Sentinel-monitored master, or a Redis Cluster. */
+export type StateStoreConfig =
+  | { kind: 'single'; url: string }
+  | {
+      kind: 'sentinel';
+      sentinels: RedisAddress[];
+      master: string;
+      password: string | undefined;
+      sentinelPassword: string | undefined;
+      tls: RedisTls | undefined;
+    }
+  | {
+      kind: 'cluster';
+      nodes: RedisAddress[];
+      password: string | undefined;
+      tls: RedisTls | undefined;
+    };
+
 export interface BrokerConfig {
   grpcAddress: string;
   /** undefined: plaintext (embedded mode without certificates, or TB_TLS=off). */
@@ -87,8 +116,19 @@ export interface BrokerConfig {
   auth: AuthConfig | undefined;
   replicaId: string;
   logLevel: LogLevel;
-  /** State store; undefined selects embedded mode (memory, one replica). */
+  /** The single-Redis state store URL (TB_REDIS_URL), when that is the shape chosen. */
   redisUrl: string | undefined;
+  /** State store (one of three shapes); undefined selects embedded mode (memory, one replica). */
+  stateStore: StateStoreConfig | undefined;
+  /**
+   * Replicas that must acknowledge a commit (WAIT) before it counts as stored;
+   * undefined: detected at start (1 when the state store has replicas, else 0).
+   */
+  redisMinReplicas: number | undefined;
+  /** How long one WAIT for replica acknowledgements lasts before the commit is retried. */
+  redisWaitTimeoutMs: number;
+  /** REVOKED, REAUTH_REQUIRED and IDLE sessions are deleted once dead this long. */
+  sessionRetentionMs: number;
   /** How long start-up waits for TB_REDIS_URL to answer before it gives up (exit 2). */
   redisConnectTimeoutMs: number;
   redlockUrls: string[];
@@ -186,6 +226,15 @@ export const BROKER_VARIABLES: ReadonlySet<string> = new Set([
   'TB_REDIS_URL',
   'TB_REDIS_CONNECT_TIMEOUT_MS',
   'TB_REDIS_PASSWORD_FILE',
+  'TB_REDIS_SENTINELS',
+  'TB_REDIS_SENTINEL_MASTER',
+  'TB_REDIS_SENTINEL_PASS_FILE',
+  'TB_REDIS_CLUSTER_NODES',
+  'TB_REDIS_TLS',
+  'TB_REDIS_CA_FILE',
+  'TB_REDIS_MIN_REPLICAS',
+  'TB_REDIS_WAIT_TIMEOUT_MS',
+  'TB_SESSION_RETENTION_MS',
   'TB_REDLOCK_URLS',
   'TB_KEY_PREFIX',
   'TB_SEALING_KEYS',
@@ -240,16 +289,40 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
       );
   const read = reader(env);
   const givenRedisUrl = read.url('TB_REDIS_URL', ['redis:', 'rediss:']);
+  const sentinels = readRedisAddresses(read, 'TB_REDIS_SENTINELS');
+  const clusterNodes = readRedisAddresses(read, 'TB_REDIS_CLUSTER_NODES');
+  const shapes = [
+    givenRedisUrl && 'TB_REDIS_URL',
+    sentinels.length > 0 && 'TB_REDIS_SENTINELS',
+    clusterNodes.length > 0 && 'TB_REDIS_CLUSTER_NODES',
+  ].filter((s): s is string => typeof s === 'string');
+  if (shapes.length > 1)
+    throw new ConfigError(
+      shapes[1]!,
+      `and ${shapes[0]} are exclusive: give the state store one way`,
+    );
+  const stateSetting = shapes[0];
   const givenRedlockUrls = read.list('TB_REDLOCK_URLS');
   for (const [i, url] of givenRedlockUrls.entries())
     checkUrl(`TB_REDLOCK_URLS[${i}]`, url, ['redis:', 'rediss:']);
-  if (givenRedlockUrls.length > 0 && !givenRedisUrl)
+  if (givenRedlockUrls.length > 0 && !stateSetting)
     throw new ConfigError('TB_REDLOCK_URLS', 'needs TB_REDIS_URL (the state store) as well');
-  const redisPassword = readRedisPassword(read, givenRedisUrl);
+  if (givenRedlockUrls.length === 0 && stateSetting && stateSetting !== 'TB_REDIS_URL')
+    throw new ConfigError(
+      'TB_REDLOCK_URLS',
+      `is required with ${stateSetting}: locks live on independent Redis masters, not on the replicated state store`,
+    );
+  const redisPassword = readRedisPassword(read, stateSetting);
   const redisUrl = givenRedisUrl && withRedisPassword('TB_REDIS_URL', givenRedisUrl, redisPassword);
   const redlockUrls = givenRedlockUrls.map((url, i) =>
     withRedisPassword(`TB_REDLOCK_URLS[${i}]`, url, redisPassword),
   );
+  const stateStore = readStateStore(read, {
+    redisUrl,
+    sentinels,
+    clusterNodes,
+    password: redisPassword,
+  });
 
   const sealingFile = read.string('TB_SEALING_KEYS_FILE');
   let sealingKeysText = read.string('TB_SEALING_KEYS');
@@ -264,10 +337,10 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
     }
     sealingKeysSetting = 'TB_SEALING_KEYS_FILE';
   }
-  if (redisUrl && !sealingKeysText)
+  if (stateSetting && !sealingKeysText)
     throw new ConfigError(
       'TB_SEALING_KEYS',
-      'is required with TB_REDIS_URL: state at rest is sealed (format kid:base64-32-bytes)',
+      `is required with ${stateSetting}: state at rest is sealed (format kid:base64-32-bytes)`,
     );
 
   const idps = readIdps(read);
@@ -295,18 +368,30 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
 
   const config: BrokerConfig = {
     grpcAddress: readListenAddress(read),
-    tls: readTls(read, redisUrl !== undefined),
+    tls: readTls(read, stateStore !== undefined),
     auth: readAuth(read),
     replicaId: read.string('TB_REPLICA_ID') ?? `${hostname()}-${process.pid}`,
     logLevel: read.oneOf('TB_LOG_LEVEL', LOG_LEVELS, 'info'),
     redisUrl,
+    stateStore,
+    redisMinReplicas: readMinReplicas(read),
+    redisWaitTimeoutMs: read.int('TB_REDIS_WAIT_TIMEOUT_MS', 1_000, {
+      min: 10,
+      max: 60_000,
+      unit: UNIT,
+    }),
+    sessionRetentionMs: read.int('TB_SESSION_RETENTION_MS', 7 * 24 * 3_600_000, {
+      min: 1_000,
+      max: Number.MAX_SAFE_INTEGER,
+      unit: UNIT,
+    }),
     redisConnectTimeoutMs: read.int('TB_REDIS_CONNECT_TIMEOUT_MS', 10_000, {
       min: 100,
       max: 600_000,
       unit: UNIT,
     }),
     redlockUrls: redlockUrls.length > 0 ? redlockUrls : redisUrl ? [redisUrl] : [],
-    keyPrefix: read.string('TB_KEY_PREFIX') ?? 'tb:',
+    keyPrefix: readKeyPrefix(read),
     sealingKeysText,
     sealingKeysSetting,
     idp: withoutSetting(idp),
@@ -379,23 +464,125 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
  * TB_REDIS_PASSWORD_FILE: the Redis password as a file (a mounted Secret), so it is in no
  * environment variable. One trailing newline is dropped, as `echo` or an editor leaves it.
  */
-function readRedisPassword(read: EnvReader, redisUrl: string | undefined): string | undefined {
+function readRedisPassword(read: EnvReader, stateSetting: string | undefined): string | undefined {
   const file = read.string('TB_REDIS_PASSWORD_FILE');
   if (file === undefined) return undefined;
-  if (!redisUrl) throw new ConfigError('TB_REDIS_PASSWORD_FILE', 'needs TB_REDIS_URL as well');
+  if (!stateSetting) throw new ConfigError('TB_REDIS_PASSWORD_FILE', 'needs TB_REDIS_URL as well');
+  return readPasswordFile('TB_REDIS_PASSWORD_FILE', file);
+}
+
+function readPasswordFile(setting: string, file: string): string {
   let password: string;
   try {
     password = readFileSync(file, 'utf8').replace(/\r?\n$/, '');
   } catch (err) {
     throw new ConfigError(
-      'TB_REDIS_PASSWORD_FILE',
+      setting,
       `cannot be read: ${(err as NodeJS.ErrnoException).code ?? 'error'}`,
     );
   }
-  if (password === '') throw new ConfigError('TB_REDIS_PASSWORD_FILE', 'names an empty file');
-  if (/[\r\n]/.test(password))
-    throw new ConfigError('TB_REDIS_PASSWORD_FILE', 'must hold one line (the password)');
+  if (password === '') throw new ConfigError(setting, 'names an empty file');
+  if (/[\r\n]/.test(password)) throw new ConfigError(setting, 'must hold one line (the password)');
   return password;
+}
+
+/** A `host:port` list (TB_REDIS_SENTINELS, TB_REDIS_CLUSTER_NODES); empty when unset. */
+function readRedisAddresses(read: EnvReader, setting: string): RedisAddress[] {
+  return read.list(setting).map((entry, i) => {
+    const match = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(entry);
+    const port = Number(match?.[2]);
+    if (!match || port < 1 || port > 65_535)
+      throw new ConfigError(
+        `${setting}[${i}]`,
+        `must be host:port, got ${JSON.stringify(entry.slice(0, 80))}`,
+      );
+    return { host: match[1]!.replace(/^\[(.*)\]$/, '$1'), port };
+  });
+}
+
+/** The state store shape; the Sentinel and Cluster settings only apply to their shape. */
+function readStateStore(
+  read: EnvReader,
+  given: {
+    redisUrl: string | undefined;
+    sentinels: RedisAddress[];
+    clusterNodes: RedisAddress[];
+    password: string | undefined;
+  },
+): StateStoreConfig | undefined {
+  const master = read.string('TB_REDIS_SENTINEL_MASTER');
+  const sentinelPasswordFile = read.string('TB_REDIS_SENTINEL_PASS_FILE');
+  const sentinelMode = given.sentinels.length > 0;
+  if (!sentinelMode)
+    for (const [setting, value] of [
+      ['TB_REDIS_SENTINEL_MASTER', master],
+      ['TB_REDIS_SENTINEL_PASS_FILE', sentinelPasswordFile],
+    ] as const)
+      if (value !== undefined) throw new ConfigError(setting, 'needs TB_REDIS_SENTINELS as well');
+  const tlsOn = read.onOff('TB_REDIS_TLS', false);
+  const caFile = read.string('TB_REDIS_CA_FILE');
+  const hostPortMode = sentinelMode || given.clusterNodes.length > 0;
+  if (!hostPortMode && (read.string('TB_REDIS_TLS') !== undefined || caFile !== undefined))
+    throw new ConfigError(
+      read.string('TB_REDIS_TLS') !== undefined ? 'TB_REDIS_TLS' : 'TB_REDIS_CA_FILE',
+      'applies to TB_REDIS_SENTINELS or TB_REDIS_CLUSTER_NODES (with TB_REDIS_URL use rediss://)',
+    );
+  if (caFile !== undefined && !tlsOn)
+    throw new ConfigError('TB_REDIS_CA_FILE', 'needs TB_REDIS_TLS=on as well');
+  let tls: RedisTls | undefined;
+  if (tlsOn) {
+    let ca: string | undefined;
+    if (caFile !== undefined)
+      try {
+        ca = readFileSync(caFile, 'utf8');
+      } catch (err) {
+        throw new ConfigError(
+          'TB_REDIS_CA_FILE',
+          `cannot be read: ${(err as NodeJS.ErrnoException).code ?? 'error'}`,
+        );
+      }
+    tls = { ca };
+  }
+  if (given.redisUrl) return { kind: 'single', url: given.redisUrl };
+  if (sentinelMode) {
+    if (!master)
+      throw new ConfigError(
+        'TB_REDIS_SENTINEL_MASTER',
+        'is required with TB_REDIS_SENTINELS (the name the sentinels monitor)',
+      );
+    return {
+      kind: 'sentinel',
+      sentinels: given.sentinels,
+      master,
+      password: given.password,
+      sentinelPassword:
+        sentinelPasswordFile === undefined
+          ? undefined
+          : readPasswordFile('TB_REDIS_SENTINEL_PASS_FILE', sentinelPasswordFile),
+      tls,
+    };
+  }
+  if (given.clusterNodes.length > 0)
+    return { kind: 'cluster', nodes: given.clusterNodes, password: given.password, tls };
+  return undefined;
+}
+
+/** TB_REDIS_MIN_REPLICAS: a count, or unset/`auto` to detect it at start. */
+function readMinReplicas(read: EnvReader): number | undefined {
+  const raw = read.string('TB_REDIS_MIN_REPLICAS');
+  if (raw === undefined || raw === 'auto') return undefined;
+  return read.int('TB_REDIS_MIN_REPLICAS', 0, { min: 0, max: 100, unit: 'of replicas' });
+}
+
+/** TB_KEY_PREFIX: no braces, so each state key's hash tag is its shard tag (keys.ts). */
+function readKeyPrefix(read: EnvReader): string {
+  const prefix = read.string('TB_KEY_PREFIX') ?? 'tb:';
+  if (/[{}]/.test(prefix))
+    throw new ConfigError(
+      'TB_KEY_PREFIX',
+      'must not contain { or }: the broker puts a Redis Cluster hash tag after it',
+    );
+  return prefix;
 }
 
 /** The URL with the file's password in it; a URL that carries its own password is refused. */

@@ -124,6 +124,22 @@ export class UnavailableError extends BrokerError {
   }
 }
 
+/**
+ * A state write reached the Redis master but not yet the replicas TB_REDIS_MIN_REPLICAS asks for
+ * (WAIT timed out): a failover could still lose it, so it does not count as stored. The rotator
+ * retries it under the lock (the retry is idempotent: same generation, same sealed bytes).
+ */
+export class StateNotReplicatedError extends UnavailableError {
+  constructor(
+    readonly acknowledged: number,
+    readonly required: number,
+  ) {
+    super('the state store did not confirm the write yet', undefined, {
+      detail: `${acknowledged} of ${required} required replicas acknowledged (TB_REDIS_MIN_REPLICAS)`,
+    });
+  }
+}
+
 /** The broker is shutting down and takes no new work. */
 /** A per-stream bound was reached (subscriptions, or answers queued for a peer that stops reading). */
 export class ResourceExhaustedError extends BrokerError {

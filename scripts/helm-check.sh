@@ -23,6 +23,8 @@ render() {
 }
 render "$chart" -f "$values/minimal.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/external-redis.yaml"
+render "$chart" -f "$values/minimal.yaml" -f "$values/external-sentinel.yaml"
+render "$chart" -f "$values/minimal.yaml" -f "$values/external-cluster.yaml"
 render "$chart" -f "$values/minimal.yaml" -f "$values/hpa-servicemonitor.yaml"
 render "$chart" -f "$values/minimal.yaml" --set metrics.enabled=true,metrics.prometheusRule.enabled=true
 render "$chart" -f "$values/folio.yaml"
@@ -52,4 +54,4 @@ for bad in "$values"/invalid-*.yaml "$values"/missing-*.yaml; do
   fi
   refused=$((refused + 1))
 done
-echo "helm-check: 3 charts lint clean, 17 value sets render, $refused bad ones are refused"
+echo "helm-check: 3 charts lint clean, 19 value sets render, $refused bad ones are refused"

@@ -1,6 +1,7 @@
 import type { Transition } from '../session-transitions.js';
 import { KeySpace } from './keys.js';
 import {
+  DEAD_STATUSES,
   epochOf,
   type InflightMarker,
   type SessionEvent,
@@ -20,6 +21,8 @@ import {
 export class MemorySessionStore implements SessionStore {
   private readonly sessions = new Map<string, StoredSession>();
   private readonly due = new Map<string, number>();
+  /** Since when each REVOKED, REAUTH_REQUIRED or IDLE session has been so (retention). */
+  private readonly deadSince = new Map<string, number>();
   private readonly listeners: ((event: SessionEvent) => void)[] = [];
 
   get(ref: SessionRef): Promise<StoredSession | undefined> {
@@ -40,6 +43,8 @@ export class MemorySessionStore implements SessionStore {
     });
     if (transition.dueAt === undefined) this.due.delete(id);
     else this.due.set(id, transition.dueAt);
+    if (!DEAD_STATUSES.has(record.status)) this.deadSince.delete(id);
+    else if (!this.deadSince.has(id)) this.deadSince.set(id, now);
     if (current?.record.generation !== record.generation) {
       const event: SessionEvent = {
         tenant: record.tenant,
@@ -127,6 +132,19 @@ export class MemorySessionStore implements SessionStore {
       sessions: page.map((id) => structuredClone(this.sessions.get(id)!)),
       next: ids.length > limit ? (page.at(-1) ?? '') : '',
     });
+  }
+
+  sweepDead(cutoff: number, limit: number): Promise<number> {
+    let deleted = 0;
+    for (const [id, since] of this.deadSince) {
+      if (deleted >= limit) break;
+      if (since > cutoff) continue;
+      this.sessions.delete(id);
+      this.due.delete(id);
+      this.deadSince.delete(id);
+      deleted += 1;
+    }
+    return Promise.resolve(deleted);
   }
 
   subscribe(onEvent: (event: SessionEvent) => void): Promise<void> {

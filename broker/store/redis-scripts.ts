@@ -1,49 +1,57 @@
 /**
- * Every atomic change of session state is one of these Lua scripts. Each touches one session's
- * hash; COMMIT_SESSION also keeps the due queue and the two indexes in the same step, which under
- * Redis Cluster needs those keys in the session's slot (see keys.ts).
+ * Every atomic change of session state is one of these Lua scripts. Each touches the keys of one
+ * shard only (one Redis Cluster slot, see keys.ts): the session's hash and its shard's due queue
+ * and indexes. None publishes: an event goes out only once the write is acknowledged by the
+ * required replicas (RedisSessionStore.commit), so no watcher sees a generation a failover could
+ * still lose.
  */
 
 /**
- * Commits a session transition: compare-and-set write, due-queue entry, indexes, then publish.
- * KEYS[1] session hash   KEYS[2] due sorted set   KEYS[3] session index   KEYS[4] reauth index
- * KEYS[5] family-end index
+ * Commits a session transition: compare-and-set write, due-queue entry, indexes.
+ * KEYS[1] session hash   KEYS[2] due   KEYS[3] index   KEYS[4] reauth   KEYS[5] dead
+ * KEYS[6] family-end index
  * ARGV[1] expected generation ('' = the session must not exist)
  * ARGV[2] new generation   ARGV[3] sealed record   ARGV[4] now (epoch ms)
- * ARGV[5] events channel   ARGV[6] event payload (JSON, no token values)
- * ARGV[7] session id   ARGV[8] due time ('' = leave the due queue)   ARGV[9] '1' if REAUTH_REQUIRED
- * ARGV[10] when the family ends at the latest ('' = not counted: see familyEndOf)
- * Returns 1 when committed, 0 on a compare-and-set miss (nothing changed).
+ * ARGV[5] session id   ARGV[6] due time ('' = leave the due queue)
+ * ARGV[7] '1' if REAUTH_REQUIRED   ARGV[8] '1' if REVOKED, REAUTH_REQUIRED or IDLE
+ * ARGV[9] when the family ends at the latest ('' = not counted: see familyEndOf)
+ * Returns 1 when committed, 2 when this very write (same generation, same sealed bytes) is
+ * already there (a retry after an unacknowledged write), 0 on a compare-and-set miss.
  */
 export const COMMIT_SESSION = `
 local current = redis.call('HGET', KEYS[1], 'gen')
-if ARGV[1] == '' then
-  if current then return 0 end
-elseif current ~= ARGV[1] then
+local matches
+if ARGV[1] == '' then matches = not current else matches = current == ARGV[1] end
+if not matches then
+  if current == ARGV[2] and redis.call('HGET', KEYS[1], 'sealed') == ARGV[3] then return 2 end
   return 0
 end
 redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'sealed', ARGV[3])
 redis.call('HDEL', KEYS[1], 'inflight')
 if not current then
   redis.call('HSET', KEYS[1], 'used', ARGV[4])
-  redis.call('ZADD', KEYS[3], 0, ARGV[7])
+  redis.call('ZADD', KEYS[3], 0, ARGV[5])
 end
-if ARGV[8] == '' then
-  redis.call('ZREM', KEYS[2], ARGV[7])
+if ARGV[6] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[5])
 else
-  redis.call('ZADD', KEYS[2], ARGV[8], ARGV[7])
+  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
 end
-if ARGV[9] == '1' then
-  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[7])
+if ARGV[7] == '1' then
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
 else
-  redis.call('ZREM', KEYS[4], ARGV[7])
+  redis.call('ZREM', KEYS[4], ARGV[5])
 end
-if ARGV[10] == '' then
-  redis.call('ZREM', KEYS[5], ARGV[7])
+if ARGV[8] == '1' then
+  redis.call('ZADD', KEYS[5], 'NX', ARGV[4], ARGV[5])
 else
-  redis.call('ZADD', KEYS[5], ARGV[10], ARGV[7])
+  redis.call('ZREM', KEYS[5], ARGV[5])
 end
-if current ~= ARGV[2] then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+if ARGV[9] == '' then
+  redis.call('ZREM', KEYS[6], ARGV[5])
+else
+  redis.call('ZADD', KEYS[6], ARGV[9], ARGV[5])
+end
 return 1
 `;
 
@@ -82,9 +90,9 @@ return 1
 `;
 
 /**
- * Claims due sessions with a visibility lease: claimed entries move to the lease's end, so a
- * claimer that dies gives them back when the lease runs out.
- * KEYS[1] due sorted set
+ * Claims due sessions of one shard with a visibility lease: claimed entries move to the lease's
+ * end, so a claimer that dies gives them back when the lease runs out.
+ * KEYS[1] the shard's due sorted set
  * ARGV[1] now   ARGV[2] limit   ARGV[3] lease end (epoch ms)
  * Returns {id1, due1, id2, due2, ...}: each claimed session id and its score (due time) before
  * the claim.
@@ -93,4 +101,56 @@ export const CLAIM_DUE = `
 local claimed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
 for i = 1, #claimed, 2 do redis.call('ZADD', KEYS[1], ARGV[3], claimed[i]) end
 return claimed
+`;
+
+/**
+ * Deletes sessions of one shard that have been dead (REVOKED, REAUTH_REQUIRED, IDLE) since before
+ * the cutoff, with their index entries. The caller lists candidates first; each is checked again
+ * here, so a session revived meanwhile (taken out of the dead set) stays. Idempotent: replicas may
+ * sweep at once without a lock.
+ * KEYS[1] dead   KEYS[2] due   KEYS[3] index   KEYS[4] reauth   KEYS[5..] session hashes
+ * ARGV[1] cutoff (epoch ms)   ARGV[2..] session ids, in the order of KEYS[5..]
+ * Returns how many sessions were deleted.
+ */
+export const SWEEP_DEAD = `
+local deleted = 0
+for i = 2, #ARGV do
+  local since = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if since and tonumber(since) <= tonumber(ARGV[1]) then
+    redis.call('DEL', KEYS[i + 3])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    redis.call('ZREM', KEYS[3], ARGV[i])
+    redis.call('ZREM', KEYS[4], ARGV[i])
+    deleted = deleted + 1
+  end
+end
+return deleted
+`;
+
+/**
+ * Moves one session from the legacy (unsharded) layout to its shard; single Redis only (the keys
+ * are in different slots). When the new key exists already it wins and the old one is dropped.
+ * KEYS[1] old hash   KEYS[2] old due   KEYS[3] old index   KEYS[4] old reauth
+ * KEYS[5] new hash   KEYS[6] new due   KEYS[7] new index   KEYS[8] new reauth   KEYS[9] new dead
+ * ARGV[1] session id   ARGV[2] '1' if the record is dead   ARGV[3] now (epoch ms)
+ * Returns 1 when moved, 0 when there was nothing to move.
+ */
+export const MIGRATE_LEGACY = `
+local moved = 0
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('EXISTS', KEYS[5]) == 0 then
+  redis.call('RENAME', KEYS[1], KEYS[5])
+  local due = redis.call('ZSCORE', KEYS[2], ARGV[1])
+  if due then redis.call('ZADD', KEYS[6], due, ARGV[1]) end
+  redis.call('ZADD', KEYS[7], 0, ARGV[1])
+  local reauth = redis.call('ZSCORE', KEYS[4], ARGV[1])
+  if reauth then redis.call('ZADD', KEYS[8], reauth, ARGV[1]) end
+  if ARGV[2] == '1' then redis.call('ZADD', KEYS[9], 'NX', reauth or ARGV[3], ARGV[1]) end
+  moved = 1
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return moved
 `;

@@ -67,6 +67,13 @@ export function epochOf(record: Pick<SessionRecord, 'epoch'>): string {
   return record.epoch ?? '';
 }
 
+/** Statuses whose sessions the retention sweep deletes once dead for TB_SESSION_RETENTION_MS. */
+export const DEAD_STATUSES: ReadonlySet<SessionStatusName> = new Set([
+  'REVOKED',
+  'REAUTH_REQUIRED',
+  'IDLE',
+]);
+
 /** A stored record with the fields kept beside it in plain text. */
 export interface StoredSession {
   record: SessionRecord;

@@ -47,8 +47,8 @@ export interface SessionPage {
 
 /**
  * Durable session state. Every multi-field change is atomic; writes are compare-and-set on the
- * session's generation and publish a SessionEvent in the same step when the generation changes
- * (persist, then publish).
+ * session's generation and publish a SessionEvent when the generation changes, once the write is
+ * stored (in Redis: acknowledged by TB_REDIS_MIN_REPLICAS replicas), never before.
  */
 export interface SessionStore {
   get(ref: SessionRef): Promise<StoredSession | undefined>;
@@ -78,9 +78,15 @@ export interface SessionStore {
   sessionCounts(): Promise<SessionCounts>;
   /**
    * For each horizon (ms), how many sessions' families end (familyEndOf) before `now + horizon`,
-   * ended ones included (one cheap count per horizon).
+   * ended ones included (one cheap count per horizon and shard).
    */
   familyEndCounts(now: number, horizonsMs: readonly number[]): Promise<number[]>;
+  /**
+   * Deletes up to `limit` sessions that have been REVOKED, REAUTH_REQUIRED or IDLE since before
+   * `cutoff` (epoch ms), with their due-queue and index entries; returns how many. Idempotent, so
+   * replicas may sweep at once.
+   */
+  sweepDead(cutoff: number, limit: number): Promise<number>;
   /**
    * Calls `onEvent` for every published change from any replica. `onResync` is called when
    * events may have been missed (the subscription reconnected): re-read what you watch.

@@ -10,6 +10,10 @@
  * Each node is a child process (not daemonized) with no persistence, bound to 127.0.0.1 on a free
  * port, in its own temporary directory. The binary is TB_REDIS_SERVER_BIN or `redis-server`.
  * Children still alive when the test process exits are killed with SIGKILL.
+ *
+ * The same binary also gives the replicated shapes (see redis-topologies.ts):
+ * startRedisSentinel (a master, replicas and sentinels) and startRedisCluster (masters with a
+ * replica each). `startRedisNodes(n, extraArgs)` passes extra server arguments to every node.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -54,13 +58,22 @@ function redisServerBin(): string {
   return process.env['TB_REDIS_SERVER_BIN'] || 'redis-server';
 }
 
-export async function startRedisNodes(count: number): Promise<RedisNodes> {
+/**
+ * Arguments for one node, given its port and directory (written files may go there). Default:
+ * a plain server; see redis-topologies.ts for replicas, sentinels and cluster nodes.
+ */
+export type NodeArgs = (port: number, dir: string) => Promise<string[]> | string[];
+
+export async function startRedisNodes(
+  count: number,
+  args: NodeArgs = () => [],
+): Promise<RedisNodes> {
   if (!Number.isInteger(count) || count < 1) {
     throw new Error(`startRedisNodes: count must be a positive integer, got ${count}`);
   }
   installExitHook();
   const results = await Promise.allSettled(
-    Array.from({ length: count }, () => RedisServerNode.startOnFreePort()),
+    Array.from({ length: count }, () => RedisServerNode.startOnFreePort(args)),
   );
   const nodes = results.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
   const failure = results.find((r) => r.status === 'rejected');
@@ -85,6 +98,7 @@ class RedisServerNode implements RedisNode {
   private constructor(
     readonly port: number,
     private readonly dir: string,
+    private readonly args: NodeArgs,
     started: StartedServer,
   ) {
     this.url = `redis://127.0.0.1:${port}`;
@@ -92,13 +106,14 @@ class RedisServerNode implements RedisNode {
     this.#exited = started.exited;
   }
 
-  static async startOnFreePort(): Promise<RedisServerNode> {
+  static async startOnFreePort(args: NodeArgs): Promise<RedisServerNode> {
     const dir = await mkdtemp(join(tmpdir(), 'tb-redis-'));
     try {
       for (let attempt = 1; ; attempt++) {
         const port = await freePort();
         try {
-          return new RedisServerNode(port, dir, await startServer(port, dir));
+          const extra = await args(port, dir);
+          return new RedisServerNode(port, dir, args, await startServer(port, dir, extra));
         } catch (err) {
           // Another process took the port between freePort() and the bind: pick another.
           if (!(err instanceof PortInUseError) || attempt >= PORT_ATTEMPTS) throw err;
@@ -139,7 +154,11 @@ class RedisServerNode implements RedisNode {
     // The old listener is gone, but give the kernel a moment if the port is still held.
     for (let attempt = 1; ; attempt++) {
       try {
-        const started = await startServer(this.port, this.dir);
+        const started = await startServer(
+          this.port,
+          this.dir,
+          await this.args(this.port, this.dir),
+        );
         this.#child = started.child;
         this.#exited = started.exited;
         return;
@@ -164,12 +183,18 @@ interface StartedServer {
 }
 
 /** Spawns redis-server on `port` and resolves once it answers PING. */
-async function startServer(port: number, dir: string): Promise<StartedServer> {
+async function startServer(port: number, dir: string, extra: string[]): Promise<StartedServer> {
   const bin = redisServerBin();
+  // A config file (sentinels need one) must come first; the rest are options after it.
+  const [first, ...rest] = extra;
+  const configFile = first?.endsWith('.conf') ? [first] : [];
+  const options = configFile.length > 0 ? rest : extra;
   // prettier-ignore
   const args = [
+    ...configFile,
     '--port', String(port), '--bind', '127.0.0.1', '--dir', dir,
     '--save', '', '--appendonly', 'no', '--daemonize', 'no', '--loglevel', 'warning',
+    ...options,
   ];
   const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';

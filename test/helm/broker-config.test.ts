@@ -133,6 +133,8 @@ describe('the broker accepts the configuration the chart renders', () => {
   const scenarios: Array<[string, string[]]> = [
     ['defaults', ['minimal.yaml']],
     ['external Redis, existing Secret', ['minimal.yaml', 'external-redis.yaml']],
+    ['external Sentinel', ['minimal.yaml', 'external-sentinel.yaml']],
+    ['external Cluster', ['minimal.yaml', 'external-cluster.yaml']],
     ['HPA, metrics, OTel, broker.env', ['minimal.yaml', 'hpa-servicemonitor.yaml']],
     ['FOLIO', ['folio.yaml']],
     ['TLS from cert-manager', ['minimal.yaml', 'tls-cert-manager.yaml']],
@@ -145,7 +147,26 @@ describe('the broker accepts the configuration the chart renders', () => {
     it(name, () => {
       const env = kubeletEnv(charts.render(charts.broker, files), name.replace(/\W+/g, '-'));
       const config = loadConfig(env);
-      expect(config.redisUrl).toMatch(/^redis:\/\/:[^$]+@/);
+      // Bundled: state on the Sentinel-watched store; external here: one URL. Both with the
+      // password from its file, never from a variable.
+      const store = config.stateStore!;
+      if (store.kind === 'single') expect(store.url).toMatch(/^redis:\/\/:[^$]+@/);
+      else if (name === 'external Cluster') {
+        expect(store).toMatchObject({ kind: 'cluster', nodes: [{ port: 6379 }, { port: 6379 }] });
+        expect(config.sessionRetentionMs).toBe(86_400_000);
+      } else if (name === 'external Sentinel') {
+        expect(store).toMatchObject({ kind: 'sentinel', master: 'tokens', tls: { ca: undefined } });
+        expect(store.kind === 'sentinel' && store.sentinelPassword).toBe(
+          'value-of-sentinel-credentials-password',
+        );
+        expect(config.redisMinReplicas).toBe(1);
+      } else {
+        expect(store.kind).toBe('sentinel');
+        expect(store.password).toMatch(/^[^$]{8,}$/);
+        expect(store.kind === 'sentinel' && store.sentinelPassword).toBe(store.password);
+        expect(config.redisMinReplicas).toBeUndefined();
+      }
+      for (const url of config.redlockUrls) expect(url).toMatch(/^rediss?:\/\/:[^$]+@/);
       expect(config.redlockUrls.length).toBeGreaterThanOrEqual(3);
       expect(config.grpcAddress).toBe('0.0.0.0:50051');
       expect(config.replicaId).toBe('token-broker-7d9f-abcde');

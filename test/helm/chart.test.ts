@@ -107,7 +107,7 @@ describe('token-broker chart', () => {
     });
 
     it('bundles 3 independent Redis masters with AOF, and points Redlock at all of them', () => {
-      const redis = find(objects, 'StatefulSet') as Workload;
+      const redis = find(objects, 'StatefulSet', 'token-broker-redis') as Workload;
       expect(redis.spec.replicas).toBe(3);
       const conf = (
         find(objects, 'ConfigMap', 'token-broker-redis') as K8sObject & {
@@ -125,9 +125,11 @@ describe('token-broker chart', () => {
       expect(hosts).toEqual(
         [0, 1, 2].map((i) => `token-broker-redis-${i}.${service}.token-broker.svc.cluster.local`),
       );
-      expect(new URL(env(broker, 'TB_REDIS_URL')!.value!).hostname).toBe(hosts[0]);
+      // State is not on a lock node: it is on the replicated store (next test).
+      expect(env(broker, 'TB_REDIS_URL')).toBeUndefined();
       // The password is a mounted file the broker puts into the URLs, in no variable.
-      expect(new URL(env(broker, 'TB_REDIS_URL')!.value!).password).toBe('');
+      for (const url of env(broker, 'TB_REDLOCK_URLS')!.value!.split(','))
+        expect(new URL(url).password).toBe('');
       expect(env(broker, 'TB_REDIS_PASSWORD')).toBeUndefined();
       expect(env(broker, 'TB_REDIS_PASSWORD_FILE')?.value).toBe(
         '/var/run/secrets/token-broker-redis/redis-password',
@@ -174,6 +176,41 @@ describe('token-broker chart', () => {
         expect(brokerLabels[k]).toBe(v);
     });
 
+    it('bundles the state on a master, 2 replicas and 3 sentinels, which the broker asks', () => {
+      const state = find(objects, 'StatefulSet', 'token-broker-state') as Workload;
+      expect(state.spec.replicas).toBe(3);
+      const pod = state.spec.template.spec;
+      expect(pod.containers.map((c) => c.name)).toEqual(['redis', 'sentinel']);
+      const scripts = (
+        find(objects, 'ConfigMap', 'token-broker-state') as K8sObject & {
+          data: Record<string, string>;
+        }
+      ).data;
+      // Pod 0 is the first master; a pod that starts later follows what the sentinels say.
+      expect(scripts['find-master.sh']).toMatch(/sentinel get-master-addr-by-name tbstate/);
+      expect(scripts['start-redis.sh']).toMatch(/replicaof \$master 6379/);
+      expect(scripts['start-sentinel.sh']).toMatch(/sentinel monitor tbstate \$master 6379 2/);
+      expect(scripts['redis.conf']).toMatch(/^appendonly yes$/m);
+      // No password in any script or configuration: it is read from the mounted Secret.
+      expect(JSON.stringify(scripts)).not.toMatch(/requirepass "[^$]/);
+      const broker = brokerContainer(objects);
+      const service = state.spec.serviceName!;
+      expect(env(broker, 'TB_REDIS_SENTINELS')?.value).toBe(
+        [0, 1, 2]
+          .map((i) => `token-broker-state-${i}.${service}.token-broker.svc.cluster.local:26379`)
+          .join(','),
+      );
+      expect(env(broker, 'TB_REDIS_SENTINEL_MASTER')?.value).toBe('tbstate');
+      expect(env(broker, 'TB_REDIS_SENTINEL_PASS_FILE')?.value).toBe(
+        '/var/run/secrets/token-broker-redis/redis-password',
+      );
+      // Any one of the three may be taken by a voluntary disruption, not two.
+      const pdb = find(objects, 'PodDisruptionBudget', 'token-broker-state') as K8sObject & {
+        spec: { maxUnavailable: number };
+      };
+      expect(pdb.spec.maxUnavailable).toBe(1);
+    });
+
     it('limits CPU and memory of every container: broker, Redis, the sidecar of a module', () => {
       const example = charts.render(charts.example);
       const workloads = [
@@ -195,6 +232,8 @@ describe('token-broker chart', () => {
       expect(Object.fromEntries(limits)).toEqual({
         'token-broker/broker': { cpu: '1000m', memory: '512Mi' },
         'token-broker-redis/redis': { cpu: '500m', memory: '256Mi' },
+        'token-broker-state/redis': { cpu: '500m', memory: '256Mi' },
+        'token-broker-state/sentinel': { cpu: '500m', memory: '256Mi' },
         'token-broker-module-app/token-broker-sidecar': { cpu: '500m', memory: '128Mi' },
       });
     });

@@ -325,11 +325,13 @@ describe('caller identity: the issuer keys by discovery from the API server (the
     expect((pod as { automountServiceAccountToken?: boolean }).automountServiceAccountToken).toBe(
       false,
     );
-    const redis = (find(objects, 'StatefulSet') as Workload).spec.template.spec;
-    expect((redis as { automountServiceAccountToken?: boolean }).automountServiceAccountToken).toBe(
-      false,
-    );
-    expect(JSON.stringify(redis)).not.toContain('serviceAccountToken');
+    for (const name of ['token-broker-redis', 'token-broker-state']) {
+      const redis = (find(objects, 'StatefulSet', name) as Workload).spec.template.spec;
+      expect(
+        (redis as { automountServiceAccountToken?: boolean }).automountServiceAccountToken,
+      ).toBe(false);
+      expect(JSON.stringify(redis)).not.toContain('serviceAccountToken');
+    }
   });
 
   it('binds the broker ServiceAccount to system:service-account-issuer-discovery', () => {

@@ -401,8 +401,12 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
         const sealed = fields[fields.indexOf('sealed') + 1] ?? '';
         expect(sealed.split('.').length).toBe(5); // compact JWE
       }
-      expect(state!.has(keys.due)).toBe(true);
-      expect(state!.has(keys.index)).toBe(true);
+      // Each user's due entry and index entry sit in the shard of its session (keys.ts).
+      for (const user of users) {
+        const shard = KeySpace.shardOf(KeySpace.sessionId({ tenant: 'diku', user }));
+        expect(state!.has(keys.due(shard))).toBe(true);
+        expect(state!.has(keys.index(shard))).toBe(true);
+      }
       for (const key of state!.keys()) expect(key).not.toMatch(/:lock:/);
       // Lock nodes hold lock keys only, and were used.
       for (const [i, node] of lockNodes.entries()) {

@@ -255,3 +255,48 @@ release's address, CA and audience, then webhook.sidecar over them. */}}
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* Bundled state store: a master and 2 replicas with a sentinel each ("<fullname>-state"). */}}
+{{- define "token-broker.stateName" -}}
+{{- printf "%s-state" (include "token-broker.fullname" .) }}
+{{- end }}
+
+{{- define "token-broker.stateSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "token-broker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: redis-state
+{{- end }}
+
+{{/* Stable DNS name of bundled state pod i. */}}
+{{- define "token-broker.stateHost" -}}
+{{- $root := index . 0 }}
+{{- $name := include "token-broker.stateName" $root }}
+{{- printf "%s-%d.%s-headless.%s.svc.%s" $name (index . 1) $name $root.Release.Namespace $root.Values.clusterDomain }}
+{{- end }}
+
+{{/* TB_REDIS_SENTINELS of the bundled state store. */}}
+{{- define "token-broker.stateSentinels" -}}
+{{- $list := list }}
+{{- range $i := until 3 }}
+{{- $list = append $list (printf "%s:26379" (include "token-broker.stateHost" (list $ $i))) }}
+{{- end }}
+{{- join "," $list }}
+{{- end }}
+
+{{/*
+The external state store's shape: url, sentinel or cluster; exactly one must be given.
+*/}}
+{{- define "token-broker.externalShape" -}}
+{{- $e := .Values.redis.external }}
+{{- $shapes := list }}
+{{- if $e.stateUrl }}{{- $shapes = append $shapes "url" }}{{- end }}
+{{- if $e.sentinels }}{{- $shapes = append $shapes "sentinel" }}{{- end }}
+{{- if $e.clusterNodes }}{{- $shapes = append $shapes "cluster" }}{{- end }}
+{{- if ne (len $shapes) 1 }}
+{{- fail "redis.external: give the state store one way: stateUrl, sentinels (with sentinelMaster) or clusterNodes" }}
+{{- end }}
+{{- if and (ne (first $shapes) "url") (not $e.redlockUrls) }}
+{{- fail "redis.external.redlockUrls is required with sentinels or clusterNodes: locks live on independent masters, not on the replicated state store" }}
+{{- end }}
+{{- first $shapes }}
+{{- end }}
