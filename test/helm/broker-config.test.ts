@@ -185,8 +185,12 @@ describe('the broker accepts the configuration the chart renders', () => {
     const objects = charts.render(charts.broker, ['idps.yaml']);
     await expectValid(objects);
     const env = kubeletEnv(objects, 'idps');
-    // The single-IdP variables would make the broker refuse the file.
-    expect(Object.keys(env).filter((k) => k.startsWith('TB_IDP_'))).toEqual(['TB_IDP_TIMEOUT_MS']);
+    // The single-IdP variables would make the broker refuse the file; the two timeouts are the
+    // entries' defaults.
+    expect(Object.keys(env).filter((k) => k.startsWith('TB_IDP_'))).toEqual([
+      'TB_IDP_TIMEOUT_MS',
+      'TB_IDP_ANSWER_WAIT_MS',
+    ]);
     // Paths inside the file are the container's: map the secrets' mount to where it was written.
     const mount = (
       find(objects, 'Deployment') as unknown as { spec: { template: { spec: BrokerPod } } }

@@ -45,7 +45,7 @@ beforeAll(async () => {
     data: { 'redis.conf': string };
   };
   const container = (
-    find(objects, 'StatefulSet') as unknown as {
+    find(objects, 'StatefulSet', 'token-broker-redis') as unknown as {
       spec: { template: { spec: { containers: Array<Record<string, unknown>> } } };
     }
   ).spec.template.spec.containers[0]!;
