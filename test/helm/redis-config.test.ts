@@ -111,10 +111,13 @@ describe('bundled Redis configuration', () => {
   });
 
   it('lets the broker in with TB_REDIS_PASSWORD_FILE, as the chart sets it', async () => {
-    const urls = (name: string) => brokerEnv.find((e) => e.name === name)!.value!.split(',');
-    // The rendered URLs carry no password; only the host differs here (this Redis on loopback).
-    for (const url of [...urls('TB_REDIS_URL'), ...urls('TB_REDLOCK_URLS')])
-      expect(new URL(url).password).toBe('');
+    const values = (name: string) => brokerEnv.find((e) => e.name === name)!.value!.split(',');
+    // The rendered lock URLs carry no password; only the host differs here (this Redis on
+    // loopback). The bundled state store is reached through its sentinels (host:port only).
+    for (const url of values('TB_REDLOCK_URLS')) expect(new URL(url).password).toBe('');
+    expect(brokerEnv.some((e) => e.name === 'TB_REDIS_URL')).toBe(false);
+    for (const sentinel of values('TB_REDIS_SENTINELS'))
+      expect(sentinel).toMatch(/^[a-z0-9.-]+:26379$/);
     const local = `redis://127.0.0.1:${port}`;
     const config = loadConfig({
       TB_REDIS_URL: local,
