@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import { BrokerMetrics } from '../broker-metrics.js';
+import type { SessionRef } from '../store/session-record.js';
 import type { SessionStore } from '../store/session-store.js';
 import type { Rotator } from './rotator.js';
 
@@ -33,6 +34,26 @@ export class DueWorker {
     private readonly metrics: BrokerMetrics = new BrokerMetrics(),
   ) {}
 
+  /**
+   * Puts a deferred session back in the due queue a few polls from now. A store that is failing
+   * over refuses that too: try again with backoff (about 8 s in all, until the signal aborts)
+   * instead of leaving the session hidden for the whole claim lease.
+   */
+  private async reschedule(ref: SessionRef, signal: AbortSignal): Promise<void> {
+    for (const backoff of RESCHEDULE_BACKOFF_MS) {
+      if (backoff > 0) await sleep(backoff, signal);
+      if (signal.aborted) return;
+      const retryAt = this.clock() + this.options.pollIntervalMs * (4 + 4 * Math.random());
+      try {
+        await this.store.schedule(ref, Math.round(retryAt));
+        return;
+      } catch {
+        // The store did not answer: next backoff step.
+      }
+    }
+    this.log.debug({ tenant: ref.tenant }, 'could not reschedule; the claim lease will');
+  }
+
   async run(signal: AbortSignal): Promise<void> {
     while (!signal.aborted) {
       let wait = this.options.pollIntervalMs;
@@ -47,12 +68,10 @@ export class DueWorker {
             const job = this.rotator
               .rotate(ref, { kind: 'due' })
               .catch(async (err: unknown) => {
-                // Lock busy (another replica is on it) or lock quorum lost: look again soon. If the
-                // store is down too, the claim lease brings the session back.
+                // Lock busy (another replica is on it), lock quorum lost, or the store failing
+                // over: look again soon.
                 this.log.debug({ tenant: ref.tenant, err: String(err) }, 'due rotation deferred');
-                const retryAt =
-                  this.clock() + this.options.pollIntervalMs * (4 + 4 * Math.random());
-                await this.store.schedule(ref, Math.round(retryAt)).catch(() => undefined);
+                await this.reschedule(ref, signal);
               })
               .finally(() => this.running.delete(job));
             this.running.add(job);
@@ -74,6 +93,12 @@ export class DueWorker {
     await Promise.allSettled([...this.running]);
   }
 }
+
+/**
+ * Delays between attempts to put a deferred session back in the due queue while the store does
+ * not answer (a failover takes seconds). After the last one the claim lease brings it back.
+ */
+const RESCHEDULE_BACKOFF_MS = [0, 250, 500, 1_000, 2_000, 4_000];
 
 function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
