@@ -140,12 +140,12 @@ export class StateNotReplicatedError extends UnavailableError {
   }
 }
 
-/** The broker is shutting down and takes no new work. */
 /** A per-stream bound was reached (subscriptions, or answers queued for a peer that stops reading). */
 export class ResourceExhaustedError extends BrokerError {
   readonly code = 'RESOURCE_EXHAUSTED';
 }
 
+/** The broker is shutting down and takes no new work. */
 export class ShuttingDownError extends BrokerError {
   readonly code = 'SHUTTING_DOWN';
 }

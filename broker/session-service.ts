@@ -37,6 +37,8 @@ import type { SessionStore } from './store/session-store.js';
 import { enrolled, reactivated, revoked, type FamilySeed } from './session-transitions.js';
 import type { WatchHub } from './watch-hub.js';
 
+/** How long Enroll keeps trying to store an issued pair while the store does not answer. */
+const STORE_RETRY_MS = 30_000;
 export interface SessionServiceOptions {
   defaultIdp: string;
   /** A forced Refresh is honoured only for an access token at least this old. */
@@ -188,14 +190,15 @@ export class SessionService {
         login: first.login,
         enrolledBy: input.enrolledBy,
       };
-      const committed = await this.commitFamily(ref, idpName, seed, issuedAt, tokens);
+      const committed = await this.commitFamily(ref, idpName, seed, issuedAt, tokens, lock.signal);
       // The refresh token just received and stored under the lock is surely live: as at a
       // rotation, the moment to learn whether this IdP's introspection knows refresh tokens.
-      if (tokens.refreshToken !== undefined && !lock.signal.aborted)
+      if (tokens.refreshToken !== undefined)
         await this.deps.rotator.introspection.probe(
           idp,
           tokens.refreshToken,
-          AbortSignal.any([lock.signal, AbortSignal.timeout(this.options.idpTimeoutMs ?? 5_000)]),
+          lock.signal,
+          this.options.idpTimeoutMs ?? 5_000,
           ref,
         );
       return committed;
@@ -291,11 +294,6 @@ export class SessionService {
     return { username: login.username, passwordFile: login.passwordFile };
   }
 
-  /**
-   * The exchange needs no lock: it presents no refresh token, and the user's own family is left
-   * alone. Only storing the new family is serialised with rotations.
-   */
-
   private async passwordOf(login: StoredLogin): Promise<string> {
     if (login.password !== undefined) return login.password;
     // checkLogin made sure a password file comes with TB_SECRETS_DIR.
@@ -323,7 +321,10 @@ export class SessionService {
    * Writes the session's new family, already issued (`tokens`), as a new generation published at
    * once; called under the session's lock. Should the compare-and-set miss (the lock lapsed and
    * the earlier family rotated meanwhile), the session is read again and replaced all the same:
-   * the enrollment supersedes whatever that family did, and its new pair must not be lost.
+   * the enrollment supersedes whatever that family did, and its new pair must not be lost. A
+   * store that does not answer (a failover, a write not yet acknowledged by replicas) is tried
+   * again with backoff while the lock holds, as a rotation's persist is: the IdP has already
+   * consumed the caller's credential.
    */
   private async commitFamily(
     ref: SessionRef,
@@ -331,7 +332,46 @@ export class SessionService {
     seed: FamilySeed,
     issuedAt: number,
     tokens: TokenSet,
+    lock: AbortSignal,
   ): Promise<SessionMetadata> {
+    const giveUpAt = this.clock() + STORE_RETRY_MS;
+    for (let attempt = 1; ; attempt++) {
+      let committed: SessionMetadata | undefined;
+      try {
+        committed = await this.commitFamilyOnce(ref, idp, seed, issuedAt, tokens);
+      } catch (err) {
+        if (err instanceof BrokerError && !(err instanceof UnavailableError)) throw err;
+        const wait = Math.min(2_000, 100 * 2 ** (attempt - 1));
+        if (lock.aborted || this.clock() + wait > giveUpAt) {
+          this.deps.rotator.countPersistFailure();
+          this.deps.log.error(
+            { tenant: ref.tenant, err: errorText(err) },
+            'the IdP issued the new token pair of an enrollment but it could not be stored; enroll again with a new credential',
+          );
+          throw err;
+        }
+        this.deps.log.warn(
+          { tenant: ref.tenant, attempt, err: errorText(err) },
+          'storing the enrolled token pair failed; retrying while the lock is held',
+        );
+        await new Promise((resolve) => setTimeout(resolve, wait));
+        continue;
+      }
+      if (committed) return committed;
+      throw new UnavailableError(
+        'the session kept changing during enrollment and the new family was not stored; enroll again with a new credential',
+      );
+    }
+  }
+
+  /** One try: up to 3 compare-and-set rounds; undefined when the session kept changing. */
+  private async commitFamilyOnce(
+    ref: SessionRef,
+    idp: string,
+    seed: FamilySeed,
+    issuedAt: number,
+    tokens: TokenSet,
+  ): Promise<SessionMetadata | undefined> {
     const issued = {
       tokens,
       nextRefreshAt: this.deps.rotator.nextRefreshAt(issuedAt, tokens.accessExpiresAt, {
@@ -360,9 +400,7 @@ export class SessionService {
           inflight: undefined,
         });
     }
-    throw new UnavailableError(
-      'the session kept changing during enrollment and the new family was not stored; enroll again with a new credential',
-    );
+    return undefined;
   }
 
   /** The current access token; reactivates an idle session, rotates one that has none valid. */
@@ -626,7 +664,7 @@ function enrollmentFailure(err: unknown, first: FirstGrant, idp: string): unknow
   if (err instanceof IdpTransientError)
     return new UnavailableError(
       `identity provider ${name} is unavailable for the ${first.what}; ${nothing}` +
-        (err.presented && first.what !== 'login'
+        (err.outcomeUnknown && first.what !== 'login'
           ? `; the ${first.what} may have been used: if a retry says invalid_grant, obtain a new one`
           : '; retry'),
       err.retryAfterMs,

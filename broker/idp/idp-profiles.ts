@@ -5,14 +5,6 @@
  * says that the operator sets it.
  */
 export type IdpProfileName = 'keycloak' | 'okta' | 'auth0' | 'hydra' | 'folio' | 'generic';
-export const IDP_PROFILES: readonly IdpProfileName[] = [
-  'keycloak',
-  'okta',
-  'auth0',
-  'hydra',
-  'folio',
-  'generic',
-];
 
 /** Whether the broker may ask RFC 7662 introspection about a refresh token. */
 export type RefreshIntrospection =
@@ -85,6 +77,9 @@ export const PROFILES: Readonly<Record<IdpProfileName, Readonly<IdpProfile>>> = 
     absoluteSessionEnd: undefined,
   },
 };
+
+/** Every profile name, in the order above. */
+export const IDP_PROFILES = Object.keys(PROFILES) as readonly IdpProfileName[];
 
 /** The one start-up line per IdP: which semantics are in force (no secrets, no URLs' queries). */
 export function describeSemantics(idp: {

@@ -37,18 +37,21 @@ export class IntrospectionProbes {
   /**
    * Asks the IdP about `liveToken`, a refresh token it has just issued, while the caller still
    * holds the session's lock (so nobody can have presented it since). Once per IdP and process;
-   * a failed probe (network, non-200) is tried again at a rotation 10 s later or more.
+   * a failed probe (network, non-200) is tried again at a rotation 10 s later or more. The call
+   * is bounded by the lock and by `timeoutMs`.
    */
   async probe(
     idp: IdpAdapter,
     liveToken: string,
-    signal: AbortSignal,
+    lock: AbortSignal,
+    timeoutMs: number,
     context: IdpContext,
   ): Promise<void> {
-    if (this.state(idp) !== 'unprobed' || this.probing.has(idp.name)) return;
+    if (this.state(idp) !== 'unprobed' || this.probing.has(idp.name) || lock.aborted) return;
     if ((this.notBefore.get(idp.name) ?? 0) > this.clock()) return;
     this.probing.add(idp.name);
     try {
+      const signal = AbortSignal.any([lock, AbortSignal.timeout(timeoutMs)]);
       const active = await idp.isActive!(liveToken, signal, context);
       if (active === undefined) {
         this.states.set(idp.name, 'off');

@@ -185,6 +185,11 @@ export class Rotator {
     if (outcome === 'ok') this.metrics.rotation('rotated');
   }
 
+  /** An enrollment whose issued pair could not be stored (counted as a rotation's would be). */
+  countPersistFailure(): void {
+    this.metrics.persistFailure();
+  }
+
   async drain(): Promise<void> {
     while (this.pending.size > 0) await Promise.allSettled([...this.pending.values()]);
   }
@@ -519,11 +524,12 @@ export class Rotator {
     const result = await this.persist(transition, record.generation, lock);
     // A refresh token just received and stored under the lock is surely live: the one moment to
     // learn whether this IdP's introspection knows refresh tokens.
-    if (result.outcome === 'rotated' && tokens.refreshToken !== undefined && !lock.signal.aborted)
+    if (result.outcome === 'rotated' && tokens.refreshToken !== undefined)
       await this.introspection.probe(
         idp,
         tokens.refreshToken,
-        AbortSignal.any([lock.signal, AbortSignal.timeout(this.options.idpTimeoutMs)]),
+        lock.signal,
+        this.options.idpTimeoutMs,
         context,
       );
     return result;

@@ -205,3 +205,13 @@ export async function eventually(
     await new Promise((r) => setTimeout(r, 50));
   }
 }
+
+/** The gRPC error a call fails with; throws when it succeeds instead. */
+export async function rpcError(call: Promise<unknown>): Promise<grpc.ServiceError> {
+  try {
+    await call;
+  } catch (err) {
+    return err as grpc.ServiceError;
+  }
+  throw new Error('expected the call to fail');
+}

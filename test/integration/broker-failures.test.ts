@@ -24,7 +24,7 @@ import type { Transition } from '../../broker/session-transitions.js';
 import { MemorySessionStore } from '../../broker/store/memory-session-store.js';
 import { WatchHub } from '../../broker/watch-hub.js';
 import { SessionStatus, type TokenEvent } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
+import { BrokerClient, eventually, rpcError } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
@@ -157,15 +157,6 @@ async function stopAll(): Promise<void> {
   const brokers = running.splice(0);
   for (const broker of brokers) broker.client.close();
   await Promise.all(brokers.map((b) => b.stop()));
-}
-
-async function rpcError(call: Promise<unknown>): Promise<grpc.ServiceError> {
-  try {
-    await call;
-  } catch (err) {
-    return err as grpc.ServiceError;
-  }
-  throw new Error('expected the call to fail');
 }
 
 /** How many of `tokens` occur in `text`, raw or base64/base64url-encoded. */
@@ -651,6 +642,8 @@ describe('broker failure handling (Redis state, 3 lock nodes, real OIDC provider
 /** A MemorySessionStore whose writes of one generation fail, as if the store went away. */
 class FailingStore extends MemorySessionStore {
   failGeneration = -1;
+  /** Writes of that generation to fail before they succeed again (default: all). */
+  failTimes = Number.POSITIVE_INFINITY;
   failedWrites = 0;
 
   override commit(
@@ -658,7 +651,7 @@ class FailingStore extends MemorySessionStore {
     expectedGeneration: number | null,
     now: number,
   ): Promise<boolean> {
-    if (transition.next.generation === this.failGeneration) {
+    if (transition.next.generation === this.failGeneration && this.failedWrites < this.failTimes) {
       this.failedWrites++;
       return Promise.reject(new Error('state store unreachable'));
     }
@@ -740,6 +733,55 @@ describe('persist, then publish (promise 3)', () => {
     } finally {
       client.close();
       await server.shutdown(500);
+      await store.close();
+    }
+  });
+
+  it('stores an enrollment whose first write fails on a retry under the lock (promise 3)', async () => {
+    const store = new FailingStore();
+    store.failGeneration = 1;
+    store.failTimes = 1;
+    const locks = new MemoryLockService(2_000);
+    const keys = new KeySpace('tb:');
+    const idp = new RecordingIdp(oauth2For(steady, 1_000));
+    const idps = new Map([[idp.name, idp]]);
+    const policy = new RotationPolicy({ minLeadMs: 500, retryBaseMs: 200, retryMaxMs: 2_000 });
+    const rotator = new Rotator(
+      {
+        replica: 'enroll-retry-test',
+        idpTimeoutMs: 1_000,
+        lockMarginMs: 500,
+        idleTimeoutMs: 3_600_000,
+        busyRetryMs: 250,
+      },
+      { store, locks, keys, idps, policy, log: silent },
+    );
+    const hub = new WatchHub(store, silent);
+    const sessions = new SessionService(
+      {
+        defaultIdp: 'default',
+        refreshMinIntervalMs: 0,
+        refreshWaitMs: 2_000,
+        touchIntervalMs: 1_000,
+      },
+      { store, locks, keys, idps, rotator, hub, log: silent },
+    );
+    try {
+      const minted = await steady.mintTokens('enroll-retry');
+      const refreshes = steady.counters.refreshes;
+      const meta = await sessions.enroll({
+        tenant: 'diku',
+        user: 'enroll-retry',
+        refreshToken: minted.refresh_token,
+      });
+      expect(meta.generation).toBe(1);
+      expect(meta.status).toBe('ACTIVE');
+      expect(store.failedWrites).toBe(1);
+      // The caller's credential was presented once; the stored pair is the one the IdP issued.
+      expect(steady.counters.refreshes - refreshes).toBe(1);
+      const stored = (await store.get({ tenant: 'diku', user: 'enroll-retry' }))!.record;
+      expect(stored.accessToken === idp.calls.at(-1)!.tokens!.accessToken).toBe(true);
+    } finally {
       await store.close();
     }
   });

@@ -12,7 +12,7 @@ import * as grpc from '@grpc/grpc-js';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
+import { BrokerClient, eventually, rpcError } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology, startInProcessBroker } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import type { ClientTransportSettings } from '../../shared/grpc-client-credentials.js';
@@ -120,15 +120,6 @@ function clientWith(token: string | undefined, trust: TestCa = ca): BrokerClient
 
 async function workload(namespace: string, serviceAccount: string): Promise<BrokerClient> {
   return clientWith(await k8s.sign({ namespace, serviceAccount, podName: `${serviceAccount}-0` }));
-}
-
-async function rpcError(promise: Promise<unknown>): Promise<grpc.ServiceError> {
-  try {
-    await promise;
-  } catch (err) {
-    return err as grpc.ServiceError;
-  }
-  throw new Error('expected the call to fail');
 }
 
 const errorCode = (err: grpc.ServiceError) => err.metadata?.get('tb-error-code')[0];

@@ -3,7 +3,7 @@ import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient } from '../../scripts/dev/broker-client.js';
+import { BrokerClient, rpcError } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, startInProcessBroker } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 
@@ -16,15 +16,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await oidc?.close();
 });
-
-async function rpcError(call: Promise<unknown>): Promise<grpc.ServiceError> {
-  try {
-    await call;
-  } catch (err) {
-    return err as grpc.ServiceError;
-  }
-  throw new Error('expected the call to fail');
-}
 
 describe('embedded mode (no TB_REDIS_URL)', () => {
   it('rotates, streams, turns invalid_grant into REAUTH_REQUIRED and revokes', async () => {

@@ -7,7 +7,7 @@ import * as grpc from '@grpc/grpc-js';
 import { pino, type Logger } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient } from '../../scripts/dev/broker-client.js';
+import { BrokerClient, rpcError } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology, startInProcessBroker } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
@@ -24,15 +24,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await Promise.all([oidc?.close(), redis?.stopAll()]);
 });
-
-async function rpcError(call: Promise<unknown>): Promise<grpc.ServiceError> {
-  try {
-    await call;
-  } catch (err) {
-    return err as grpc.ServiceError;
-  }
-  throw new Error('expected the call to fail');
-}
 
 function capturingLogger(): { log: Logger; lines: () => Record<string, unknown>[] } {
   const raw: string[] = [];

@@ -18,7 +18,7 @@ import {
   type EnrollRequest,
   type EnrollResponse,
 } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
+import { BrokerClient, eventually, rpcError } from '../../scripts/dev/broker-client.js';
 import { redisTopology, startInProcessBroker } from '../../scripts/dev/broker-env.js';
 import {
   folioBrokerEnv,
@@ -56,15 +56,6 @@ function loginRequest(
     idp: '',
     credential: { $case: 'login', value: { username: user, secret } },
   };
-}
-
-async function rpcError(call: Promise<unknown>): Promise<grpc.ServiceError> {
-  try {
-    await call;
-  } catch (err) {
-    return err as grpc.ServiceError;
-  }
-  throw new Error('expected the call to fail');
 }
 
 function capturingLogger(): { log: Logger; lines: string[] } {

@@ -5,11 +5,10 @@
  * OIDC provider, real brokers over TLS with caller authentication.
  */
 import { randomBytes } from 'node:crypto';
-import type * as grpc from '@grpc/grpc-js';
 import { status } from '@grpc/grpc-js';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BrokerClient } from '../../scripts/dev/broker-client.js';
+import { BrokerClient, rpcError } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, randomPrefix, startInProcessBroker } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
@@ -26,15 +25,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await Promise.all([oidc?.close(), redis?.stopAll()]);
 });
-
-async function rpcError(call: Promise<unknown>): Promise<grpc.ServiceError> {
-  try {
-    await call;
-  } catch (err) {
-    return err as grpc.ServiceError;
-  }
-  throw new Error('expected the call to fail');
-}
 
 /** A logger whose JSON lines the test reads back. */
 function capturingLog() {

@@ -12,7 +12,7 @@ import {
   type EnrollRequest,
   type EnrollResponse,
 } from '../../gen/tokenbroker/v1/token_broker.js';
-import { BrokerClient } from '../../scripts/dev/broker-client.js';
+import { BrokerClient, rpcError } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology, startInProcessBroker } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
@@ -45,15 +45,6 @@ function exchangeRequest(user: string, subjectToken: string): EnrollRequest {
     idp: '',
     credential: { $case: 'tokenExchange', value: { subjectToken, subjectTokenType: '' } },
   };
-}
-
-async function rpcError(call: Promise<unknown>): Promise<grpc.ServiceError> {
-  try {
-    await call;
-  } catch (err) {
-    return err as grpc.ServiceError;
-  }
-  throw new Error('expected the call to fail');
 }
 
 describe('enrollment by token exchange (RFC 8693)', () => {
