@@ -73,6 +73,6 @@ export function connectBroker(options: BrokerClientOptions, log?: TlsLog): Broke
 }
 
 /** How long a keepalive ping may go unanswered: half the interval, but 2 s at least on a busy node. */
-export function keepaliveTimeoutMs(keepaliveMs: number): number {
+function keepaliveTimeoutMs(keepaliveMs: number): number {
   return Math.max(2_000, Math.round(keepaliveMs / 2));
 }

@@ -116,7 +116,7 @@ export class BrokerLink {
 
   /** A stream is open and a broker is known to answer on it. */
   get up(): boolean {
-    return this.slots.some((s) => s.call !== undefined && (s.received || this.api.channelReady()));
+    return this.streamsUp > 0;
   }
 
   /** Address of a broker replica a stream runs on ('' while all are down). */

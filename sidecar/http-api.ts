@@ -60,7 +60,7 @@ const JSON_TYPE = 'application/json';
  * Request headers a proxy, load balancer or CDN adds or reads. A request carrying any of them did
  * not come straight from a process in the pod, so it is refused (README.md, "Sidecar").
  */
-export const PROXY_HEADERS = [
+const PROXY_HEADERS = [
   'forwarded',
   'x-forwarded-for',
   'x-forwarded-host',

@@ -25,7 +25,7 @@ export const NAME_MAX = 255;
  * longer than NAME_MAX (an id may have 256 characters, of several bytes each),
  * `sha256-<hex of the SHA-256 of its UTF-8 bytes>`. README.md ("File sink") documents this.
  */
-export function tokenFileName(id: string): string {
+function tokenFileName(id: string): string {
   return Buffer.byteLength(id) <= NAME_MAX
     ? id
     : `sha256-${createHash('sha256').update(id, 'utf8').digest('hex')}`;

@@ -54,7 +54,7 @@ export interface TokenStoreOptions {
 }
 
 /** The largest part of a token's lifetime the safety skew may take. */
-export const MAX_SKEW_FRACTION = 0.25;
+const MAX_SKEW_FRACTION = 0.25;
 /** Retired epochs remembered per user: enough for re-enrollments racing a lagging replica. */
 const RETIRED_EPOCHS_KEPT = 8;
 

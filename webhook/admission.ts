@@ -7,10 +7,8 @@
 import { AnnotationError } from './errors.js';
 import { INJECT, readInjection, STATUS, bool } from './annotations.js';
 import {
-  CA_VOLUME,
   moduleEnv,
   moduleVolumeMounts,
-  SA_TOKEN_VOLUME,
   SIDECAR_NAME,
   sidecarContainer,
   sidecarVolumes,
@@ -123,9 +121,9 @@ export function mutatePod(
       options.settings,
       containers.map((c) => c.name),
     );
-    const taken = (spec.volumes ?? [])
-      .map((v) => v.name)
-      .find((n) => [SA_TOKEN_VOLUME, CA_VOLUME, TOKENS_VOLUME].includes(n));
+    // Every volume the injection adds (the socket's too) must be free in the pod.
+    const ours = new Set(sidecarVolumes(injection.settings).map((v) => v.name));
+    const taken = (spec.volumes ?? []).map((v) => v.name).find((n) => ours.has(n));
     if (taken)
       throw new AnnotationError(
         INJECT,

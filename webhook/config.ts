@@ -3,6 +3,7 @@
  * (README, "Sidecar injection"). Every error names its variable.
  */
 import { EnvReader, type Env } from '../shared/env-reader.js';
+import { LOG_LEVELS, type LogLevel } from '../sidecar/config.js';
 import { WebhookConfigError } from './errors.js';
 import { readSidecarSettings } from './sidecar-settings.js';
 import type { SidecarSettings } from './sidecar-spec.js';
@@ -16,10 +17,10 @@ export interface WebhookConfig {
   /** Pods of this namespace are never injected (the broker's and the webhook's own). */
   namespace: string;
   sidecar: SidecarSettings;
-  logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
+  logLevel: LogLevel;
 }
 
-export const WEBHOOK_VARIABLES = [
+const WEBHOOK_VARIABLES = [
   'TB_WEBHOOK_HOST',
   'TB_WEBHOOK_PORT',
   'TB_WEBHOOK_TLS_CERT_FILE',
@@ -44,10 +45,6 @@ export function loadWebhookConfig(env: Env = process.env): WebhookConfig {
     keyFile: read.required('TB_WEBHOOK_TLS_KEY_FILE'),
     namespace: read.required('TB_WEBHOOK_NAMESPACE'),
     sidecar: readSidecarSettings(read.required('TB_WEBHOOK_SIDECAR_FILE')),
-    logLevel: read.oneOf(
-      'TB_WEBHOOK_LOG_LEVEL',
-      ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const,
-      'info',
-    ),
+    logLevel: read.oneOf('TB_WEBHOOK_LOG_LEVEL', LOG_LEVELS, 'info'),
   };
 }
