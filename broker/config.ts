@@ -445,12 +445,10 @@ export function loadConfig(env: Env = process.env): BrokerConfig {
     connectionAge: {
       maxMs: read.int('TB_GRPC_MAX_CONNECTION_AGE_MS', DEFAULT_CONNECTION_AGE.maxMs, {
         min: 1_000,
-        max: 2 ** 31 - 1,
         unit: UNIT,
       }),
       graceMs: read.int('TB_GRPC_MAX_CONNECTION_AGE_GRACE_MS', DEFAULT_CONNECTION_AGE.graceMs, {
         min: 0,
-        max: 2 ** 31 - 1,
         unit: UNIT,
       }),
     },

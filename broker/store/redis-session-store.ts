@@ -152,11 +152,6 @@ export class RedisSessionStore implements SessionStore {
     }[this.options.target.kind];
   }
 
-  /** Replicas each commit waits for (after `prepare`). */
-  get requiredReplicas(): number {
-    return this.minReplicas;
-  }
-
   /**
    * Resolves once Redis answers a PING; rejects with the last error after `timeoutMs`. Start-up
    * uses it so an unreachable or misconfigured state store fails at once, naming the variable.
