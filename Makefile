@@ -71,11 +71,11 @@ MODE ?= broker
 demo: deps
 	MODE=$(MODE) node --import tsx --import ./shared/telemetry/register.ts scripts/demo.ts
 
-# GET-token throughput and latency of the sidecar beside a bare node:http server, and broker
-# GetToken calls/s with caller authentication on beside off (prints figures).
-bench: deps
-	node --import tsx bench/sidecar-throughput.ts
-	node --import tsx bench/get-token-auth.ts
+# Benchmarks (bench/, README "Benchmarks"): each prints its figures beside a same-run baseline.
+# `make bench` runs them all; `make bench BENCH=rotation` runs bench/rotation.ts only.
+BENCH ?=
+bench: build redis
+	@scripts/bench.sh $(BENCH)
 
 clean:
 	rm -rf node_modules .tmp dist

@@ -12,8 +12,8 @@
  * one channel per broker. Rounds alternate on, off, on, off..., so drift hits both alike; each
  * broker's CPU time per call comes from /proc.
  */
-import { readFileSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
+import { cpuSeconds } from './lib/proc.js';
 import { BrokerClient } from '../scripts/dev/broker-client.js';
 import { brokerEnv } from '../scripts/dev/broker-env.js';
 import { startBrokerProcess, type BrokerProcess } from '../scripts/dev/broker-process.js';
@@ -22,11 +22,6 @@ import { startOidcProvider } from '../scripts/dev/oidc-provider.js';
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 5);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const CONCURRENCY = Number(process.env.BENCH_CONCURRENCY ?? 64);
-
-function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
 
 /** `CONCURRENCY` loops of GetToken for `ms`; returns completed calls and failures. */
 async function load(client: BrokerClient, ms: number): Promise<{ calls: number; failed: number }> {

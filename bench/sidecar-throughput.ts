@@ -12,28 +12,22 @@
  * server's CPU time per request (from /proc), which other load on the machine disturbs less.
  */
 import { spawn } from 'node:child_process';
-import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { cpuSeconds } from './lib/proc.js';
 import { BrokerClient } from '../scripts/dev/broker-client.js';
 import { brokerEnv } from '../scripts/dev/broker-env.js';
 import { startBrokerProcess } from '../scripts/dev/broker-process.js';
 import { startOidcProvider } from '../scripts/dev/oidc-provider.js';
 import { startSidecarProcess, TOKEN_HEADER } from '../scripts/dev/sidecar-process.js';
-import { percentile, runLoad, type LoadResult } from './load-generator.js';
+import { percentile, runLoad, type LoadResult } from './lib/load-generator.js';
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 5);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const CONNECTIONS = Number(process.env.BENCH_CONNECTIONS ?? 16);
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 
-/** CPU seconds (user + system) a process has used so far, from /proc (Linux). */
-function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
-
 async function startBare(body: string): Promise<{ port: number; pid: number; stop: () => void }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'bench/bare-server.ts', body], {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'bench/lib/bare-server.ts', body], {
     cwd: ROOT,
     stdio: ['ignore', 'pipe', 'inherit'],
   });

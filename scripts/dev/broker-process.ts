@@ -1,4 +1,4 @@
-import { spawnNodeProcess, waitForLog, type LogEntry } from './node-process.js';
+import { spawnNodeProcess, waitForLog, type LogEntry, type SpawnOptions } from './node-process.js';
 
 export interface BrokerProcess {
   readonly port: number;
@@ -16,13 +16,20 @@ export interface BrokerProcess {
  * Starts `broker/main.ts` as a separate Node.js process (real replica) with `env` on top of a
  * minimal environment (so telemetry is off unless `env` asks); resolves once it logs its bound port.
  */
-export async function startBrokerProcess(env: Record<string, string>): Promise<BrokerProcess> {
-  const proc = spawnNodeProcess('broker/main.ts', {
-    TB_GRPC_ADDRESS: '127.0.0.1:0',
-    ...env,
-    // Info level at least: the harness learns the bound port from the 'broker serving' line.
-    TB_LOG_LEVEL: 'info',
-  });
+export async function startBrokerProcess(
+  env: Record<string, string>,
+  options: SpawnOptions = {},
+): Promise<BrokerProcess> {
+  const proc = spawnNodeProcess(
+    'broker/main.ts',
+    {
+      TB_GRPC_ADDRESS: '127.0.0.1:0',
+      ...env,
+      // Info level at least: the harness learns the bound port from the 'broker serving' line.
+      TB_LOG_LEVEL: 'info',
+    },
+    options,
+  );
   const serving = await waitForLog(
     proc,
     'broker',

@@ -1,13 +1,24 @@
 /**
- * One of the project's entry points as a real child process, as `npm start` runs it (tsx and the
- * telemetry entry, which does nothing unless OTEL_* ask). Its stdout is read as pino JSON lines.
- * Children still alive when the test process exits are killed with SIGKILL.
+ * One of the project's entry points as a real child process, with the telemetry entry (which does
+ * nothing unless OTEL_* ask): through tsx from the sources by default (tests need no build), or
+ * `compiled`, the JS in dist/ that `npm start` and the image run (benchmarks; `make build` first).
+ * Its stdout is read as pino JSON lines. Children still alive when the test process exits are
+ * killed with SIGKILL.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const NODE_ARGS = ['--import', 'tsx', '--import', './shared/telemetry/register.ts'];
+const COMPILED_NODE_ARGS = ['--import', './dist/shared/telemetry/register.js'];
+
+export interface SpawnOptions {
+  /** Run dist/<entry>.js instead of the TypeScript source through tsx. */
+  compiled?: boolean;
+  /** Extra node flags before the entry (e.g. --max-old-space-size). */
+  nodeFlags?: readonly string[];
+}
 const live = new Set<ChildProcess>();
 process.on('exit', () => live.forEach((c) => c.kill('SIGKILL')));
 
@@ -28,8 +39,15 @@ export interface NodeProcess {
 }
 
 /** Spawns `entry` (relative to the repository) with only PATH and `env` in its environment. */
-export function spawnNodeProcess(entry: string, env: Record<string, string>): NodeProcess {
-  const child = spawn(process.execPath, [...NODE_ARGS, entry], {
+export function spawnNodeProcess(
+  entry: string,
+  env: Record<string, string>,
+  options: SpawnOptions = {},
+): NodeProcess {
+  const args = options.compiled
+    ? [...COMPILED_NODE_ARGS, join('dist', entry.replace(/\.ts$/, '.js'))]
+    : [...NODE_ARGS, entry];
+  const child = spawn(process.execPath, [...(options.nodeFlags ?? []), ...args], {
     cwd: ROOT,
     env: { PATH: process.env.PATH ?? '', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],

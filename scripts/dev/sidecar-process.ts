@@ -11,7 +11,7 @@
  */
 import { request } from 'node:http';
 import { devIdentity } from './dev-identity.js';
-import { spawnNodeProcess, waitForLog } from './node-process.js';
+import { spawnNodeProcess, waitForLog, type SpawnOptions } from './node-process.js';
 
 export const TOKEN_HEADER = { 'x-token-broker': 'true' } as const;
 
@@ -42,8 +42,11 @@ export interface SidecarProcess {
 }
 
 /** Spawns a sidecar; resolves once it serves. Rejects if it exits first (see `runSidecarToExit`). */
-export async function startSidecarProcess(env: Record<string, string>): Promise<SidecarProcess> {
-  const proc = spawnSidecar(env);
+export async function startSidecarProcess(
+  env: Record<string, string>,
+  options: SpawnOptions = {},
+): Promise<SidecarProcess> {
+  const proc = spawnSidecar(env, options);
   const serving = await waitForLog(proc, 'sidecar', (entry) => entry.msg === 'sidecar serving');
   const port = typeof serving.port === 'number' ? serving.port : undefined;
   const url = port === undefined ? 'http://localhost' : `http://127.0.0.1:${port}`;
@@ -89,13 +92,17 @@ export async function runSidecarToExit(
 }
 
 /** Sidecars run as a dev-cluster workload: TLS to the broker and a ServiceAccount token. */
-function spawnSidecar(env: Record<string, string>) {
-  return spawnNodeProcess('sidecar/main.ts', {
-    TB_SIDECAR_PORT: '0',
-    TB_SIDECAR_LOG_LEVEL: 'info',
-    ...devIdentity().sidecarEnv(),
-    ...env,
-  });
+function spawnSidecar(env: Record<string, string>, options: SpawnOptions = {}) {
+  return spawnNodeProcess(
+    'sidecar/main.ts',
+    {
+      TB_SIDECAR_PORT: '0',
+      TB_SIDECAR_LOG_LEVEL: 'info',
+      ...devIdentity().sidecarEnv(),
+      ...env,
+    },
+    options,
+  );
 }
 
 /** A GET over a Unix socket, answered as a fetch Response. */

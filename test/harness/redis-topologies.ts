@@ -21,7 +21,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { Redis } from 'ioredis';
 import { freePort } from '../../scripts/dev/free-port.js';
-import { startRedisNodes, type RedisNode, type RedisNodes } from './redis-nodes.js';
+import { startRedisNodes, type RedisNode, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 const run = promisify(execFile);
 

@@ -27,7 +27,7 @@ import { SessionStatus, type TokenEvent } from '../../gen/tokenbroker/v1/token_b
 import { BrokerClient, eventually, rpcError } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 const silent = pino({ level: 'silent' });
 

@@ -10,7 +10,7 @@ import { clientTransport } from '../../shared/grpc-client-credentials.js';
 import { devClientTransport } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology, startInProcessBroker } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 let oidc: OidcProviderHarness;
 let redis: RedisNodes;

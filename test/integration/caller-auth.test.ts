@@ -19,7 +19,7 @@ import type { ClientTransportSettings } from '../../shared/grpc-client-credentia
 import { loadSidecarConfig } from '../../sidecar/config.js';
 import { startSidecar, type RunningSidecar } from '../../sidecar/sidecar-app.js';
 import { K8sIssuer } from '../harness/k8s-issuer.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 import { makeCa, makeLeaf, type TestCa, type TestLeaf } from '../harness/test-certs.js';
 
 const DISCOVERY_BEARER = 'broker-discovery-bearer-FAKE';

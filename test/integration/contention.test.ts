@@ -5,7 +5,7 @@ import { BrokerClient, type Watcher } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
 import { startBrokerProcess, type BrokerProcess } from '../../scripts/dev/broker-process.js';
 import { startOidcProvider } from '../../scripts/dev/oidc-provider.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 import { startRedisCluster, startRedisSentinel } from '../harness/redis-topologies.js';
 
 /**

@@ -10,7 +10,7 @@ import { SessionStatus } from '../../gen/tokenbroker/v1/token_broker.js';
 import { BrokerClient, rpcError } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology, startInProcessBroker } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 let oidc: OidcProviderHarness;
 let redis: RedisNodes;

@@ -4,7 +4,7 @@ import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
 import { startBrokerProcess, type BrokerProcess } from '../../scripts/dev/broker-process.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 const TENANT = 'diku';
 let cleanup: (() => Promise<unknown> | void)[] = [];

@@ -25,7 +25,7 @@ import {
   type FolioEmulator,
 } from '../harness/folio-emulator.js';
 import { samples } from '../harness/prometheus-text.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 const SESSION_MAX_S = 8;
 const silent = pino({ level: 'silent' });

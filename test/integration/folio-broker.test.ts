@@ -25,7 +25,7 @@ import {
   startFolioEmulator,
   type FolioEmulator,
 } from '../harness/folio-emulator.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 const TENANT = 'diku';
 

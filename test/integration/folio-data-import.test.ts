@@ -23,7 +23,7 @@ import {
   type FolioEmulator,
   type FolioPair,
 } from '../harness/folio-emulator.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 import {
   startSidecarProcess,
   type SidecarProcess,

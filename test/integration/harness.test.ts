@@ -9,7 +9,7 @@ import {
   type ClientKind,
   type OidcProviderHarness,
 } from '../../scripts/dev/oidc-provider.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 /** Connects once, without retries, and returns the PING reply. */
 async function ping(url: string): Promise<string> {

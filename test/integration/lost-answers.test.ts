@@ -4,7 +4,7 @@ import { SessionStatus, type Session } from '../../gen/tokenbroker/v1/token_brok
 import { BrokerClient } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology, startInProcessBroker } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderOptions } from '../../scripts/dev/oidc-provider.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 /**
  * Issue 12, must-show 2 and 3, against the real oidc-provider (rotation and reuse detection),

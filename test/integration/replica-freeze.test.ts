@@ -20,7 +20,7 @@ import {
   type SidecarProcess,
   type TokenBody,
 } from '../../scripts/dev/sidecar-process.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 const TENANT = 'diku';
 const USERS = ['u0', 'u1', 'u2'];

@@ -13,7 +13,7 @@ import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
 import { startBrokerProcess, type BrokerProcess } from '../../scripts/dev/broker-process.js';
 import { freePort } from '../../scripts/dev/free-port.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 import { startResourceServer, type ResourceServer } from '../../scripts/dev/resource-server.js';
 import {
   errorOf,

@@ -4,7 +4,7 @@ import { BrokerClient } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
 import { startBrokerProcess, type BrokerProcess } from '../../scripts/dev/broker-process.js';
 import { startOidcProvider } from '../../scripts/dev/oidc-provider.js';
-import { startRedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 /**
  * Issue 12, must-show 1: the IdP answers more slowly than TB_IDP_TIMEOUT_MS (but within

@@ -14,7 +14,7 @@ import type {
   SessionStatusName,
 } from '../../broker/store/session-record.js';
 import { randomPrefix } from '../../scripts/dev/broker-env.js';
-import { startRedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes } from '../../scripts/dev/redis-nodes.js';
 import { startRedisCluster, startRedisSentinel } from '../harness/redis-topologies.js';
 
 /**

@@ -17,7 +17,7 @@ import { freePort } from '../../scripts/dev/free-port.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
 import { startOtlpReceiver, type OtlpReceiver } from '../harness/otlp-receiver.js';
 import { sampleValue, samples } from '../harness/prometheus-text.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 import {
   startSidecarProcess,
   type SidecarProcess,

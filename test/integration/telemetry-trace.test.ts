@@ -22,7 +22,7 @@ import { startSidecar, type RunningSidecar } from '../../sidecar/sidecar-app.js'
 import { BrokerClient, eventually } from '../../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology } from '../../scripts/dev/broker-env.js';
 import { startOidcProvider, type OidcProviderHarness } from '../../scripts/dev/oidc-provider.js';
-import { startRedisNodes, type RedisNodes } from '../harness/redis-nodes.js';
+import { startRedisNodes, type RedisNodes } from '../../scripts/dev/redis-nodes.js';
 import type { ReadableSpan } from '@opentelemetry/sdk-trace';
 
 const TENANT = 'diku';

@@ -22,7 +22,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { freePort } from '../../scripts/dev/free-port.js';
+import { freePort } from './free-port.js';
 
 export interface RedisNode {
   readonly port: number;
