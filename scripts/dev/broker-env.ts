@@ -34,8 +34,14 @@ export const TEST_TIMINGS: Readonly<Record<string, string>> = {
  * authentication are on with the dev cluster's material, as in a cluster (a test that turns them
  * off passes TB_TLS=off / TB_AUTH=off in `extra`, with the file settings blanked).
  */
+/** What a broker needs to know of an IdP: its endpoints and the broker's client. */
+export type IdpEndpoints = Pick<
+  OidcProviderHarness,
+  'tokenEndpoint' | 'revocationEndpoint' | 'introspectionEndpoint'
+> & { clients: { basic: { clientId: string; clientSecret: string } } };
+
 export function brokerEnv(
-  oidc: OidcProviderHarness,
+  oidc: IdpEndpoints,
   redis?: { state: string; locks: readonly string[]; keys: string; prefix: string },
   extra: Record<string, string> = {},
 ): Record<string, string> {
