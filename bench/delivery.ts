@@ -282,6 +282,10 @@ try {
       rotateBroker,
       topology.state,
     );
+    console.log(
+      `  ${watchers} watchers: bare p99 ${fmt.ms(percentileOf(base.latencies, 99))}, ` +
+        `broker p99 ${fmt.ms(percentileOf(ours.latencies, 99))}`,
+    );
     const label = `${watchers.toLocaleString('en')} watchers (${USERS} users x ${watchers / USERS}, ${streams} streams)`;
     for (const p of [50, 99]) {
       const a = percentileOf(ours.latencies, p);

@@ -139,11 +139,11 @@ async function run(spec: LoadSpec): Promise<void> {
     if (message.type !== 'stop') return;
     measuring = false;
     for (const count of ahead.values()) result.unmatched += count;
-    send({ type: 'result', ...result });
     for (const call of calls) call.cancel();
     for (const client of clients) client.close();
     redis.disconnect();
-    setTimeout(() => process.exit(0), 100).unref();
+    // Exits once the (large) answer is handed over.
+    process.send?.({ type: 'result', ...result }, () => process.exit(0));
   });
 }
 
