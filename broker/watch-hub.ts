@@ -12,9 +12,29 @@ import type { SessionStore } from './store/session-store.js';
 /** What the hub reads: one session's current state. */
 export type WatchHubStore = Pick<SessionStore, 'get'>;
 
+/**
+ * One fan-out of a record to every sink that needs it. What a sink derives from the record (a
+ * Watch stream: the encoded message) it derives through `once`, so the work is done once per
+ * fan-out, not once per sink; each fan-out has its own, so nothing derived outlives it.
+ */
+export class Delivery {
+  private readonly derived = new Map<symbol, unknown>();
+
+  constructor(readonly record: SessionRecord) {}
+
+  /** `derive(record)`, computed on the first call with `key` and shared by the later ones. */
+  once<T>(key: symbol, derive: (record: SessionRecord) => T): T {
+    if (this.derived.has(key)) return this.derived.get(key) as T;
+    const value = derive(this.record);
+    this.derived.set(key, value);
+    return value;
+  }
+}
+
 /** One watcher of sessions (a Watch stream). It keeps only the newest pending state. */
 export interface WatchSink {
-  deliver(record: SessionRecord): void;
+  /** `delivery` is shared by every sink of this fan-out (see Delivery.once). */
+  deliver(record: SessionRecord, delivery: Delivery): void;
 }
 
 /** A point in a session's history: a generation within an epoch. */
@@ -125,8 +145,10 @@ export class WatchHub {
   onEvent(event: SessionEvent): void {
     const entry = this.watched.get(KeySpace.sessionId(event));
     if (!entry) return;
-    // Another epoch's generation may be lower than the one held (enrolled again): news too.
-    const otherEpoch = event.epoch !== undefined && event.epoch !== entry.newestEpoch;
+    // Another epoch's generation may be lower than the one held (enrolled again): news too. An
+    // event without one (or an empty one: a record from before epochs) names no other epoch.
+    const otherEpoch =
+      event.epoch !== undefined && event.epoch !== '' && event.epoch !== entry.newestEpoch;
     if (otherEpoch || event.generation > entry.newest) void this.reload(entry);
   }
 
@@ -198,10 +220,13 @@ export class WatchHub {
       entry.newestEpoch = epoch;
       entry.newest = record.generation;
     } else entry.newest = Math.max(entry.newest, record.generation);
+    let delivery: Delivery | undefined;
     for (const [sink, sent] of entry.sinks) {
       if (!isNewer(record, sent)) continue;
-      entry.sinks.set(sink, { epoch: epoch || sent.epoch, generation: record.generation });
-      sink.deliver(record);
+      // Each sink's position is its own object (subscribe makes it): updated in place.
+      sent.epoch = epoch || sent.epoch;
+      sent.generation = record.generation;
+      sink.deliver(record, (delivery ??= new Delivery(record)));
     }
     for (const waiter of entry.waiters)
       if (record.generation > waiter.above) waiter.resolve(record);

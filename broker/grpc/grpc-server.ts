@@ -41,9 +41,44 @@ import {
   type SessionRecord,
   type SessionRef,
 } from '../store/session-record.js';
-import type { WatchHub, WatchSink } from '../watch-hub.js';
+import type { Delivery, WatchHub, WatchSink } from '../watch-hub.js';
 
 const SERVICE_NAME = 'tokenbroker.v1.TokenBrokerService';
+
+/**
+ * A WatchResponse encoded once, written as is to every stream it goes to (the service's Watch
+ * serializer passes it through): a rotation watched by N streams is encoded once, not N times.
+ */
+class EncodedWatchResponse {
+  private constructor(readonly bytes: Buffer) {}
+
+  static of(response: WatchResponse): EncodedWatchResponse {
+    const bytes = WatchResponse.encode(response).finish();
+    return new EncodedWatchResponse(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
+  }
+}
+
+/** The service as served: Watch also takes EncodedWatchResponse (the generated one does not). */
+const SERVED_SERVICE: typeof TokenBrokerServiceService = {
+  ...TokenBrokerServiceService,
+  watch: {
+    ...TokenBrokerServiceService.watch,
+    responseSerialize: (value: WatchResponse | EncodedWatchResponse) =>
+      value instanceof EncodedWatchResponse
+        ? value.bytes
+        : TokenBrokerServiceService.watch.responseSerialize(value),
+  },
+};
+
+/** A token event as one fan-out's streams send it: derived once per Delivery. */
+const TOKEN_FRAME = Symbol('watch token frame');
+
+function tokenFrame(record: SessionRecord): { id: string; response: EncodedWatchResponse } {
+  return {
+    id: KeySpace.sessionId(record),
+    response: EncodedWatchResponse.of({ event: { $case: 'token', value: toTokenEvent(record) } }),
+  };
+}
 
 /**
  * The status of every broker error code; codes mapped to INTERNAL are logged and reach the client
@@ -127,7 +162,7 @@ export function toSession(meta: SessionMetadata): Session {
  * and its queue dropped; it may reconnect and get every session's current state again.
  */
 class StreamSink implements WatchSink {
-  private readonly pending = new Map<string, { response: WatchResponse; bytes: number }>();
+  private readonly pending = new Map<string, EncodedWatchResponse>();
   private pendingBytes = 0;
   private blocked = false;
   private ended = false;
@@ -143,23 +178,33 @@ class StreamSink implements WatchSink {
     });
   }
 
-  deliver(record: SessionRecord): void {
-    this.send(KeySpace.sessionId(record), {
-      event: { $case: 'token', value: toTokenEvent(record) },
-    });
+  deliver(_record: SessionRecord, delivery: Delivery): void {
+    const frame = delivery.once(TOKEN_FRAME, tokenFrame);
+    this.sendEncoded(frame.id, frame.response);
   }
 
   send(id: string, response: WatchResponse): void {
-    if (this.ended || this.call.cancelled || this.call.writableEnded) return;
+    if (this.closed()) return;
+    this.sendEncoded(id, EncodedWatchResponse.of(response));
+  }
+
+  /** Drops every queued answer (the stream ended); nothing is written after. */
+  close(): void {
+    this.ended = true;
+    this.pending.clear();
+    this.pendingBytes = 0;
+  }
+
+  private sendEncoded(id: string, response: EncodedWatchResponse): void {
+    if (this.closed()) return;
     if (!this.blocked && this.pending.size === 0) {
-      if (!this.call.write(response)) this.blocked = true;
+      this.write(response);
       return;
     }
     // A newer state replaces an unsent older one: a slow reader skips, never reorders.
     this.drop(id);
-    const bytes = WatchResponse.encode(response).finish().length;
-    this.pending.set(id, { response, bytes });
-    this.pendingBytes += bytes;
+    this.pending.set(id, response);
+    this.pendingBytes += response.bytes.length;
     if (
       this.pendingBytes > this.limits.maxQueuedBytes ||
       this.pending.size > 2 * this.limits.maxSubscriptions
@@ -170,18 +215,20 @@ class StreamSink implements WatchSink {
     this.flush();
   }
 
-  /** Drops every queued answer (the stream ended); nothing is written after. */
-  close(): void {
-    this.ended = true;
-    this.pending.clear();
-    this.pendingBytes = 0;
+  private closed(): boolean {
+    return this.ended || this.call.cancelled || this.call.writableEnded;
+  }
+
+  /** SERVED_SERVICE's Watch serializer writes an EncodedWatchResponse as it is. */
+  private write(response: EncodedWatchResponse): void {
+    if (!this.call.write(response as unknown as WatchResponse)) this.blocked = true;
   }
 
   private drop(id: string): void {
     const queued = this.pending.get(id);
     if (!queued) return;
     this.pending.delete(id);
-    this.pendingBytes -= queued.bytes;
+    this.pendingBytes -= queued.bytes.length;
   }
 
   private overflow(): void {
@@ -191,14 +238,11 @@ class StreamSink implements WatchSink {
   }
 
   private flush(): void {
-    if (this.ended || this.call.cancelled || this.call.writableEnded) return;
+    if (this.closed()) return;
     while (!this.blocked && this.pending.size > 0) {
-      const [id, queued] = this.pending.entries().next().value as [
-        string,
-        { response: WatchResponse; bytes: number },
-      ];
+      const [id, queued] = this.pending.entries().next().value as [string, EncodedWatchResponse];
       this.drop(id);
-      if (!this.call.write(queued.response)) this.blocked = true;
+      this.write(queued);
     }
   }
 }
@@ -256,7 +300,7 @@ export class BrokerGrpcServer {
       'grpc.max_connection_age_grace_ms': age.graceMs,
       interceptors: deps.access ? [this.authenticating(deps.access)] : [],
     });
-    this.server.addService(TokenBrokerServiceService, this.implementation());
+    this.server.addService(SERVED_SERVICE, this.implementation());
     this.health.addToServer(this.server);
     const definition = loadFileDescriptorSetFromBuffer(
       Buffer.from(FILE_DESCRIPTOR_SET_BASE64, 'base64'),

@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { UnavailableError } from '../../broker/errors.js';
 import type { SessionRecord } from '../../broker/store/session-record.js';
 import { MemorySessionStore } from '../../broker/store/memory-session-store.js';
-import { WatchHub } from '../../broker/watch-hub.js';
+import { Delivery, WatchHub } from '../../broker/watch-hub.js';
 
 const log = pino({ level: 'silent' });
 const REF = { tenant: 't', user: 'u' };
@@ -102,5 +102,58 @@ describe('WatchHub', () => {
     const held = collector();
     await legacyHub.subscribe(REF, held, 7, '');
     expect(held.seen).toEqual([]);
+  });
+
+  it('hands every sink of one fan-out the same Delivery, which derives once', async () => {
+    const store = new MemorySessionStore();
+    const hub = new WatchHub(store, log);
+    await store.subscribe((event) => hub.onEvent(event));
+    await store.commit({ next: record(1), dueAt: undefined }, null, Date.now());
+    const key = Symbol('derived');
+    let derivations = 0;
+    const got: { sink: number; generation: number; derived: string; delivery: Delivery }[] = [];
+    const sinks = [0, 1, 2].map((n) => ({
+      deliver: (r: SessionRecord, delivery: Delivery) =>
+        got.push({
+          sink: n,
+          generation: r.generation,
+          delivery,
+          derived: delivery.once(key, (rec) => `g${rec.generation}#${++derivations}`),
+        }),
+    }));
+    for (const sink of sinks) await hub.subscribe(REF, sink, 1);
+    await store.commit({ next: record(2), dueAt: undefined }, 1, Date.now());
+    await new Promise((r) => setTimeout(r, 20));
+    expect(got.map((g) => [g.sink, g.generation, g.derived])).toEqual([
+      [0, 2, 'g2#1'],
+      [1, 2, 'g2#1'],
+      [2, 2, 'g2#1'],
+    ]);
+    expect(new Set(got.map((g) => g.delivery)).size).toBe(1);
+    // The next fan-out derives anew: nothing derived outlives its record.
+    await store.commit({ next: record(3), dueAt: undefined }, 2, Date.now());
+    await new Promise((r) => setTimeout(r, 20));
+    expect(got.slice(3).map((g) => g.derived)).toEqual(['g3#2', 'g3#2', 'g3#2']);
+  });
+
+  it('an event with an empty epoch is no other epoch: an old generation reloads nothing', async () => {
+    const store = new MemorySessionStore();
+    const hub = new WatchHub(store, log);
+    await store.commit({ next: { ...record(4), epoch: 'e1' }, dueAt: undefined }, null, 0);
+    await hub.subscribe(REF, collector(), 0);
+    let reads = 0;
+    const get = store.get.bind(store);
+    store.get = (ref) => {
+      reads++;
+      return get(ref);
+    };
+    hub.onEvent({ ...REF, generation: 3, epoch: '' });
+    hub.onEvent({ ...REF, generation: 4 });
+    await new Promise((r) => setTimeout(r, 20));
+    expect(reads).toBe(0);
+    // Another epoch, or a newer generation, is news.
+    hub.onEvent({ ...REF, generation: 1, epoch: 'e2' });
+    await new Promise((r) => setTimeout(r, 20));
+    expect(reads).toBe(1);
   });
 });
