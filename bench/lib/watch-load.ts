@@ -12,7 +12,8 @@
  * its PUBLISH was read here (same poll round) counts as 0 ms and is counted as "early".
  *
  * Messages (IPC): parent -> { type: 'start', ...LoadSpec } | { type: 'measure' } | { type: 'stop' };
- * child -> { type: 'ready' } | { type: 'result', ...LoadResult } | { type: 'failed', message }.
+ * child -> { type: 'spawned' } | { type: 'ready' } | { type: 'result', ...LoadResult } |
+ * { type: 'failed', message }.
  */
 import * as grpc from '@grpc/grpc-js';
 import { Redis } from 'ioredis';
@@ -147,6 +148,7 @@ async function run(spec: LoadSpec): Promise<void> {
   });
 }
 
+send({ type: 'spawned' });
 process.once('message', (message: Parent) => {
   if (message.type !== 'start') return;
   run(message).catch((err: unknown) => {
