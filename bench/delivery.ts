@@ -271,6 +271,7 @@ try {
 
   const rows: Row[] = [];
   const notes: string[] = [];
+  const cpu: { perUser: number; ours: number; base: number }[] = [];
   for (const watchers of SIZES) {
     const streams = Math.ceil(watchers / USERS_PER_STREAM);
     const base = await measure(
@@ -312,6 +313,11 @@ try {
       baseline: fmt.us(base.cpuUsPerRotation),
       ratio: ours.cpuUsPerRotation / base.cpuUsPerRotation,
     });
+    cpu.push({
+      perUser: watchers / USERS,
+      ours: ours.cpuUsPerRotation,
+      base: base.cpuUsPerRotation,
+    });
     rows.push({
       what: `all subscribed (first state everywhere), ${label}`,
       value: fmt.ms(ours.subscribeMs),
@@ -327,6 +333,19 @@ try {
           `${m.expected} deliveries timed (${m.early} early, ${m.unmatched} unmatched, ` +
           `${m.errors} errors)`,
       );
+  }
+  // What one more watcher costs: the rotation itself cancels out between the sizes.
+  const [fewest, most] = [cpu[0], cpu.at(-1)];
+  if (fewest && most && most.perUser > fewest.perUser) {
+    const per = (a: number, b: number) => (b - a) / (most.perUser - fewest.perUser);
+    const ours = per(fewest.ours, most.ours);
+    const base = per(fewest.base, most.base);
+    rows.push({
+      what: `server CPU per delivery (CPU per rotation, ${fewest.perUser} -> ${most.perUser} watchers per user)`,
+      value: fmt.us(ours),
+      baseline: fmt.us(base),
+      ratio: ours / base,
+    });
   }
   printTable(
     `Rotation to delivery: PUBLISH seen -> stream received, ${RATE} rotations/s, ` +
