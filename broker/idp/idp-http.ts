@@ -129,15 +129,18 @@ export async function postOnce(
   if (signal.aborted) {
     throw new IdpTransientError(`${where}: aborted before the request was sent`, undefined, false);
   }
-  const bytes = body === undefined ? undefined : Buffer.from(body, 'utf8');
+  // A string body goes out in one write with the headers (node:http joins them); its length is
+  // its UTF-8 byte count.
   const exchange = send(
     options.transport ?? defaultIdpTransport,
     url,
     'POST',
-    bytes === undefined ? headers : { ...headers, 'content-length': String(bytes.length) },
-    bytes,
+    body === undefined
+      ? headers
+      : { ...headers, 'content-length': String(Buffer.byteLength(body, 'utf8')) },
+    body,
   );
-  if (bytes === undefined) exchange.sent = true;
+  if (body === undefined) exchange.sent = true;
   let timedOut: 'send' | 'answer' | undefined;
   const sendTimer = setTimeout(() => {
     if (exchange.sent) return;
@@ -202,7 +205,7 @@ function send(
   url: string,
   method: string,
   headers: Record<string, string>,
-  body: Buffer | undefined,
+  body: string | undefined,
 ): Exchange {
   let request: ClientRequest | undefined;
   let fail: (err: Error) => void = () => undefined;
@@ -216,7 +219,7 @@ function send(
         reject(err);
         request?.destroy();
       };
-      const req = transport.request(new URL(url), { method, headers });
+      const req = transport.request(parsedUrl(url), { method, headers });
       request = req;
       req.on('error', fail);
       req.on('socket', (socket: Socket) => {
@@ -250,11 +253,26 @@ function send(
           }
         });
       });
-      req.end(body);
+      if (body === undefined) req.end();
+      else req.end(body, 'utf8');
     }),
     cancel: () => fail(new Error('the request was cancelled')),
   };
   return exchange;
+}
+
+/** Parsed endpoint URLs: a broker has a handful (from its configuration), parsed once each. */
+const parsedUrls = new Map<string, URL>();
+const MAX_PARSED_URLS = 256;
+
+function parsedUrl(url: string): URL {
+  let parsed = parsedUrls.get(url);
+  if (parsed === undefined) {
+    parsed = new URL(url);
+    if (parsedUrls.size >= MAX_PARSED_URLS) parsedUrls.clear();
+    parsedUrls.set(url, parsed);
+  }
+  return parsed;
 }
 
 /** A socket handed over already connected (and, for TLS, past its handshake). */

@@ -115,6 +115,14 @@ describe('postOnce over keep-alive connections', () => {
     }
   });
 
+  it('counts a non-ASCII body in UTF-8 bytes and delivers it intact', async () => {
+    const server = await idp((_seen, _req, res) => ok(res));
+    const json = JSON.stringify({ username: 'jöhn', password: 'pässwörd-€-𝄞' });
+    await postOnce(server.url, { 'content-type': 'application/json' }, json, options());
+    expect(server.seen[0]!.headers['content-length']).toBe(String(Buffer.byteLength(json)));
+    expect(server.seen[0]!.body === json).toBe(true);
+  });
+
   it('a reused socket the IdP drops as the request arrives is presented, and never resent', async () => {
     const server = await idp((seen, req, res) => {
       // The keep-alive race: the IdP closes the idle connection just as the next request lands.
