@@ -53,9 +53,10 @@ const MAX_SOCKETS_PER_ORIGIN = 128;
  * roots plus NODE_EXTRA_CA_CERTS), as fetch did.
  */
 export function createKeepAliveTransport(
-  /** TLS settings beyond Node's defaults (tests: a private CA). */
-  tls: { ca?: string } = {},
+  /** TLS settings beyond Node's defaults (tests: a private CA); `idleMs` for tests. */
+  settings: { ca?: string; idleMs?: number } = {},
 ): IdpTransport & { close(): void } {
+  const { idleMs = IDLE_SOCKET_MS, ...tls } = settings;
   const agents = new Map<string, HttpAgent>();
   const agentOptions = {
     keepAlive: true,
@@ -63,7 +64,7 @@ export function createKeepAliveTransport(
     maxFreeSockets: MAX_SOCKETS_PER_ORIGIN,
     // Only idle sockets: postOnce sets no 'timeout' listener, so a request waiting for its
     // answer is bounded by postOnce's timers, not by this.
-    timeout: IDLE_SOCKET_MS,
+    timeout: idleMs,
     scheduling: 'lifo' as const,
   };
   return {

@@ -172,6 +172,21 @@ describe('postOnce over keep-alive connections', () => {
     expect(server.seen.map((s) => s.connection)).toEqual([1, 2]);
   });
 
+  it('the idle-socket timeout closes only idle sockets: a slow answer on a busy one is awaited', async () => {
+    const server = await idp((_seen, _req, res) => {
+      setTimeout(() => ok(res), 400);
+    });
+    const transport = createKeepAliveTransport({ idleMs: 100 });
+    transports.push(transport);
+    const send = options({ transport, timeoutMs: 200, answerWaitMs: 5_000 });
+    for (let i = 0; i < 2; i++)
+      expect((await postOnce(server.url, form, FORM, send)).status).toBe(200);
+    // Idle past idleMs: the socket is closed by the broker, and the next call connects afresh.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect((await postOnce(server.url, form, FORM, send)).status).toBe(200);
+    expect(server.seen.map((s) => s.connection)).toEqual([1, 1, 2]);
+  });
+
   it('connection refused is not presented', async () => {
     const tcp = createNetServer();
     const port = await listen(tcp);
