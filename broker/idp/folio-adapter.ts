@@ -16,6 +16,8 @@ import {
   parseJsonObject,
   parseRetryAfter,
   postOnce,
+  defaultIdpTransport,
+  type IdpTransport,
   type HttpAnswer,
   type JsonObject,
 } from './idp-http.js';
@@ -35,7 +37,8 @@ export interface FolioAdapterOptions {
   /** Bounds waiting for the answer of a refresh or login once sent (default 60 s). */
   answerWaitMs?: number;
   now?: () => number;
-  fetch?: typeof fetch;
+  /** Where requests go out (default: the shared keep-alive connections); tests inject one. */
+  transport?: IdpTransport;
 }
 
 export const ACCESS_TOKEN_COOKIE = 'folioAccessToken';
@@ -66,7 +69,7 @@ export class FolioAdapter implements IdpAdapter {
   private readonly timeoutMs: number;
   private readonly answerWaitMs: number;
   private readonly now: () => number;
-  private readonly fetch: typeof fetch;
+  private readonly transport: IdpTransport;
   private readonly label: string;
 
   /** `options` are already valid: config.ts checks every IdP setting at start-up. */
@@ -76,7 +79,7 @@ export class FolioAdapter implements IdpAdapter {
     this.timeoutMs = options.timeoutMs;
     this.answerWaitMs = Math.max(options.answerWaitMs ?? 60_000, options.timeoutMs);
     this.now = options.now ?? Date.now;
-    this.fetch = options.fetch ?? ((input, init) => fetch(input, init));
+    this.transport = options.transport ?? defaultIdpTransport;
     this.label = `FOLIO ${JSON.stringify(this.name)}`;
   }
 
@@ -180,7 +183,7 @@ export class FolioAdapter implements IdpAdapter {
       timeoutMs: this.timeoutMs,
       answerWaitMs,
       signal,
-      fetch: this.fetch,
+      transport: this.transport,
     });
   }
 

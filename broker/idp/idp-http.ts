@@ -1,22 +1,91 @@
+import {
+  Agent as HttpAgent,
+  request as httpRequest,
+  type ClientRequest,
+  type IncomingMessage,
+} from 'node:http';
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
+import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
+import { brotliDecompressSync, gunzipSync, inflateSync } from 'node:zlib';
+
 import { IdpTransientError } from '../errors.js';
 import { shapeRedactor } from '../redaction.js';
 /** What every IdP adapter shares: one HTTP call whose network failures are classified. */
 
+/** The answer's headers: the part of fetch's Headers the adapters read. */
+export interface AnswerHeaders {
+  /** The value, repeated fields joined with ", "; null when absent. */
+  get(name: string): string | null;
+  getSetCookie(): string[];
+}
+
 export interface HttpAnswer {
   status: number;
-  headers: Headers;
+  headers: AnswerHeaders;
   text: string;
 }
 
 export type JsonObject = Record<string, unknown>;
 
 /** Failures that happen before a single byte of the request leaves: the token was not presented. */
-const NOT_PRESENTED_CODES = new Set([
-  'ECONNREFUSED',
-  'ENOTFOUND',
-  'EAI_AGAIN',
-  'UND_ERR_CONNECT_TIMEOUT',
-]);
+const NOT_PRESENTED_CODES = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN']);
+
+/**
+ * Where requests go out: node:http(s) `request` with the agent of the URL's origin. Injectable so
+ * tests can hand a connection that never connects; the timing and classification stay postOnce's.
+ */
+export interface IdpTransport {
+  request(url: URL, options: { method: string; headers: Record<string, string> }): ClientRequest;
+}
+
+/**
+ * Idle keep-alive sockets are closed after this (or 1 s before the server's `Keep-Alive:
+ * timeout=N` hint, when that is sooner), as undici did, so a socket is rarely reused just as the
+ * IdP closes it.
+ */
+const IDLE_SOCKET_MS = 4_000;
+/** Per origin; a request beyond it waits for a socket, unsent, within TB_IDP_TIMEOUT_MS. */
+const MAX_SOCKETS_PER_ORIGIN = 128;
+
+/**
+ * Keep-alive connections, one agent per IdP origin. TLS uses Node's default trust (the system
+ * roots plus NODE_EXTRA_CA_CERTS), as fetch did.
+ */
+export function createKeepAliveTransport(
+  /** TLS settings beyond Node's defaults (tests: a private CA); `idleMs` for tests. */
+  settings: { ca?: string; idleMs?: number } = {},
+): IdpTransport & { close(): void } {
+  const { idleMs = IDLE_SOCKET_MS, ...tls } = settings;
+  const agents = new Map<string, HttpAgent>();
+  const agentOptions = {
+    keepAlive: true,
+    maxSockets: MAX_SOCKETS_PER_ORIGIN,
+    maxFreeSockets: MAX_SOCKETS_PER_ORIGIN,
+    // Only idle sockets: postOnce sets no 'timeout' listener, so a request waiting for its
+    // answer is bounded by postOnce's timers, not by this.
+    timeout: idleMs,
+    scheduling: 'lifo' as const,
+  };
+  return {
+    request(url, options) {
+      const https = url.protocol === 'https:';
+      let agent = agents.get(url.origin);
+      if (agent === undefined) {
+        agent = https ? new HttpsAgent({ ...agentOptions, ...tls }) : new HttpAgent(agentOptions);
+        agents.set(url.origin, agent);
+      }
+      return (https ? httpsRequest : httpRequest)(url, { ...options, agent });
+    },
+    close() {
+      for (const agent of agents.values()) agent.destroy();
+      agents.clear();
+    },
+  };
+}
+
+/** The broker's connections to its IdPs (adapters share it unless a test injects another). */
+export const defaultIdpTransport = createKeepAliveTransport();
 
 export interface SendOptions {
   /** Names the IdP and endpoint in messages (never a token). */
@@ -33,18 +102,22 @@ export interface SendOptions {
    */
   answerWaitMs?: number;
   signal: AbortSignal;
-  fetch: typeof fetch;
+  transport?: IdpTransport;
 }
 
 /**
  * Sends one POST and reads the whole answer. Every network failure becomes IdpTransientError;
- * `presented` is false only when the request surely never left (aborted or timed out before the
- * body was handed to the connection, connection refused).
+ * `presented` is false only when the request surely never left (aborted or timed out before it
+ * was handed to a connected socket, connection refused).
  *
- * The body travels as a one-chunk stream with its exact Content-Length, so the moment fetch pulls
- * it (connected, headers written) is visible: before it, `timeoutMs` aborts a request that never
- * reached the IdP; after it, only `answerWaitMs` or the caller's signal (lock lost) ends the wait.
- * A request without a body gives no such moment: it is treated as sent from the start.
+ * The request (headers, then the body with its exact Content-Length) is written in full at once;
+ * the moment it is "sent" is when its socket is connected (TCP, and for https the TLS handshake
+ * done) or, for a reused keep-alive socket, when that socket is assigned. Before it, `timeoutMs`
+ * aborts a request that never reached the IdP; after it, only `answerWaitMs` or the caller's
+ * signal (lock lost) ends the wait. A reused socket the IdP closed just then fails with
+ * ECONNRESET: the request may have been read, so it counts as presented and is never resent.
+ * A request without a body is treated as sent from the start. Redirects are answers, never
+ * followed: a followed 307/308 would resend the token to wherever it points.
  */
 export async function postOnce(
   url: string,
@@ -57,46 +130,34 @@ export async function postOnce(
   if (signal.aborted) {
     throw new IdpTransientError(`${where}: aborted before the request was sent`, undefined, false);
   }
-  let sent = body === undefined;
-  const bytes = body === undefined ? undefined : Buffer.from(body, 'utf8');
-  const stream =
-    bytes === undefined
-      ? undefined
-      : new ReadableStream<Uint8Array>(
-          {
-            pull(controller) {
-              sent = true;
-              controller.enqueue(bytes);
-              controller.close();
-            },
-          },
-          // No read ahead: pull() runs only when fetch writes the body to a connected socket.
-          { highWaterMark: 0 },
-        );
-  const local = new AbortController();
+  // A string body goes out in one write with the headers (node:http joins them); its length is
+  // its UTF-8 byte count.
+  const exchange = send(
+    options.transport ?? defaultIdpTransport,
+    url,
+    'POST',
+    body === undefined
+      ? headers
+      : { ...headers, 'content-length': String(Buffer.byteLength(body, 'utf8')) },
+    body,
+  );
+  if (body === undefined) exchange.sent = true;
   let timedOut: 'send' | 'answer' | undefined;
   const sendTimer = setTimeout(() => {
-    if (sent) return;
+    if (exchange.sent) return;
     timedOut = 'send';
-    local.abort();
+    exchange.cancel();
   }, timeoutMs);
   const answerTimer = setTimeout(() => {
     timedOut = 'answer';
-    local.abort();
+    exchange.cancel();
   }, answerWaitMs);
+  const onAbort = (): void => exchange.cancel();
+  signal.addEventListener('abort', onAbort, { once: true });
   try {
-    const response = await options.fetch(url, {
-      method: 'POST',
-      headers:
-        bytes === undefined ? headers : { ...headers, 'content-length': String(bytes.length) },
-      ...(stream === undefined ? {} : { body: stream, duplex: 'half' as const }),
-      // A followed 307/308 would resend the token to wherever the redirect points.
-      redirect: 'manual',
-      signal: AbortSignal.any([signal, local.signal]),
-    });
-    sent = true;
-    return { status: response.status, headers: response.headers, text: await response.text() };
+    return await exchange.answer;
   } catch (err) {
+    const { sent } = exchange;
     if (signal.aborted) {
       throw new IdpTransientError(
         sent
@@ -127,6 +188,137 @@ export async function postOnce(
   } finally {
     clearTimeout(sendTimer);
     clearTimeout(answerTimer);
+    signal.removeEventListener('abort', onAbort);
+  }
+}
+
+interface Exchange {
+  answer: Promise<HttpAnswer>;
+  /** True once the request may have reached the server (see postOnce). */
+  sent: boolean;
+  /** Ends the exchange: `answer` rejects (unless it already settled) and the socket is closed. */
+  cancel(): void;
+}
+
+/** Starts one request and reads its whole answer. */
+function send(
+  transport: IdpTransport,
+  url: string,
+  method: string,
+  headers: Record<string, string>,
+  body: string | undefined,
+): Exchange {
+  let request: ClientRequest | undefined;
+  let fail: (err: Error) => void = () => undefined;
+  const exchange: Exchange = {
+    sent: false,
+    answer: new Promise<HttpAnswer>((resolve, reject) => {
+      let settled = false;
+      fail = (err) => {
+        if (settled) return;
+        settled = true;
+        reject(err);
+        request?.destroy();
+      };
+      const req = transport.request(parsedUrl(url), { method, headers });
+      request = req;
+      req.on('error', fail);
+      req.on('socket', (socket: Socket) => {
+        if (req.reusedSocket || isConnected(socket)) {
+          exchange.sent = true;
+          return;
+        }
+        // A fresh socket: the request is written once it connects (after the TLS handshake).
+        const connected = (): void => {
+          exchange.sent = true;
+        };
+        socket.once('encrypted' in socket ? 'secureConnect' : 'connect', connected);
+      });
+      req.on('response', (res: IncomingMessage) => {
+        exchange.sent = true;
+        const chunks: Buffer[] = [];
+        res.on('data', (chunk: Buffer) => chunks.push(chunk));
+        res.on('error', fail);
+        res.on('close', () => {
+          if (!res.complete)
+            fail(Object.assign(new Error('the answer was cut short'), { code: 'ECONNRESET' }));
+        });
+        res.on('end', () => {
+          if (settled) return;
+          try {
+            const text = decodeBody(Buffer.concat(chunks), res.headers['content-encoding']);
+            settled = true;
+            resolve({ status: res.statusCode ?? 0, headers: new NodeAnswerHeaders(res), text });
+          } catch (err) {
+            fail(err as Error);
+          }
+        });
+      });
+      if (body === undefined) req.end();
+      else req.end(body, 'utf8');
+    }),
+    cancel: () => fail(new Error('the request was cancelled')),
+  };
+  return exchange;
+}
+
+/** Parsed endpoint URLs: a broker has a handful (from its configuration), parsed once each. */
+const parsedUrls = new Map<string, URL>();
+const MAX_PARSED_URLS = 256;
+
+function parsedUrl(url: string): URL {
+  let parsed = parsedUrls.get(url);
+  if (parsed === undefined) {
+    parsed = new URL(url);
+    if (parsedUrls.size >= MAX_PARSED_URLS) parsedUrls.clear();
+    parsedUrls.set(url, parsed);
+  }
+  return parsed;
+}
+
+/** A socket handed over already connected (and, for TLS, past its handshake). */
+function isConnected(socket: Socket): boolean {
+  if (socket.connecting || socket.remoteAddress === undefined) return false;
+  if (!('encrypted' in socket)) return true;
+  const protocol = (socket as TLSSocket).getProtocol();
+  return protocol !== null && protocol !== 'unknown';
+}
+
+/** As fetch's text(): decoded per Content-Encoding (servers may compress unasked), a BOM dropped. */
+function decodeBody(raw: Buffer, encoding: string | undefined): string {
+  let bytes = raw;
+  for (const coding of (encoding ?? '')
+    .toLowerCase()
+    .split(',')
+    .map((c) => c.trim())
+    .reverse()) {
+    if (coding === 'gzip' || coding === 'x-gzip') bytes = gunzipSync(bytes);
+    else if (coding === 'deflate') bytes = inflateSync(bytes);
+    else if (coding === 'br') bytes = brotliDecompressSync(bytes);
+    else if (coding !== '' && coding !== 'identity') {
+      throw new Error(`the answer has an unsupported Content-Encoding`);
+    }
+  }
+  const text = bytes.toString('utf8');
+  return text.charCodeAt(0) === 0xfeff ? text.slice(1) : text;
+}
+
+/** fetch's Headers reading, over node's parsed headers (names already lower case). */
+class NodeAnswerHeaders implements AnswerHeaders {
+  readonly #headers: IncomingMessage['headers'];
+
+  constructor(res: IncomingMessage) {
+    this.#headers = res.headers;
+  }
+
+  get(name: string): string | null {
+    const value = this.#headers[name.toLowerCase()];
+    if (value === undefined) return null;
+    return Array.isArray(value) ? value.join(', ') : value;
+  }
+
+  getSetCookie(): string[] {
+    return [...(this.#headers['set-cookie'] ?? [])];
   }
 }
 

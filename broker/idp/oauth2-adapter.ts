@@ -19,6 +19,8 @@ import {
   parseJsonObject,
   parseRetryAfter,
   postOnce,
+  defaultIdpTransport,
+  type IdpTransport,
   type HttpAnswer,
   type JsonObject,
 } from './idp-http.js';
@@ -49,7 +51,8 @@ export interface OAuth2AdapterOptions {
   /** Bounds waiting for the token endpoint's answer once sent (default: 60 s). */
   answerWaitMs?: number;
   now?: () => number;
-  fetch?: typeof fetch;
+  /** Where requests go out (default: the shared keep-alive connections); tests inject one. */
+  transport?: IdpTransport;
 }
 
 /**
@@ -106,7 +109,7 @@ export class OAuth2Adapter implements IdpAdapter {
   private readonly timeoutMs: number;
   private readonly answerWaitMs: number;
   private readonly now: () => number;
-  private readonly fetch: typeof fetch;
+  private readonly transport: IdpTransport;
   private readonly label: string;
   /** Knows the client secret and the Basic credentials built from it. */
   private readonly redactor: Redactor;
@@ -127,7 +130,7 @@ export class OAuth2Adapter implements IdpAdapter {
     this.timeoutMs = options.timeoutMs;
     this.answerWaitMs = Math.max(options.answerWaitMs ?? 60_000, options.timeoutMs);
     this.now = options.now ?? Date.now;
-    this.fetch = options.fetch ?? ((input, init) => fetch(input, init));
+    this.transport = options.transport ?? defaultIdpTransport;
     this.label = `IdP ${JSON.stringify(this.name)}`;
     this.redactor = new Redactor([this.clientSecret, this.basicCredentials()]);
   }
@@ -275,7 +278,7 @@ export class OAuth2Adapter implements IdpAdapter {
       timeoutMs: this.timeoutMs,
       answerWaitMs,
       signal,
-      fetch: this.fetch,
+      transport: this.transport,
     });
   }
 
@@ -342,7 +345,9 @@ export class OAuth2Adapter implements IdpAdapter {
     const timeout = AbortSignal.timeout(this.timeoutMs);
     let answer: HttpAnswer;
     try {
-      const response = await this.fetch(url, {
+      // Global fetch, not the token transport: discovery is rare, sends nothing secret, and
+      // follows redirects as it always did.
+      const response = await fetch(url, {
         headers: { accept: 'application/json' },
         signal: timeout,
       });

@@ -1,10 +1,12 @@
 import {
   createServer,
+  request as httpRequest,
   type IncomingHttpHeaders,
   type Server,
   type ServerResponse,
 } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { Duplex } from 'node:stream';
 import { inspect } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
@@ -13,6 +15,7 @@ import {
   IdpProtocolError,
   IdpTransientError,
 } from '../../broker/errors.js';
+import type { IdpTransport } from '../../broker/idp/idp-http.js';
 import { OAuth2Adapter, type OAuth2AdapterOptions } from '../../broker/idp/oauth2-adapter.js';
 
 // Obviously fake tokens; compared with `===` so a failure never prints one.
@@ -347,18 +350,22 @@ describe('OAuth2Adapter failure classes', () => {
   });
 
   it('a request never handed to the connection within timeoutMs is aborted, not presented', async () => {
-    // A fetch that connects nowhere: it never pulls the body, as when connecting hangs.
-    const hanging: typeof fetch = (_input, init) =>
-      new Promise((_resolve, reject) => {
-        init?.signal?.addEventListener('abort', () => reject(new Error('aborted')), { once: true });
-      });
+    // A connection that never connects, as when connecting hangs: the real request machinery
+    // writes into it, but it never says connected.
+    const hanging: IdpTransport = {
+      request: (url, options) =>
+        httpRequest(url, {
+          ...options,
+          createConnection: () => new Duplex({ read() {}, write() {} }),
+        }),
+    };
     const started = performance.now();
     const err = await caught(
       adapter({
         tokenEndpoint: 'http://127.0.0.1:9/token',
         timeoutMs: 150,
         answerWaitMs: 5_000,
-        fetch: hanging,
+        transport: hanging,
       }).refresh(SENT_RT, signal()),
     );
     expect(performance.now() - started).toBeLessThan(2_000);
@@ -729,10 +736,12 @@ describe('OAuth2Adapter revoke', () => {
   });
 
   it('without a revocation endpoint resolves without any network access', async () => {
-    const noNetwork = (): Promise<Response> => {
-      throw new Error('no network access expected');
+    const noNetwork: IdpTransport = {
+      request: () => {
+        throw new Error('no network access expected');
+      },
     };
-    await adapter({ tokenEndpoint: 'https://idp.example/token', fetch: noNetwork }).revoke(
+    await adapter({ tokenEndpoint: 'https://idp.example/token', transport: noNetwork }).revoke(
       SENT_RT,
       signal(),
     );

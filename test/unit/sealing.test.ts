@@ -1,4 +1,6 @@
-import { decodeProtectedHeader } from 'jose';
+import { createHash } from 'node:crypto';
+
+import { CompactEncrypt, compactDecrypt, decodeProtectedHeader } from 'jose';
 import { describe, expect, it } from 'vitest';
 
 import { ConfigError, SealError } from '../../broker/errors.js';
@@ -134,10 +136,145 @@ describe('Sealer', () => {
     expect(error.message).toBe('sealed record uses unknown key id "evil?kid?"');
   });
 
+  it('keeps the promise contract: failures reject rather than throw, the sync forms throw', async () => {
+    const sealer = new Sealer([generateSealingKey('k1')]);
+    let pending: Promise<unknown> | undefined;
+    expect(() => (pending = sealer.open('not a jwe'))).not.toThrow();
+    await expect(pending).rejects.toBeInstanceOf(SealError);
+    expect(() => (pending = sealer.seal(undefined))).not.toThrow();
+    await expect(pending).rejects.toBeInstanceOf(TypeError);
+    expect(() => sealer.openSync('not a jwe')).toThrow(SealError);
+    expect(sealer.openSync(sealer.sealSync(record, 'acme:alice'), 'acme:alice')).toEqual(record);
+  });
+
   it('refuses an empty or inconsistent key list', () => {
     expect(() => new Sealer([])).toThrow(TypeError);
     expect(() => new Sealer([keyOf('k1', 1), keyOf('k1', 2)])).toThrow(TypeError);
     expect(() => new Sealer([{ kid: 'k1', key: new Uint8Array(16) }])).toThrow(TypeError);
+  });
+});
+
+describe('Sealer and jose interoperate (the compact JWE format every stored record has)', () => {
+  const record = { accessToken: 'at-value', refreshToken: SECRET_RT, generation: 7 };
+  const sealingKey = keyOf('k1', 0);
+  sealingKey.key.forEach((_, i) => (sealingKey.key[i] = (i * 37 + 11) & 0xff));
+  const sid = (aad: string) => createHash('sha256').update(aad, 'utf8').digest('base64url');
+  const joseOptions = {
+    keyManagementAlgorithms: ['dir'],
+    contentEncryptionAlgorithms: ['A256GCM'],
+  };
+
+  /** What the broker sealed with jose before it sealed with node:crypto itself. */
+  async function joseSeal(value: unknown, header: Record<string, unknown>): Promise<string> {
+    return new CompactEncrypt(new TextEncoder().encode(JSON.stringify(value)))
+      .setProtectedHeader({ alg: 'dir', enc: 'A256GCM', ...header })
+      .encrypt(sealingKey.key);
+  }
+
+  it('jose opens what the broker seals, with and without the sid binding', async () => {
+    const sealer = new Sealer([sealingKey]);
+    const bound = await compactDecrypt(
+      await sealer.seal(record, 'acme:alice'),
+      sealingKey.key,
+      joseOptions,
+    );
+    expect(bound.protectedHeader).toEqual({
+      alg: 'dir',
+      enc: 'A256GCM',
+      kid: 'k1',
+      sid: sid('acme:alice'),
+    });
+    expect(JSON.parse(new TextDecoder().decode(bound.plaintext))).toEqual(record);
+
+    const unbound = await compactDecrypt(sealer.sealSync(record), sealingKey.key, joseOptions);
+    expect(unbound.protectedHeader).toEqual({ alg: 'dir', enc: 'A256GCM', kid: 'k1' });
+    expect(JSON.parse(new TextDecoder().decode(unbound.plaintext))).toEqual(record);
+  });
+
+  it('jose refuses what the broker sealed once a header, IV, ciphertext or tag is tampered with', async () => {
+    const jwe = new Sealer([sealingKey]).sealSync(record, 'acme:alice');
+    for (const index of [0, 2, 3, 4]) {
+      await expect(
+        compactDecrypt(tamper(jwe, index), sealingKey.key, joseOptions),
+      ).rejects.toThrow();
+    }
+  });
+
+  it('the broker opens what jose seals, with and without the sid binding', async () => {
+    const sealer = new Sealer([sealingKey]);
+    const bound = await joseSeal(record, { kid: 'k1', sid: sid('acme:alice') });
+    expect(await sealer.open(bound, 'acme:alice')).toEqual(record);
+    expect(sealer.openSync(bound, 'acme:alice')).toEqual(record);
+    await sealError(() => sealer.open(bound, 'acme:bob'));
+    await sealError(() => sealer.open(bound));
+
+    const unbound = await joseSeal(record, { kid: 'k1' });
+    expect(sealer.openSync(unbound)).toEqual(record);
+    await sealError(() => sealer.open(unbound, 'acme:alice'));
+  });
+
+  it('the broker refuses what jose sealed once the header, IV, ciphertext or tag is tampered with', async () => {
+    const sealer = new Sealer([sealingKey]);
+    const jwe = await joseSeal(record, { kid: 'k1', sid: sid('acme:alice') });
+    for (const index of [0, 2, 3, 4]) {
+      const error = await sealError(() => sealer.open(tamper(jwe, index), 'acme:alice'));
+      expect(error.message).not.toContain(SECRET_RT);
+    }
+    // The header is authenticated as it was written: the same fields re-encoded in another
+    // order do not open either.
+    const [, ...rest] = jwe.split('.');
+    const reordered = Buffer.from(
+      JSON.stringify({ kid: 'k1', alg: 'dir', enc: 'A256GCM', sid: sid('acme:alice') }),
+    ).toString('base64url');
+    const error = await sealError(() => sealer.open([reordered, ...rest].join('.'), 'acme:alice'));
+    expect(error.message).toBe('sealed record failed to decrypt with key id "k1" (tampered?)');
+  });
+
+  it('refuses records jose would refuse: other algorithms, crit, zip, an encrypted key, short IV or tag', async () => {
+    const sealer = new Sealer([sealingKey]);
+    const jwe = sealer.sealSync(record);
+    const [header, , iv, ciphertext, tag] = jwe.split('.') as [
+      string,
+      string,
+      string,
+      string,
+      string,
+    ];
+    const withHeader = (fields: Record<string, unknown>) =>
+      [Buffer.from(JSON.stringify(fields)).toString('base64url'), '', iv, ciphertext, tag].join(
+        '.',
+      );
+    const cases = [
+      withHeader({ alg: 'A256KW', enc: 'A256GCM', kid: 'k1' }),
+      withHeader({ alg: 'dir', enc: 'A128GCM', kid: 'k1' }),
+      withHeader({ alg: 'dir', enc: 'A256GCM', kid: 'k1', crit: ['exp'], exp: 1 }),
+      withHeader({ alg: 'dir', enc: 'A256GCM', kid: 'k1', zip: 'DEF' }),
+      [header, 'AAAA', iv, ciphertext, tag].join('.'),
+      [header, '', iv.slice(0, 8), ciphertext, tag].join('.'),
+      [header, '', iv, ciphertext, tag.slice(0, 16)].join('.'),
+      [header, '', iv, `${ciphertext}*`, tag].join('.'),
+    ];
+    for (const bad of cases) {
+      const error = await sealError(() => sealer.open(bad));
+      expect(error.message).toBe('sealed record failed to decrypt with key id "k1" (tampered?)');
+      expect(error.kid).toBe('k1');
+    }
+    for (const bad of [
+      '',
+      '.',
+      'e30',
+      'e30.e30',
+      'WzFd..AAAA.AAAA.AAAA',
+      '!!!..AAAA.AAAA.AAAA',
+      `${jwe}.AAAA`,
+    ]) {
+      const error = await sealError(() => sealer.open(bad));
+      expect(error.message).toBe('sealed record is malformed');
+    }
+    const noKid = Buffer.from(JSON.stringify({ alg: 'dir', enc: 'A256GCM' })).toString('base64url');
+    expect(
+      (await sealError(() => sealer.open(`${noKid}..${iv}.${ciphertext}.${tag}`))).message,
+    ).toBe('sealed record names no key id');
   });
 });
 
