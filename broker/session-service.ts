@@ -36,6 +36,7 @@ import {
 import type { SessionStore } from './store/session-store.js';
 import { enrolled, reactivated, revoked, type FamilySeed } from './session-transitions.js';
 import type { WatchHub } from './watch-hub.js';
+import type { SessionCache } from './session-cache.js';
 
 /** How long Enroll keeps trying to store an issued pair while the store does not answer. */
 const STORE_RETRY_MS = 30_000;
@@ -91,6 +92,10 @@ export interface SessionServiceDeps {
   clock?: () => number;
   /** Password files of system users (TB_SECRETS_DIR); absent when none is configured. */
   secrets?: LoginSecrets | undefined;
+  /** GetToken's copy of opened records, kept current by the store's events; absent: none. */
+  cache?: SessionCache | undefined;
+  /** Counts each GetToken: answered from the cache, or read from the store. */
+  countRead?: ((result: 'hit' | 'miss') => void) | undefined;
 }
 
 /** Checks a request's tenant and user ids (shared/session-ref.ts has the rules). */
@@ -403,11 +408,34 @@ export class SessionService {
     return undefined;
   }
 
-  /** The current access token; reactivates an idle session, rotates one that has none valid. */
+  /**
+   * The current access token; reactivates an idle session, rotates one that has none valid. An
+   * ACTIVE record with a valid token comes from the cache when it holds one (never staler than
+   * the last event; the answer then carries no refresh token), else from the store.
+   */
   async getToken(input: Partial<SessionRef>): Promise<SessionRecord> {
     this.checkOpen();
     const ref = validateRef(input);
-    let stored = await this.mustGet(ref);
+    const cache = this.deps.cache;
+    const cached = cache?.get(ref);
+    if (cached && cached.accessExpiresAt > this.clock()) {
+      this.deps.countRead?.('hit');
+      await this.touch(ref);
+      return cached;
+    }
+    this.deps.countRead?.('miss');
+    let stored: StoredSession;
+    if (cache) {
+      const load = cache.begin(ref);
+      let read: StoredSession | undefined;
+      try {
+        read = await this.deps.store.get(ref);
+      } finally {
+        cache.end(load, read?.record);
+      }
+      if (!read) throw new SessionNotFoundError(ref.tenant, ref.user);
+      stored = read;
+    } else stored = await this.mustGet(ref);
     await this.touch(ref);
     if (stored.record.status === 'IDLE') stored = await this.reactivate(stored);
     const record = this.usable(stored.record);
