@@ -169,7 +169,7 @@ export class SessionService {
     // Under the session's lock, so no rotation of an earlier family runs beside it. The caller's
     // credential is presented exactly once: never retried here (the caller decides), and since
     // the broker stores nothing of it before the IdP answered, no other replica can present it.
-    const meta = await this.deps.locks.withLock(this.deps.keys.lock(ref), async (lock) => {
+    const result = await this.deps.locks.withLock(this.deps.keys.lock(ref), async (lock) => {
       const issuedAt = this.clock();
       // The adapter bounds sending (TB_IDP_TIMEOUT_MS) and, once sent, waiting for the answer
       // (TB_IDP_ANSWER_WAIT_MS): a sent credential's answer is awaited while the lock holds, as
@@ -208,7 +208,10 @@ export class SessionService {
         );
       return committed;
     });
-    await this.deps.store.touch(ref, this.clock());
+    const { created, ...meta } = result;
+    // A session this commit created records its first use with it; an existing one's is a use.
+    if (!created) await this.deps.store.touch(ref, this.clock());
+    this.touched(KeySpace.sessionId(ref), this.clock());
     this.deps.log.info(
       { tenant: ref.tenant, idp: idpName, generation: meta.generation, by: first.what },
       'enrolled',
@@ -338,10 +341,10 @@ export class SessionService {
     issuedAt: number,
     tokens: TokenSet,
     lock: AbortSignal,
-  ): Promise<SessionMetadata> {
+  ): Promise<SessionMetadata & { created: boolean }> {
     const giveUpAt = this.clock() + STORE_RETRY_MS;
     for (let attempt = 1; ; attempt++) {
-      let committed: SessionMetadata | undefined;
+      let committed: (SessionMetadata & { created: boolean }) | undefined;
       try {
         committed = await this.commitFamilyOnce(ref, idp, seed, issuedAt, tokens);
       } catch (err) {
@@ -369,14 +372,19 @@ export class SessionService {
     }
   }
 
-  /** One try: up to 3 compare-and-set rounds; undefined when the session kept changing. */
+  /**
+   * One try: up to 3 compare-and-set rounds; undefined when the session kept changing. A session
+   * this replica has not seen lately is first written as new, without a read (most enrollments
+   * create their session); should it exist, that compare-and-set misses, changes nothing, and the
+   * rounds read it as for any existing session.
+   */
   private async commitFamilyOnce(
     ref: SessionRef,
     idp: string,
     seed: FamilySeed,
     issuedAt: number,
     tokens: TokenSet,
-  ): Promise<SessionMetadata | undefined> {
+  ): Promise<(SessionMetadata & { created: boolean }) | undefined> {
     const issued = {
       tokens,
       nextRefreshAt: this.deps.rotator.nextRefreshAt(issuedAt, tokens.accessExpiresAt, {
@@ -386,8 +394,11 @@ export class SessionService {
         loggedInAt: seed.login ? issuedAt : undefined,
       }),
     };
-    for (let attempt = 0; attempt < 3; attempt++) {
-      const stored = await this.deps.store.get(ref);
+    let guessNew = !this.lastTouch.has(KeySpace.sessionId(ref));
+    for (let attempt = 0; attempt < 3;) {
+      const stored = guessNew ? undefined : await this.deps.store.get(ref);
+      if (!guessNew) attempt++;
+      guessNew = false;
       const previous = stored?.record;
       const transition = enrolled(
         ref,
@@ -399,11 +410,14 @@ export class SessionService {
       );
       const now = this.clock();
       if (await this.deps.store.commit(transition, previous ? previous.generation : null, now))
-        return metadataOf({
-          record: transition.next,
-          lastUsedAt: stored?.lastUsedAt ?? now,
-          inflight: undefined,
-        });
+        return {
+          ...metadataOf({
+            record: transition.next,
+            lastUsedAt: stored?.lastUsedAt ?? now,
+            inflight: undefined,
+          }),
+          created: previous === undefined,
+        };
     }
     return undefined;
   }
@@ -560,9 +574,14 @@ export class SessionService {
     const now = this.clock();
     const last = this.lastTouch.get(id) ?? 0;
     if (now - last < this.options.touchIntervalMs) return;
+    this.touched(id, now);
+    await this.deps.store.touch(ref, now);
+  }
+
+  /** Notes a use recorded at `now` (bounded: the notes are forgotten past 100,000 sessions). */
+  private touched(id: string, now: number): void {
     this.lastTouch.set(id, now);
     if (this.lastTouch.size > 100_000) this.lastTouch.clear();
-    await this.deps.store.touch(ref, now);
   }
 
   private async rotateOrWait(ref: SessionRef, generation: number): Promise<SessionRecord> {

@@ -94,6 +94,28 @@ describe('GetToken from memory across replicas', () => {
     }
   });
 
+  it('re-enrolls on a replica that never saw the session: the generation keeps rising', async () => {
+    const r = await twoReplicas(brokerEnv(oidc, redisTopology(redis.urls)));
+    try {
+      const first = (
+        await r.viaA.enroll('diku', 'cid', (await oidc.mintTokens('cid')).refresh_token)
+      ).session!;
+      // B tries the write as a new session first; it exists, so B reads it and replaces its family.
+      const again = (
+        await r.viaB.enroll('diku', 'cid', (await oidc.mintTokens('cid-2')).refresh_token)
+      ).session!;
+      expect(again.generation).toBeGreaterThan(first.generation);
+      expect(again.epoch).not.toBe(first.epoch);
+      const read = (await r.viaA.getToken('diku', 'cid')).token!;
+      expect(read.generation).toBe(again.generation);
+      expect(read.epoch).toBe(again.epoch);
+      expect((await r.viaA.list('diku')).sessions.filter((x) => x.user === 'cid')).toHaveLength(1);
+      expect(oidc.counters.reuses).toBe(0);
+    } finally {
+      await r.stop();
+    }
+  });
+
   it('does not answer from memory while its event connection is down', async () => {
     const topology = redisTopology(redis.urls);
     const r = await twoReplicas(brokerEnv(oidc, topology));
