@@ -40,9 +40,12 @@ const idp = await startFastIdp({ accessTtlSeconds: 3_600 });
 const load = await startGrpcLoad();
 const floor = await startEnrollFloor();
 const topology = redisTopology(redis.urls);
-const broker = await startBrokerProcess(brokerEnv(idp, topology, { TB_LOG_LEVEL: 'warn' }), {
-  compiled: true,
-});
+const broker = await startBrokerProcess(
+  brokerEnv(idp, topology, { TB_CLAIM_POLL_MS: '250', TB_LOG_LEVEL: 'warn' }),
+  {
+    compiled: true,
+  },
+);
 try {
   const target = {
     address: broker.address,

@@ -6,7 +6,8 @@
  *
  *   make bench BENCH=get-token   (BENCH_SECONDS, default 4, per round; BENCH_ROUNDS, default 2;
  *                                 BENCH_CONCURRENCY, default 64 calls in flight;
- *                                 BENCH_CHANNELS, default 4 connections)
+ *                                 BENCH_CHANNELS, default 4 connections, and BENCH_CLIENTS,
+ *                                 default 2 load processes, each with that many)
  *
  * Set-up: 3 Redis nodes (state on one, Redlock on the others), the fast IdP (access tokens live an
  * hour, so nothing rotates during the run), compiled broker processes (`make build`): Redis mode
@@ -15,14 +16,15 @@
  * each. The baseline is a bare grpc-js server in its own process on the same TLS certificate and
  * service definition, answering a canned GetToken response of the broker's size: the same
  * transport, so the ratio measures the broker's own work (auth, policy, state, mapping) per call.
- * The load client runs in its own process (bench/lib/grpc-load.ts), sending the bearer token to
- * every target (the bare server ignores it). Rounds alternate targets, so drift hits all alike.
+ * The load clients run in their own processes (bench/lib/grpc-load.ts), sending the bearer token
+ * to every target (the bare server ignores it); their CPU per call is printed too: a client near
+ * one core per process limits calls/s of every target alike, and CPU per call is the figure then. Rounds alternate targets, so drift hits all alike.
  * The machine is small and may be shared: CPU per call is steadier than calls/s.
  */
 import { cpuSeconds } from './lib/proc.js';
 import { printTable, fmt, type Row } from './lib/report.js';
 import { startBareGrpc, type BareGrpc } from './lib/bare-grpc.js';
-import { startGrpcLoad, type LoadResult } from './lib/grpc-load.js';
+import { startGrpcLoad, type GrpcLoad, type LoadResult } from './lib/grpc-load.js';
 import { BrokerClient } from '../scripts/dev/broker-client.js';
 import { brokerEnv, redisTopology } from '../scripts/dev/broker-env.js';
 import { startBrokerProcess, type BrokerProcess } from '../scripts/dev/broker-process.js';
@@ -34,6 +36,8 @@ const SECONDS = Number(process.env.BENCH_SECONDS ?? 4);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 2);
 const CONCURRENCY = Number(process.env.BENCH_CONCURRENCY ?? 64);
 const CHANNELS = Number(process.env.BENCH_CHANNELS ?? 4);
+/** Load client processes, each with CONCURRENCY calls in flight on CHANNELS connections. */
+const CLIENTS = Number(process.env.BENCH_CLIENTS ?? 2);
 
 const identity = devIdentity();
 const AUTH_OFF = { TB_AUTH: 'off', TB_AUTH_ISSUER: '', TB_AUTH_JWKS_FILE: '', TB_POLICY_FILE: '' };
@@ -48,13 +52,27 @@ interface Target {
   firstError: string;
   seconds: number;
   cpu: number;
+  clientCpu: number;
   p50: number[];
   p99: number[];
 }
 
 const redis = await startRedisNodes(3);
 const idp = await startFastIdp({ accessTtlSeconds: 3_600 });
-const load = await startGrpcLoad();
+const loads: GrpcLoad[] = [];
+for (let i = 0; i < CLIENTS; i++) loads.push(await startGrpcLoad());
+/** Every load client at once on one target; calls summed, the longest run's seconds. */
+const runAll = async (spec: Parameters<GrpcLoad['run']>[0]): Promise<LoadResult> => {
+  const results = await Promise.all(loads.map((l) => l.run(spec)));
+  return {
+    calls: results.reduce((a, r) => a + r.calls, 0),
+    failed: results.reduce((a, r) => a + r.failed, 0),
+    firstError: results.find((r) => r.firstError)?.firstError ?? '',
+    seconds: Math.max(...results.map((r) => r.seconds)),
+    p50Ms: median(results.map((r) => r.p50Ms)),
+    p99Ms: Math.max(...results.map((r) => r.p99Ms)),
+  };
+};
 const targets: Target[] = [];
 const started: { stop(): Promise<unknown> }[] = [];
 try {
@@ -67,6 +85,8 @@ try {
   for (const [name, extra, withRedis] of brokers) {
     const env = brokerEnv(idp, withRedis ? redisTopology(redis.urls) : undefined, {
       ...extra,
+      // Tokens live an hour: the production claim poll, not the tests' fast one.
+      TB_CLAIM_POLL_MS: '250',
       TB_LOG_LEVEL: 'warn',
     });
     const broker: BrokerProcess = await startBrokerProcess(env, { compiled: true });
@@ -99,12 +119,14 @@ try {
     tenant: 'diku',
     user: 'bench',
   });
-  for (const t of targets) await load.run(spec(t, 1_000)); // warm-up: JIT, connections, caches
+  for (const t of targets) await runAll(spec(t, 1_000)); // warm-up: JIT, connections, caches
   for (let round = 0; round < ROUNDS; round++)
     for (const t of targets) {
       const cpu = cpuSeconds(t.pid);
-      const r: LoadResult = await load.run(spec(t, SECONDS * 1_000));
+      const clientCpu = loads.reduce((a, l) => a + cpuSeconds(l.pid), 0);
+      const r: LoadResult = await runAll(spec(t, SECONDS * 1_000));
       t.cpu += cpuSeconds(t.pid) - cpu;
+      t.clientCpu += loads.reduce((a, l) => a + cpuSeconds(l.pid), 0) - clientCpu;
       t.calls += r.calls;
       t.failed += r.failed;
       t.firstError ||= r.firstError;
@@ -131,26 +153,40 @@ try {
       ratio: cpuPerCall(t) / cpuPerCall(bareT),
     });
     rows.push({
+      what: `${t.name}: load clients' CPU per call`,
+      value: fmt.us((t.clientCpu / Math.max(1, t.calls)) * 1e6),
+      baseline: fmt.us((bareT.clientCpu / Math.max(1, bareT.calls)) * 1e6),
+    });
+    rows.push({
       what: `${t.name}: latency p50 / p99 (median of rounds)`,
       value: `${fmt.ms(median(t.p50))} / ${fmt.ms(median(t.p99))}`,
       baseline: `${fmt.ms(median(bareT.p50))} / ${fmt.ms(median(bareT.p99))}`,
     });
   }
   printTable(
-    `GetToken over TLS, ${CONCURRENCY} in flight on ${CHANNELS} connections, ${ROUNDS} x ${SECONDS} s per target (target: Redis mode auth on >= 0.90 of bare)`,
+    `GetToken over TLS, ${CLIENTS} load processes x ${CONCURRENCY} in flight on ${CHANNELS} connections, ${ROUNDS} x ${SECONDS} s per target (target: Redis mode auth on >= 0.90 of bare)`,
     rows,
   );
   for (const t of targets)
     if (t.failed) console.log(`  ${t.name}: ${t.failed} failed calls (first: ${t.firstError})`);
 } finally {
-  await load.stop();
+  for (const l of loads) await l.stop();
   for (const s of started.reverse()) await s.stop();
   await idp.stop();
   await redis.stopAll();
 }
 
 function zero() {
-  return { calls: 0, failed: 0, firstError: '', seconds: 0, cpu: 0, p50: [], p99: [] };
+  return {
+    calls: 0,
+    failed: 0,
+    firstError: '',
+    seconds: 0,
+    cpu: 0,
+    clientCpu: 0,
+    p50: [],
+    p99: [],
+  };
 }
 
 function median(values: number[]): number {
