@@ -20,6 +20,7 @@ import { RotationPolicy } from './rotation/rotation-policy.js';
 import { DueWorker } from './rotation/due-worker.js';
 import { Rotator } from './rotation/rotator.js';
 import { generateSealingKey, parseSealingKeys, Sealer } from './sealing.js';
+import { CacheInvalidatingStore, SESSION_CACHE_DEFAULTS, SessionCache } from './session-cache.js';
 import { SessionService } from './session-service.js';
 import { KeySpace } from './store/keys.js';
 import { MemorySessionStore } from './store/memory-session-store.js';
@@ -116,6 +117,11 @@ export async function startBroker(
     );
   }
 
+  // GetToken's copy of opened records: served only while the event stream is up (from the
+  // subscription below), forgotten on every event and on every commit of its session here.
+  const cache = new SessionCache(SESSION_CACHE_DEFAULTS, overrides.clock ?? Date.now, false);
+  store = new CacheInvalidatingStore(store, cache);
+
   const idps =
     overrides.idps ??
     new Map<string, IdpAdapter>(config.idps.map((idp) => [idp.name, createIdpAdapter(idp)]));
@@ -162,9 +168,17 @@ export async function startBroker(
       ),
   });
   await store.subscribe(
-    (event) => hub.onEvent(event),
-    () => hub.resync(),
+    (event) => {
+      cache.onEvent(event);
+      hub.onEvent(event);
+    },
+    () => {
+      cache.up();
+      hub.resync();
+    },
+    () => cache.down(),
   );
+  cache.up();
   const service = new SessionService(
     {
       defaultIdp: config.idp.name,
@@ -173,7 +187,19 @@ export async function startBroker(
       touchIntervalMs: Math.max(100, Math.min(60_000, config.sessionIdleTimeoutMs / 10)),
       idpTimeoutMs,
     },
-    { store, locks, keys, idps, rotator, hub, log, clock, secrets },
+    {
+      store,
+      locks,
+      keys,
+      idps,
+      rotator,
+      hub,
+      log,
+      clock,
+      secrets,
+      cache,
+      countRead: (result) => metrics.tokenRead(result),
+    },
   );
   const worker = new DueWorker(config.worker, store, rotator, log, clock, metrics);
   const sweeper = new RetentionSweeper(

@@ -47,6 +47,9 @@ const ROTATION_OUTCOMES = [
   'error',
 ];
 
+/** tb_broker_token_reads' attribute sets, made once: GetToken is the hottest call. */
+const TOKEN_READ = { hit: { result: 'hit' }, miss: { result: 'miss' } } as const;
+
 const UNREADABLE_CODES = ['SEALING_KEY_UNKNOWN', 'SEAL_INVALID'] as const;
 
 const INTROSPECTION_RESULTS = ['active', 'consumed', 'unknown', 'failed'] as const;
@@ -77,6 +80,7 @@ export class BrokerMetrics {
   private readonly introspectionUnusableGauge;
   private readonly outcomeUnknowns;
   private readonly unreadableRecords;
+  private readonly tokenReads;
 
   constructor(private readonly meter: Meter = metrics.getMeter('token-broker')) {
     this.rotations = meter.createCounter('tb_broker_rotations', {
@@ -127,11 +131,20 @@ export class BrokerMetrics {
         'Session records no configured sealing key opens, by code (SEALING_KEY_UNKNOWN: a kid not in TB_SEALING_KEYS; SEAL_INVALID: tampered or corrupt).',
     });
     for (const code of UNREADABLE_CODES) this.unreadableRecords.add(0, { code });
+    this.tokenReads = meter.createCounter('tb_broker_token_reads', {
+      description:
+        'GetToken calls by source: hit (answered from the in-memory copy kept current by events), miss (read from the state store).',
+    });
+    for (const attributes of Object.values(TOKEN_READ)) this.tokenReads.add(0, attributes);
     for (const outcome of ROTATION_OUTCOMES) this.rotations.add(0, { outcome });
     for (const result of INTROSPECTION_RESULTS) this.introspections.add(0, { result });
     this.takeovers.add(0);
     this.reuseSuspicions.add(0);
     this.persistFailures.add(0);
+  }
+
+  tokenRead(result: 'hit' | 'miss'): void {
+    this.tokenReads.add(1, TOKEN_READ[result]);
   }
 
   rotation(outcome: string): void {

@@ -36,6 +36,7 @@ import {
 import type { SessionStore } from './store/session-store.js';
 import { enrolled, reactivated, revoked, type FamilySeed } from './session-transitions.js';
 import type { WatchHub } from './watch-hub.js';
+import type { SessionCache } from './session-cache.js';
 
 /** How long Enroll keeps trying to store an issued pair while the store does not answer. */
 const STORE_RETRY_MS = 30_000;
@@ -91,6 +92,10 @@ export interface SessionServiceDeps {
   clock?: () => number;
   /** Password files of system users (TB_SECRETS_DIR); absent when none is configured. */
   secrets?: LoginSecrets | undefined;
+  /** GetToken's copy of opened records, kept current by the store's events; absent: none. */
+  cache?: SessionCache | undefined;
+  /** Counts each GetToken: answered from the cache, or read from the store. */
+  countRead?: ((result: 'hit' | 'miss') => void) | undefined;
 }
 
 /** Checks a request's tenant and user ids (shared/session-ref.ts has the rules). */
@@ -164,7 +169,7 @@ export class SessionService {
     // Under the session's lock, so no rotation of an earlier family runs beside it. The caller's
     // credential is presented exactly once: never retried here (the caller decides), and since
     // the broker stores nothing of it before the IdP answered, no other replica can present it.
-    const meta = await this.deps.locks.withLock(this.deps.keys.lock(ref), async (lock) => {
+    const result = await this.deps.locks.withLock(this.deps.keys.lock(ref), async (lock) => {
       const issuedAt = this.clock();
       // The adapter bounds sending (TB_IDP_TIMEOUT_MS) and, once sent, waiting for the answer
       // (TB_IDP_ANSWER_WAIT_MS): a sent credential's answer is awaited while the lock holds, as
@@ -203,7 +208,10 @@ export class SessionService {
         );
       return committed;
     });
-    await this.deps.store.touch(ref, this.clock());
+    const { created, ...meta } = result;
+    // A session this commit created records its first use with it; an existing one's is a use.
+    if (!created) await this.deps.store.touch(ref, this.clock());
+    this.touched(KeySpace.sessionId(ref), this.clock());
     this.deps.log.info(
       { tenant: ref.tenant, idp: idpName, generation: meta.generation, by: first.what },
       'enrolled',
@@ -333,10 +341,10 @@ export class SessionService {
     issuedAt: number,
     tokens: TokenSet,
     lock: AbortSignal,
-  ): Promise<SessionMetadata> {
+  ): Promise<SessionMetadata & { created: boolean }> {
     const giveUpAt = this.clock() + STORE_RETRY_MS;
     for (let attempt = 1; ; attempt++) {
-      let committed: SessionMetadata | undefined;
+      let committed: (SessionMetadata & { created: boolean }) | undefined;
       try {
         committed = await this.commitFamilyOnce(ref, idp, seed, issuedAt, tokens);
       } catch (err) {
@@ -364,14 +372,19 @@ export class SessionService {
     }
   }
 
-  /** One try: up to 3 compare-and-set rounds; undefined when the session kept changing. */
+  /**
+   * One try: up to 3 compare-and-set rounds; undefined when the session kept changing. A session
+   * this replica has not seen lately is first written as new, without a read (most enrollments
+   * create their session); should it exist, that compare-and-set misses, changes nothing, and the
+   * rounds read it as for any existing session.
+   */
   private async commitFamilyOnce(
     ref: SessionRef,
     idp: string,
     seed: FamilySeed,
     issuedAt: number,
     tokens: TokenSet,
-  ): Promise<SessionMetadata | undefined> {
+  ): Promise<(SessionMetadata & { created: boolean }) | undefined> {
     const issued = {
       tokens,
       nextRefreshAt: this.deps.rotator.nextRefreshAt(issuedAt, tokens.accessExpiresAt, {
@@ -381,8 +394,11 @@ export class SessionService {
         loggedInAt: seed.login ? issuedAt : undefined,
       }),
     };
-    for (let attempt = 0; attempt < 3; attempt++) {
-      const stored = await this.deps.store.get(ref);
+    let guessNew = !this.lastTouch.has(KeySpace.sessionId(ref));
+    for (let attempt = 0; attempt < 3;) {
+      const stored = guessNew ? undefined : await this.deps.store.get(ref);
+      if (!guessNew) attempt++;
+      guessNew = false;
       const previous = stored?.record;
       const transition = enrolled(
         ref,
@@ -394,20 +410,46 @@ export class SessionService {
       );
       const now = this.clock();
       if (await this.deps.store.commit(transition, previous ? previous.generation : null, now))
-        return metadataOf({
-          record: transition.next,
-          lastUsedAt: stored?.lastUsedAt ?? now,
-          inflight: undefined,
-        });
+        return {
+          ...metadataOf({
+            record: transition.next,
+            lastUsedAt: stored?.lastUsedAt ?? now,
+            inflight: undefined,
+          }),
+          created: previous === undefined,
+        };
     }
     return undefined;
   }
 
-  /** The current access token; reactivates an idle session, rotates one that has none valid. */
+  /**
+   * The current access token; reactivates an idle session, rotates one that has none valid. An
+   * ACTIVE record with a valid token comes from the cache when it holds one (never staler than
+   * the last event; the answer then carries no refresh token), else from the store.
+   */
   async getToken(input: Partial<SessionRef>): Promise<SessionRecord> {
     this.checkOpen();
     const ref = validateRef(input);
-    let stored = await this.mustGet(ref);
+    const cache = this.deps.cache;
+    const cached = cache?.get(ref);
+    if (cached && cached.accessExpiresAt > this.clock()) {
+      this.deps.countRead?.('hit');
+      await this.touch(ref);
+      return cached;
+    }
+    this.deps.countRead?.('miss');
+    let stored: StoredSession;
+    if (cache) {
+      const load = cache.begin(ref);
+      let read: StoredSession | undefined;
+      try {
+        read = await this.deps.store.get(ref);
+      } finally {
+        cache.end(load, read?.record);
+      }
+      if (!read) throw new SessionNotFoundError(ref.tenant, ref.user);
+      stored = read;
+    } else stored = await this.mustGet(ref);
     await this.touch(ref);
     if (stored.record.status === 'IDLE') stored = await this.reactivate(stored);
     const record = this.usable(stored.record);
@@ -532,9 +574,14 @@ export class SessionService {
     const now = this.clock();
     const last = this.lastTouch.get(id) ?? 0;
     if (now - last < this.options.touchIntervalMs) return;
+    this.touched(id, now);
+    await this.deps.store.touch(ref, now);
+  }
+
+  /** Notes a use recorded at `now` (bounded: the notes are forgotten past 100,000 sessions). */
+  private touched(id: string, now: number): void {
     this.lastTouch.set(id, now);
     if (this.lastTouch.size > 100_000) this.lastTouch.clear();
-    await this.deps.store.touch(ref, now);
   }
 
   private async rotateOrWait(ref: SessionRef, generation: number): Promise<SessionRecord> {

@@ -575,7 +575,11 @@ export class RedisSessionStore implements SessionStore {
     return deleted;
   }
 
-  async subscribe(onEvent: (event: SessionEvent) => void, onResync: () => void): Promise<void> {
+  async subscribe(
+    onEvent: (event: SessionEvent) => void,
+    onResync: () => void,
+    onDown: () => void = () => {},
+  ): Promise<void> {
     const deliver = (_channel: string, message: string) => {
       try {
         onEvent(JSON.parse(message) as SessionEvent);
@@ -592,6 +596,7 @@ export class RedisSessionStore implements SessionStore {
         deliver,
         onResync,
         this.log,
+        onDown,
       );
       this.sharded = sharded;
       await sharded.start();
@@ -614,6 +619,8 @@ export class RedisSessionStore implements SessionStore {
       connectedOnce = true;
     });
     subscriber.on('message', deliver);
+    // Events published from now until the 'ready' above resubscribes are lost.
+    subscriber.on('close', onDown);
     await subscriber.subscribe(...channels);
   }
 

@@ -90,7 +90,14 @@ export interface SessionStore {
   /**
    * Calls `onEvent` for every published change from any replica. `onResync` is called when
    * events may have been missed (the subscription reconnected): re-read what you watch.
+   * `onDown` is called as soon as events may start being missed (an events connection closed),
+   * before the `onResync` that follows once subscribed again; a store whose events cannot be
+   * missed (in memory) never calls it.
    */
-  subscribe(onEvent: (event: SessionEvent) => void, onResync: () => void): Promise<void>;
+  subscribe(
+    onEvent: (event: SessionEvent) => void,
+    onResync: () => void,
+    onDown?: () => void,
+  ): Promise<void>;
   close(): Promise<void>;
 }

@@ -21,6 +21,8 @@ export class ShardedEventSubscriber {
     private readonly deliver: (channel: string, message: string) => void,
     private readonly onResync: () => void,
     private readonly log: Logger,
+    /** Called when a connection closes or moves: events may be missed until `onResync`. */
+    private readonly onDown: () => void = () => {},
   ) {}
 
   /** Subscribes every channel; rejects when the first attempt fails. */
@@ -91,6 +93,7 @@ export class ShardedEventSubscriber {
 
   private rebuild(): void {
     if (this.closed || this.rebuilding) return;
+    this.onDown();
     this.rebuilding = (async () => {
       for (const c of this.connections) {
         c.removeAllListeners('close');
