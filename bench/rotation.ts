@@ -209,6 +209,7 @@ async function measure(
       gc: {
         events: gcs.reduce((s, g) => s + g.events, 0),
         maxPauseMs: Math.max(...gcs.map((g) => g.maxPauseMs)),
+        maxPauseKind: gcs.reduce((a, b) => (b.maxPauseMs > a.maxPauseMs ? b : a)).maxPauseKind,
         totalPauseMs: gcs.reduce((s, g) => s + g.totalPauseMs, 0),
         maxHeapUsedMb: Math.max(...gcs.map((g) => g.maxHeapUsedMb)),
         maxHeapCommittedMb: Math.max(...gcs.map((g) => g.maxHeapCommittedMb)),
@@ -390,7 +391,7 @@ for (const w of [one, two, tel]) {
   });
   rows.push({
     what: `  GC: longest pause, total pause / s, events (${w.label})`,
-    value: `${fmt.ms(w.gc.maxPauseMs)}, ${fmt.ms(w.gc.totalPauseMs / SECONDS)}/s, ${w.gc.events}`,
+    value: `${fmt.ms(w.gc.maxPauseMs)} (${w.gc.maxPauseKind}), ${fmt.ms(w.gc.totalPauseMs / SECONDS)}/s, ${w.gc.events}`,
     baseline: 'target longest < 50 ms',
   });
 }

@@ -48,6 +48,8 @@ export interface GcFigures {
   events: number;
   /** The longest single pause (ms) as --trace-gc reports it (the atomic pause of that event). */
   maxPauseMs: number;
+  /** Its kind (Scavenge, Mark-Compact, ...). */
+  maxPauseKind: string;
   /** Sum of the pauses (ms). */
   totalPauseMs: number;
   /** The largest heap in use before a GC (MB, as V8 prints it). */
@@ -66,6 +68,7 @@ export function gcFigures(log: string): GcFigures {
   const figures: GcFigures = {
     events: 0,
     maxPauseMs: 0,
+    maxPauseKind: '',
     totalPauseMs: 0,
     maxHeapUsedMb: 0,
     maxHeapCommittedMb: 0,
@@ -74,7 +77,10 @@ export function gcFigures(log: string): GcFigures {
     const pause = Number(m[6]);
     figures.events++;
     figures.totalPauseMs += pause;
-    figures.maxPauseMs = Math.max(figures.maxPauseMs, pause);
+    if (pause > figures.maxPauseMs) {
+      figures.maxPauseMs = pause;
+      figures.maxPauseKind = m[1]!;
+    }
     figures.maxHeapUsedMb = Math.max(figures.maxHeapUsedMb, Number(m[2]));
     figures.maxHeapCommittedMb = Math.max(figures.maxHeapCommittedMb, Number(m[3]), Number(m[5]));
   }
