@@ -6,7 +6,9 @@
  *
  *   make bench BENCH=rotation   (BENCH_SESSIONS, default 3000; BENCH_SECONDS, default 8, per
  *                                measured window; BENCH_CONCURRENCY, default 32 = the broker's
- *                                TB_ROTATION_CONCURRENCY default, also the bare loop's)
+ *                                TB_ROTATION_CONCURRENCY default, also the bare loop's;
+ *                                BENCH_NODE_FLAGS, extra node flags for the brokers, e.g.
+ *                                '--max-semi-space-size=16'; BENCH_CPU_PROF=1 profiles them)
  *
  * Set-up: 4 real redis-server processes: node 0 holds the state (as the chart's separate state
  * master; no replica here, so no WAIT per commit), nodes 1-3 are the Redlock quorum (the chart's
@@ -96,6 +98,7 @@ async function startReplica(index: number, extra: Record<string, string> = {}): 
       nodeFlags: [
         '--max-old-space-size=256',
         '--trace-gc',
+        ...(process.env.BENCH_NODE_FLAGS ?? '').split(' ').filter(Boolean),
         ...(process.env.BENCH_CPU_PROF ? ['--cpu-prof', '--cpu-prof-dir=/tmp/tb-prof'] : []),
       ],
     },
