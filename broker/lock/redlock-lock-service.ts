@@ -31,6 +31,8 @@ export class RedlockLockService implements LockService {
         // Fail fast while a node is down instead of queueing: the quorum decides, not the queue.
         enableOfflineQueue: false,
         maxRetriesPerRequest: 0,
+        // The acquires and releases of the rotations in flight share one write per node.
+        enableAutoPipelining: true,
         commandTimeout: options.commandTimeoutMs,
         retryStrategy: (attempt) => Math.min(1000, 50 * attempt),
       });

@@ -24,6 +24,8 @@ export interface DueWorkerOptions {
  */
 export class DueWorker {
   private readonly running = new Set<Promise<unknown>>();
+  /** Resolves the wait for a free slot (set while the worker waits for one). */
+  private slotFreed: (() => void) | undefined;
 
   constructor(
     private readonly options: DueWorkerOptions,
@@ -55,11 +57,17 @@ export class DueWorker {
   }
 
   async run(signal: AbortSignal): Promise<void> {
+    // While busy, claim once a few slots are free rather than one claim round per finished
+    // rotation: each round costs the store a script or more, whatever it claims.
+    const claimAt = Math.max(
+      1,
+      Math.min(this.options.batchSize, Math.ceil(this.options.concurrency / 4)),
+    );
     while (!signal.aborted) {
       let wait = this.options.pollIntervalMs;
       try {
         const free = this.options.concurrency - this.running.size;
-        if (free > 0) {
+        if (free >= claimAt || (free > 0 && this.running.size === 0)) {
           const now = this.clock();
           const limit = Math.min(free, this.options.batchSize);
           const claimed = await this.store.claimDue(now, limit, now + this.options.claimLeaseMs);
@@ -73,7 +81,10 @@ export class DueWorker {
                 this.log.debug({ tenant: ref.tenant, err: String(err) }, 'due rotation deferred');
                 await this.reschedule(ref, signal);
               })
-              .finally(() => this.running.delete(job));
+              .finally(() => {
+                this.running.delete(job);
+                this.slotFreed?.();
+              });
             this.running.add(job);
           }
           if (claimed.length === limit) wait = 0;
@@ -82,7 +93,9 @@ export class DueWorker {
             if (next !== undefined) wait = Math.max(0, Math.min(wait, next - this.clock()));
           }
         } else {
-          await Promise.race(this.running);
+          // One waiter, woken by the next rotation to finish (no handler on every running one).
+          await new Promise<void>((resolve) => (this.slotFreed = resolve));
+          this.slotFreed = undefined;
           wait = 0;
         }
       } catch (err) {

@@ -318,6 +318,8 @@ export class Rotator {
     now: number,
   ): Promise<MarkResult> {
     const { store, log } = this.deps;
+    // Marked, the session is back in the due queue for when another replica could take the lock
+    // (same step): if this replica dies mid-call, it is rotated then, not at its next due time.
     const mark = await store.markInflight(
       ref,
       {
@@ -327,12 +329,10 @@ export class Rotator {
         attemptId: randomUUID(),
       },
       now,
+      lock.validUntil() + this.options.busyRetryMs,
     );
     if (mark.kind === 'busy') await store.schedule(ref, mark.until + this.options.busyRetryMs);
     if (mark.kind !== 'marked') return mark;
-    // If this replica dies mid-call, the session comes back to the due queue as soon as
-    // another replica could take the lock, instead of waiting for its next due time.
-    await store.schedule(ref, lock.validUntil() + this.options.busyRetryMs);
     if (mark.tookOver) {
       this.metrics.takeover();
       log.warn(

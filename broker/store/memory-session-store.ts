@@ -58,7 +58,12 @@ export class MemorySessionStore implements SessionStore {
     return Promise.resolve(true);
   }
 
-  markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult> {
+  markInflight(
+    ref: SessionRef,
+    marker: InflightMarker,
+    now: number,
+    requeueAt?: number,
+  ): Promise<MarkResult> {
     const stored = this.sessions.get(KeySpace.sessionId(ref));
     if (!stored || stored.record.generation !== marker.generation)
       return Promise.resolve({ kind: 'stale' });
@@ -66,6 +71,7 @@ export class MemorySessionStore implements SessionStore {
     if (earlier && earlier.generation === marker.generation && earlier.deadline > now)
       return Promise.resolve({ kind: 'busy', until: earlier.deadline });
     stored.inflight = { ...marker };
+    if (requeueAt !== undefined) this.due.set(KeySpace.sessionId(ref), requeueAt);
     return Promise.resolve({
       kind: 'marked',
       tookOver: earlier?.generation === marker.generation,

@@ -1,9 +1,11 @@
 /**
  * Every atomic change of session state is one of these Lua scripts. Each touches the keys of one
  * shard only (one Redis Cluster slot, see keys.ts): the session's hash and its shard's due queue
- * and indexes. None publishes: an event goes out only once the write is acknowledged by the
- * required replicas (RedisSessionStore.commit), so no watcher sees a generation a failover could
- * still lose.
+ * and indexes; only the *_SHARDS scripts, run on a single Redis or a Sentinel master (never on a
+ * Cluster), read every shard's due queue in one call. An event goes out only once the write is
+ * acknowledged by the required replicas (RedisSessionStore.commit), so no watcher sees a
+ * generation a failover could still lose: the commit script publishes itself only when the
+ * store waits for no replica (then nothing is left to wait for), and never on a Cluster.
  */
 
 /**
@@ -15,6 +17,7 @@
  * ARGV[5] session id   ARGV[6] due time ('' = leave the due queue)
  * ARGV[7] '1' if REAUTH_REQUIRED   ARGV[8] '1' if REVOKED, REAUTH_REQUIRED or IDLE
  * ARGV[9] when the family ends at the latest ('' = not counted: see familyEndOf)
+ * ARGV[10] channel to PUBLISH ARGV[11] on once written ('' = publish nothing here)
  * Returns 1 when committed, 2 when this very write (same generation, same sealed bytes) is
  * already there (a retry after an unacknowledged write), 0 on a compare-and-set miss.
  */
@@ -23,7 +26,10 @@ local current = redis.call('HGET', KEYS[1], 'gen')
 local matches
 if ARGV[1] == '' then matches = not current else matches = current == ARGV[1] end
 if not matches then
-  if current == ARGV[2] and redis.call('HGET', KEYS[1], 'sealed') == ARGV[3] then return 2 end
+  if current == ARGV[2] and redis.call('HGET', KEYS[1], 'sealed') == ARGV[3] then
+    if ARGV[10] ~= '' then redis.call('PUBLISH', ARGV[10], ARGV[11]) end
+    return 2
+  end
   return 0
 end
 redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'sealed', ARGV[3])
@@ -52,13 +58,17 @@ if ARGV[9] == '' then
 else
   redis.call('ZADD', KEYS[6], ARGV[9], ARGV[5])
 end
+if ARGV[10] ~= '' then redis.call('PUBLISH', ARGV[10], ARGV[11]) end
 return 1
 `;
 
 /**
- * Marks a refresh-token presentation in flight, unless another may still be.
- * KEYS[1] session hash
+ * Marks a refresh-token presentation in flight, unless another may still be, and (when asked)
+ * puts the session back in the due queue at a later time in the same step, so a replica that
+ * dies mid-call leaves it to be claimed again.
+ * KEYS[1] session hash   KEYS[2] the shard's due sorted set
  * ARGV[1] generation the marker is for   ARGV[2] marker JSON   ARGV[3] now (epoch ms)
+ * ARGV[4] session id   ARGV[5] due time once marked ('' = leave the due queue as it is)
  * Returns {1, tookOver (0|1)} when marked, {0, 0} when the generation moved,
  * {-1, deadline} while an earlier attempt may still be in flight.
  */
@@ -74,6 +84,7 @@ if earlier then
   end
 end
 redis.call('HSET', KEYS[1], 'inflight', ARGV[2])
+if ARGV[5] ~= '' then redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4]) end
 return {1, tookOver}
 `;
 
@@ -101,6 +112,44 @@ export const CLAIM_DUE = `
 local claimed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
 for i = 1, #claimed, 2 do redis.call('ZADD', KEYS[1], ARGV[3], claimed[i]) end
 return claimed
+`;
+
+/**
+ * CLAIM_DUE over every shard at once (single Redis or Sentinel master only: the keys lie in
+ * different Cluster slots), starting at a rotating shard so none is always served last.
+ * KEYS[1..n] every shard's due sorted set, in shard order
+ * ARGV[1] now   ARGV[2] limit   ARGV[3] lease end (epoch ms)   ARGV[4] first shard (0-based)
+ * Returns {id1, due1, id2, due2, ...} as CLAIM_DUE does.
+ */
+export const CLAIM_DUE_SHARDS = `
+local claimed = {}
+local left = tonumber(ARGV[2])
+for i = 0, #KEYS - 1 do
+  if left <= 0 then break end
+  local key = KEYS[(tonumber(ARGV[4]) + i) % #KEYS + 1]
+  local due = redis.call('ZRANGEBYSCORE', key, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, left)
+  for j = 1, #due, 2 do
+    redis.call('ZADD', key, ARGV[3], due[j])
+    claimed[#claimed + 1] = due[j]
+    claimed[#claimed + 1] = due[j + 1]
+    left = left - 1
+  end
+end
+return claimed
+`;
+
+/**
+ * The earliest due time over every shard (single Redis or Sentinel master only, as
+ * CLAIM_DUE_SHARDS). KEYS[1..n] every shard's due sorted set.
+ * Returns that score as a string, or false when every queue is empty.
+ */
+export const NEXT_DUE_SHARDS = `
+local min = false
+for i = 1, #KEYS do
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if first[2] and (not min or tonumber(first[2]) < tonumber(min)) then min = first[2] end
+end
+return min
 `;
 
 /**

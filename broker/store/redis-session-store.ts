@@ -3,13 +3,15 @@ import type { Logger } from 'pino';
 import type { RedisTls, StateStoreConfig } from '../config.js';
 import { BrokerError, SealError, StateNotReplicatedError, UnavailableError } from '../errors.js';
 import type { Sealer } from '../sealing.js';
-import { KeySpace } from './keys.js';
+import { KeySpace, STATE_SHARDS } from './keys.js';
 import type { Transition } from '../session-transitions.js';
 import {
   CLAIM_DUE,
+  CLAIM_DUE_SHARDS,
   COMMIT_SESSION,
   MARK_INFLIGHT,
   MIGRATE_LEGACY,
+  NEXT_DUE_SHARDS,
   SWEEP_DEAD,
   TOUCH_SESSION,
 } from './redis-scripts.js';
@@ -34,10 +36,13 @@ import {
 
 interface ScriptCommands {
   tbCommit(...keysAndArgs: string[]): Promise<number>;
-  tbMark(key: string, ...args: string[]): Promise<[number, number]>;
+  tbMark(key: string, due: string, ...args: string[]): Promise<[number, number]>;
   tbTouch(key: string, now: string): Promise<number>;
   /** Flat pairs: id, due time, id, due time, ... */
   tbClaim(key: string, now: string, limit: string, leaseUntil: string): Promise<string[]>;
+  /** Every shard's due key, then now, limit, lease end, first shard: flat pairs as tbClaim. */
+  tbClaimShards(...keysAndArgs: string[]): Promise<string[]>;
+  tbNextDue(...keys: string[]): Promise<string | null>;
   tbSweep(...keysAndArgs: string[]): Promise<number>;
   tbMigrate(...keysAndArgs: string[]): Promise<number>;
 }
@@ -80,12 +85,16 @@ export class RedisSessionStore implements SessionStore {
     this.keys = new KeySpace(options.prefix);
     this.cluster = options.target.kind === 'cluster';
     this.minReplicas = options.minReplicas ?? 0;
-    const redis = connect(options.target);
+    // Commands issued in the same tick go out in one write per node (auto-pipelining): the
+    // rotations in flight and the shard fan-outs share socket writes instead of one per command.
+    const redis = connect(options.target, true);
     redis.on('error', (err: Error) => log.warn({ err: err.message }, 'state store error'));
     redis.defineCommand('tbCommit', { numberOfKeys: 6, lua: COMMIT_SESSION });
-    redis.defineCommand('tbMark', { numberOfKeys: 1, lua: MARK_INFLIGHT });
+    redis.defineCommand('tbMark', { numberOfKeys: 2, lua: MARK_INFLIGHT });
     redis.defineCommand('tbTouch', { numberOfKeys: 1, lua: TOUCH_SESSION });
     redis.defineCommand('tbClaim', { numberOfKeys: 1, lua: CLAIM_DUE });
+    redis.defineCommand('tbClaimShards', { numberOfKeys: STATE_SHARDS, lua: CLAIM_DUE_SHARDS });
+    redis.defineCommand('tbNextDue', { numberOfKeys: STATE_SHARDS, lua: NEXT_DUE_SHARDS });
     // The sweep's key count varies: it is passed first, as EVALSHA takes it.
     redis.defineCommand('tbSweep', { lua: SWEEP_DEAD });
     redis.defineCommand('tbMigrate', { numberOfKeys: 9, lua: MIGRATE_LEGACY });
@@ -103,8 +112,13 @@ export class RedisSessionStore implements SessionStore {
     return unavailableOnFailure(this.commitRaw(transition, expectedGeneration, now));
   }
 
-  markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult> {
-    return unavailableOnFailure(this.markInflightRaw(ref, marker, now));
+  markInflight(
+    ref: SessionRef,
+    marker: InflightMarker,
+    now: number,
+    requeueAt?: number,
+  ): Promise<MarkResult> {
+    return unavailableOnFailure(this.markInflightRaw(ref, marker, now, requeueAt));
   }
 
   touch(ref: SessionRef, now: number): Promise<void> {
@@ -317,6 +331,11 @@ export class RedisSessionStore implements SessionStore {
       this.sealedOf.set(transition, sealed);
     }
     const dead = DEAD_STATUSES.has(record.status);
+    const publishes = expectedGeneration !== record.generation;
+    const payload = publishes ? JSON.stringify(eventOf(record)) : '';
+    // Nothing to wait for: the script publishes itself, saving a command (not on a Cluster,
+    // whose events are sharded channels published on the shard's master).
+    const inScript = publishes && this.minReplicas === 0 && !this.cluster;
     const args = [
       this.keys.session(record),
       this.keys.due(shard),
@@ -333,6 +352,8 @@ export class RedisSessionStore implements SessionStore {
       record.status === 'REAUTH_REQUIRED' ? '1' : '0',
       dead ? '1' : '0',
       String(familyEndOf(record) ?? ''),
+      inScript ? this.keys.events(shard) : '',
+      inScript ? payload : '',
     ];
     let result: number;
     if (this.minReplicas === 0) result = await this.redis.tbCommit(...args);
@@ -342,14 +363,7 @@ export class RedisSessionStore implements SessionStore {
       if (result !== 0) replies.check();
     }
     if (result === 0) return false;
-    if (expectedGeneration !== record.generation) {
-      const event: SessionEvent = {
-        tenant: record.tenant,
-        user: record.user,
-        generation: record.generation,
-        epoch: epochOf(record),
-      };
-      const payload = JSON.stringify(event);
+    if (publishes && !inScript) {
       if (this.redis instanceof Cluster)
         await this.redis.spublish(this.keys.events(shard), payload);
       else await this.redis.publish(this.keys.events(shard), payload);
@@ -366,12 +380,16 @@ export class RedisSessionStore implements SessionStore {
     ref: SessionRef,
     marker: InflightMarker,
     now: number,
+    requeueAt: number | undefined,
   ): Promise<MarkResult> {
     const args = [
       this.keys.session(ref),
+      this.dueOf(ref),
       String(marker.generation),
       JSON.stringify(marker),
       String(now),
+      KeySpace.sessionId(ref),
+      requeueAt === undefined ? '' : String(requeueAt),
     ] as const;
     let status: number;
     let value: number;
@@ -440,6 +458,18 @@ export class RedisSessionStore implements SessionStore {
    */
   private async claimDueRaw(now: number, limit: number, leaseUntil: number): Promise<DueClaim[]> {
     const shards = KeySpace.shards;
+    if (!this.cluster) {
+      // One node holds every shard: one script, one round trip.
+      const start = this.claimCursor++ % shards.length;
+      const pairs = await this.redis.tbClaimShards(
+        ...this.dueKeys,
+        String(now),
+        String(limit),
+        String(leaseUntil),
+        String(start),
+      );
+      return claimsOf(pairs);
+    }
     // A shard whose master is failing over must not stop the others' rotations.
     const counted = await Promise.allSettled(
       shards.map((shard) => this.redis.zcount(this.keys.due(shard), '-inf', now)),
@@ -463,10 +493,14 @@ export class RedisSessionStore implements SessionStore {
           this.log.debug({ shard, err: String(err) }, 'claiming from a shard failed');
           return [] as string[];
         });
-      for (let j = 0; j + 1 < pairs.length; j += 2)
-        claimed.push({ ref: KeySpace.parseSessionId(pairs[j]!), dueAt: Number(pairs[j + 1]) });
+      claimed.push(...claimsOf(pairs));
     }
     return claimed;
+  }
+
+  /** Every shard's due key, in shard order. */
+  private get dueKeys(): string[] {
+    return KeySpace.shards.map((shard) => this.keys.due(shard));
   }
 
   private async sessionCountsRaw(): Promise<SessionCounts> {
@@ -493,6 +527,10 @@ export class RedisSessionStore implements SessionStore {
   }
 
   private async nextDueAtRaw(): Promise<number | undefined> {
+    if (!this.cluster) {
+      const min = await this.redis.tbNextDue(...this.dueKeys);
+      return min === null ? undefined : Number(min);
+    }
     const firsts = await Promise.allSettled(
       KeySpace.shards.map((s) => this.redis.zrange(this.keys.due(s), '0', '0', 'WITHSCORES')),
     );
@@ -631,6 +669,24 @@ export class RedisSessionStore implements SessionStore {
   }
 }
 
+/** A script's flat pairs (id, due time, ...) as claims. */
+function claimsOf(pairs: readonly string[]): DueClaim[] {
+  const claimed: DueClaim[] = [];
+  for (let j = 0; j + 1 < pairs.length; j += 2)
+    claimed.push({ ref: KeySpace.parseSessionId(pairs[j]!), dueAt: Number(pairs[j + 1]) });
+  return claimed;
+}
+
+/** What a commit publishes: which session moved to which generation. */
+function eventOf(record: SessionRecord): SessionEvent {
+  return {
+    tenant: record.tenant,
+    user: record.user,
+    generation: record.generation,
+    epoch: epochOf(record),
+  };
+}
+
 function tlsOptions(tls: RedisTls | undefined): RedisOptions['tls'] {
   return tls ? (tls.ca === undefined ? {} : { ca: tls.ca }) : undefined;
 }
@@ -642,9 +698,9 @@ function nodeOptions(target: Extract<StateStoreConfig, { kind: 'cluster' }>): Re
   return { ...COMMON, password: target.password, tls: tlsOptions(target.tls) };
 }
 
-/** A client for the configured shape. */
-function connect(target: StateStoreConfig): Redis | Cluster {
-  const common = COMMON;
+/** A client for the configured shape; `autoPipeline` for the command client, not a subscriber. */
+function connect(target: StateStoreConfig, autoPipeline = false): Redis | Cluster {
+  const common: RedisOptions = { ...COMMON, enableAutoPipelining: autoPipeline };
   switch (target.kind) {
     case 'single':
       return new Redis(target.url, common);
@@ -666,6 +722,7 @@ function connect(target: StateStoreConfig): Redis | Cluster {
     case 'cluster': {
       const options: ClusterOptions = {
         redisOptions: nodeOptions(target),
+        enableAutoPipelining: autoPipeline,
         scaleReads: 'master',
         retryDelayOnFailover: 100,
         retryDelayOnClusterDown: 100,

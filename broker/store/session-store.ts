@@ -60,7 +60,16 @@ export interface SessionStore {
    * changed).
    */
   commit(transition: Transition, expectedGeneration: number | null, now: number): Promise<boolean>;
-  markInflight(ref: SessionRef, marker: InflightMarker, now: number): Promise<MarkResult>;
+  /**
+   * Marks a presentation in flight (compare-and-set on the marker's generation). When marked and
+   * `requeueAt` is given, the session's due-queue entry moves to it in the same step.
+   */
+  markInflight(
+    ref: SessionRef,
+    marker: InflightMarker,
+    now: number,
+    requeueAt?: number,
+  ): Promise<MarkResult>;
   /** Records a read or watch, which keeps the session's lease. */
   touch(ref: SessionRef, now: number): Promise<void>;
   /** Moves the session's due-queue entry to `at` without changing it (retry later). */
