@@ -8,7 +8,12 @@
  * figures; never passes or fails on them. Everything runs on 127.0.0.1 and stops by itself.
  *
  *   make bench BENCH=sidecar-throughput   (BENCH_ROUNDS, default 3, of BENCH_SECONDS, default 5,
- *                                          per server; BENCH_CONNECTIONS, default 16; BENCH_USERS)
+ *                                          per server; BENCH_CONNECTIONS, default 16; BENCH_USERS;
+ *                                          BENCH_SIDECAR_OLD_SPACE_MB, default 64, 0: V8's default)
+ *
+ * The sidecars get the heap the image gives them in the chart's 128Mi container: the image sets
+ * --max-old-space-size-percentage=50, which Node.js applies to the cgroup limit; this machine has
+ * no such limit, so the same size is passed as --max-old-space-size=64 (half of 128 MiB).
  *
  * Set-up: the fast IdP (scripts/dev/fast-idp.ts), one compiled embedded-mode broker process with
  * TLS and caller authentication on, BENCH_USERS users enrolled through gRPC, and two compiled
@@ -33,6 +38,8 @@ const SECONDS = Number(process.env.BENCH_SECONDS ?? 5);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const CONNECTIONS = Number(process.env.BENCH_CONNECTIONS ?? 16);
 const USERS = Number(process.env.BENCH_USERS ?? 2_000);
+const OLD_SPACE_MB = Number(process.env.BENCH_SIDECAR_OLD_SPACE_MB ?? 64);
+const SIDECAR_FLAGS = OLD_SPACE_MB > 0 ? [`--max-old-space-size=${OLD_SPACE_MB}`] : [];
 /** deploy/helm/token-broker/values.yaml: sidecar.resources.limits.memory. */
 const CHART_LIMIT = 128 * MiB;
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -110,7 +117,7 @@ try {
   const users = Array.from({ length: USERS }, (_, i) => `${TENANT}/user-${i}`);
   const one = await startSidecarProcess(
     { TB_SIDECAR_BROKER_ADDRESS: broker.address, TB_SIDECAR_USERS: users[0]! },
-    { compiled: true },
+    { compiled: true, nodeFlags: SIDECAR_FLAGS },
   );
   const many = await startSidecarProcess(
     {
@@ -118,7 +125,7 @@ try {
       TB_SIDECAR_USERS: users.join(','),
       TB_SIDECAR_MAX_USERS: String(USERS),
     },
-    { compiled: true },
+    { compiled: true, nodeFlags: SIDECAR_FLAGS },
   );
   try {
     const probe = await one.token(TENANT, 'user-0', { wait: 10_000 });
@@ -202,7 +209,8 @@ try {
   await idp.stop();
 }
 printTable(
-  `Sidecar GET throughput (compiled sidecars; ${CONNECTIONS} keep-alive connections, ` +
+  `Sidecar GET throughput (compiled sidecars, ${SIDECAR_FLAGS.join(' ') || "V8's default heap"}; ` +
+    `${CONNECTIONS} keep-alive connections, ` +
     `${ROUNDS} x ${SECONDS} s per server, ${bodySize}-byte answers; ratio: sidecar / bare)`,
   rows,
 );
