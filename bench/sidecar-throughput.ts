@@ -9,11 +9,12 @@
  *
  *   make bench BENCH=sidecar-throughput   (BENCH_ROUNDS, default 3, of BENCH_SECONDS, default 5,
  *                                          per server; BENCH_CONNECTIONS, default 16; BENCH_USERS;
- *                                          BENCH_SIDECAR_OLD_SPACE_MB, default 64, 0: V8's default)
+ *                                          BENCH_SIDECAR_NODE_FLAGS, '' for V8's defaults)
  *
  * The sidecars get the heap the image gives them in the chart's 128Mi container: the image sets
- * --max-old-space-size-percentage=50, which Node.js applies to the cgroup limit; this machine has
- * no such limit, so the same size is passed as --max-old-space-size=64 (half of 128 MiB).
+ * --max-old-space-size-percentage=50 --max-semi-space-size=2, and Node.js applies the percentage
+ * to the cgroup limit; this machine has no such limit, so the same old space is passed as
+ * --max-old-space-size=64 (half of 128 MiB).
  *
  * Set-up: the fast IdP (scripts/dev/fast-idp.ts), one compiled embedded-mode broker process with
  * TLS and caller authentication on, BENCH_USERS users enrolled through gRPC, and two compiled
@@ -38,8 +39,11 @@ const SECONDS = Number(process.env.BENCH_SECONDS ?? 5);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const CONNECTIONS = Number(process.env.BENCH_CONNECTIONS ?? 16);
 const USERS = Number(process.env.BENCH_USERS ?? 2_000);
-const OLD_SPACE_MB = Number(process.env.BENCH_SIDECAR_OLD_SPACE_MB ?? 64);
-const SIDECAR_FLAGS = OLD_SPACE_MB > 0 ? [`--max-old-space-size=${OLD_SPACE_MB}`] : [];
+const SIDECAR_FLAGS = (
+  process.env.BENCH_SIDECAR_NODE_FLAGS ?? '--max-old-space-size=64 --max-semi-space-size=2'
+)
+  .split(' ')
+  .filter((flag) => flag !== '');
 /** deploy/helm/token-broker/values.yaml: sidecar.resources.limits.memory. */
 const CHART_LIMIT = 128 * MiB;
 const ROOT = fileURLToPath(new URL('..', import.meta.url));

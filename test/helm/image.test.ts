@@ -97,6 +97,10 @@ describe('deploy/docker/Dockerfile', () => {
       .get('runtime')!
       .lines.find((l) => l.startsWith('ENV NODE_OPTIONS='));
     expect(env).toBe('ENV NODE_OPTIONS=--max-old-space-size-percentage=50');
+    // The sidecar's stage adds a small young generation to the same heap sizing.
+    expect(stages().get('sidecar')!.lines).toContain(
+      'ENV NODE_OPTIONS="--max-old-space-size-percentage=50 --max-semi-space-size=2"',
+    );
     const options = env!.slice('ENV NODE_OPTIONS='.length);
     // The same Node.js the image runs (22, the node devDependency) takes it from NODE_OPTIONS and
     // sizes the old generation from the constrained memory (the cgroup limit), else the host's.
