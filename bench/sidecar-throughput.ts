@@ -12,7 +12,7 @@
  *                                          BENCH_SIDECAR_NODE_FLAGS, '' for V8's defaults)
  *
  * The sidecars get the heap the image gives them in the chart's 128Mi container: the image sets
- * --max-old-space-size-percentage=50 --max-semi-space-size=2, and Node.js applies the percentage
+ * --max-old-space-size-percentage=50 --max-semi-space-size=8, and Node.js applies the percentage
  * to the cgroup limit; this machine has no such limit, so the same old space is passed as
  * --max-old-space-size=64 (half of 128 MiB).
  *
@@ -40,7 +40,7 @@ const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 const CONNECTIONS = Number(process.env.BENCH_CONNECTIONS ?? 16);
 const USERS = Number(process.env.BENCH_USERS ?? 2_000);
 const SIDECAR_FLAGS = (
-  process.env.BENCH_SIDECAR_NODE_FLAGS ?? '--max-old-space-size=64 --max-semi-space-size=2'
+  process.env.BENCH_SIDECAR_NODE_FLAGS ?? '--max-old-space-size=64 --max-semi-space-size=8'
 )
   .split(' ')
   .filter((flag) => flag !== '');

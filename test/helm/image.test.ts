@@ -99,7 +99,7 @@ describe('deploy/docker/Dockerfile', () => {
     expect(env).toBe('ENV NODE_OPTIONS=--max-old-space-size-percentage=50');
     // The sidecar's stage adds a small young generation to the same heap sizing.
     expect(stages().get('sidecar')!.lines).toContain(
-      'ENV NODE_OPTIONS="--max-old-space-size-percentage=50 --max-semi-space-size=2"',
+      'ENV NODE_OPTIONS="--max-old-space-size-percentage=50 --max-semi-space-size=8"',
     );
     const options = env!.slice('ENV NODE_OPTIONS='.length);
     // The same Node.js the image runs (22, the node devDependency) takes it from NODE_OPTIONS and
