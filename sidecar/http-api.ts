@@ -18,13 +18,11 @@ import {
 import type { SidecarMetrics } from './metrics.js';
 import { decideRead, type ReadDecision } from './read-policy.js';
 import type { SessionRef } from '../shared/session-ref.js';
-import { parseTokenRequest, TOKEN_PATH_PREFIX, type TokenRequest } from './token-request.js';
+import { TOKEN_PATH_PREFIX, TokenRequestCache, type TokenRequest } from './token-request.js';
 import type { TokenState, TokenStore, UserEntry } from './token-store.js';
 
 /** While a module waits for a newer generation, a refused or lost Refresh is retried this often. */
 const REFRESH_RECHECK_MS = 1_000;
-/** Parsed token URLs kept: a module reads the same few URLs over and over. */
-const PARSED_URLS_MAX = 1_024;
 
 /** What the HTTP API needs from the rest of the sidecar. */
 export interface TokenSessions {
@@ -51,6 +49,8 @@ export interface HttpApiDeps {
   metrics: SidecarMetrics;
   log: Logger;
   maxWaitMs: number;
+  /** The most users held at once (TB_SIDECAR_MAX_USERS): bounds the parsed-URL cache. */
+  maxUsers?: number;
   clock?: () => number;
 }
 
@@ -110,15 +110,19 @@ interface ReadInFlight {
 export class SidecarHttpApi {
   private closing = false;
   private readonly clock: () => number;
-  private readonly parsedUrls = new Map<string, TokenRequest>();
+  private readonly parsedUrls: TokenRequestCache;
   /** The JSON answer per state, rebuilt when `expires_in` changes (once a second). */
-  private readonly bodies = new WeakMap<TokenState, { expiresIn: number; body: string }>();
+  private readonly bodies = new WeakMap<
+    TokenState,
+    { expiresIn: number; body: string; length: number }
+  >();
   /** Until `listening` says where, no Host is accepted (no request can arrive before either). */
   private hosts: ReadonlySet<string> = new Set();
   private noHostAllowed = false;
 
   constructor(private readonly deps: HttpApiDeps) {
     this.clock = deps.clock ?? Date.now;
+    this.parsedUrls = new TokenRequestCache(deps.maxWaitMs, deps.maxUsers ?? 0);
   }
 
   /** The server is bound: from now on only Host values naming that address are served. */
@@ -218,7 +222,7 @@ export class SidecarHttpApi {
       this.checkOrigin(headers);
       const flag = headers['x-token-broker'];
       if (typeof flag !== 'string' || flag.toLowerCase() !== 'true') throw new MissingHeaderError();
-      request = this.parse(rest, query);
+      request = this.parsedUrls.get(rest, query);
       if (read.span.isRecording())
         read.span.setAttributes({
           [ATTR.tenant]: request.tenant,
@@ -240,17 +244,6 @@ export class SidecarHttpApi {
     if (decision.kind === 'serve') this.sendToken(req, res, entry, read);
     else if (decision.kind === 'fail') this.sendError(res, decision.error, read);
     else void this.waitAndAnswer(req, res, request, entry, decision, read);
-  }
-
-  private parse(rest: string, query: string): TokenRequest {
-    const key = `${rest}?${query}`;
-    let request = this.parsedUrls.get(key);
-    if (!request) {
-      request = parseTokenRequest(rest, query, this.deps.maxWaitMs);
-      if (this.parsedUrls.size >= PARSED_URLS_MAX) this.parsedUrls.clear();
-      this.parsedUrls.set(key, request);
-    }
-    return request;
   }
 
   private async waitAndAnswer(
@@ -317,25 +310,22 @@ export class SidecarHttpApi {
       const expiresIn = Math.floor((state.expiresAtMs - now) / 1000);
       let cached = this.bodies.get(state);
       if (cached?.expiresIn !== expiresIn) {
-        cached = {
-          expiresIn,
-          body: JSON.stringify({
-            access_token: state.accessToken,
-            token_type: state.tokenType,
-            expires_at: entry.expiresAtIso,
-            expires_in: expiresIn,
-            generation: state.generation,
-          }),
-        };
+        const body = JSON.stringify({
+          access_token: state.accessToken,
+          token_type: state.tokenType,
+          expires_at: entry.expiresAtIso,
+          expires_in: expiresIn,
+          generation: state.generation,
+        });
+        cached = { expiresIn, body, length: Buffer.byteLength(body) };
         this.bodies.set(state, cached);
       }
-      const body = cached.body;
       res.writeHead(200, {
         'content-type': JSON_TYPE,
         'cache-control': 'no-store',
-        'content-length': Buffer.byteLength(body),
+        'content-length': cached.length,
       });
-      res.end(body);
+      res.end(cached.body);
     }
     const waited = performance.now() - read.started;
     this.deps.metrics.tokenRead('OK', waited / 1000);

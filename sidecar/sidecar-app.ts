@@ -149,6 +149,7 @@ export async function startSidecar(
     metrics,
     log,
     maxWaitMs: config.maxWaitMs,
+    maxUsers: config.maxUsers,
   });
   // The API answers a missing Host itself: none is fine on the Unix socket, not over TCP.
   const server = createServer({ requireHostHeader: false }, http.handle);

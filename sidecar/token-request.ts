@@ -61,6 +61,49 @@ export function parseTokenRequest(rest: string, query: string, maxWaitMs: number
   return { tenant, user, waitMs, minGeneration };
 }
 
+/** Parsed URLs kept per user the sidecar may hold (TB_SIDECAR_MAX_USERS), and at least MIN. */
+const CACHED_PER_USER = 4;
+const CACHED_MIN = 1_024;
+/** Longer URLs are parsed at every read, never kept, so the cache's memory stays bounded. */
+const CACHED_URL_MAX_LENGTH = 256;
+
+/**
+ * Parsed token URLs: a module reads the same few URLs per user over and over. Bounded by the
+ * users the sidecar may hold; when full the oldest entry goes, one at a time, so reading more
+ * distinct URLs than the bound costs a parse per read instead of emptying the cache (a cliff).
+ * Only URLs that parse are kept: a bad one throws again at every read.
+ */
+export class TokenRequestCache {
+  private readonly parsed = new Map<string, TokenRequest>();
+  readonly capacity: number;
+
+  constructor(
+    private readonly maxWaitMs: number,
+    maxUsers: number,
+  ) {
+    this.capacity = Math.max(CACHED_MIN, CACHED_PER_USER * maxUsers);
+  }
+
+  get size(): number {
+    return this.parsed.size;
+  }
+
+  /** `rest`: the path after TOKEN_PATH_PREFIX; `query`: the raw query without '?'. */
+  get(rest: string, query: string): TokenRequest {
+    if (rest.length + query.length > CACHED_URL_MAX_LENGTH)
+      return parseTokenRequest(rest, query, this.maxWaitMs);
+    // A path never holds '?' (the query starts at the first), so the key is unambiguous.
+    const key = query === '' ? rest : `${rest}?${query}`;
+    let request = this.parsed.get(key);
+    if (!request) {
+      request = parseTokenRequest(rest, query, this.maxWaitMs);
+      if (this.parsed.size >= this.capacity) this.parsed.delete(this.parsed.keys().next().value!);
+      this.parsed.set(key, request);
+    }
+    return request;
+  }
+}
+
 function pathSegment(name: 'tenant' | 'user', raw: string): string {
   // Checked before decoding too, so a huge segment is not decoded just to be refused. A UTF-16
   // unit is at most 3 bytes of UTF-8, each %XX: a valid id of 256 "ü" is 1,536 characters here.

@@ -9,6 +9,8 @@ import { performance } from 'node:perf_hooks';
 export interface LoadOptions {
   port: number;
   path: string;
+  /** When given, each connection cycles through these paths instead of sending `path`. */
+  paths?: readonly string[];
   headers: Record<string, string>;
   connections: number;
   durationMs: number;
@@ -26,13 +28,15 @@ export interface LoadResult {
 const HEADER_END = Buffer.from('\r\n\r\n');
 
 export async function runLoad(options: LoadOptions): Promise<LoadResult> {
-  const request = Buffer.from(
-    `GET ${options.path} HTTP/1.1\r\nHost: 127.0.0.1:${options.port}\r\n` +
-      Object.entries(options.headers)
-        .map(([k, v]) => `${k}: ${v}\r\n`)
-        .join('') +
-      '\r\n',
+  const head =
+    Object.entries(options.headers)
+      .map(([k, v]) => `${k}: ${v}\r\n`)
+      .join('') + '\r\n';
+  const requests = (options.paths ?? [options.path]).map((path) =>
+    Buffer.from(`GET ${path} HTTP/1.1\r\nHost: 127.0.0.1:${options.port}\r\n${head}`),
   );
+  // Connections start at different places in the cycle, so they read different paths at once.
+  let nextStart = 0;
   let latencies = new Float64Array(1 << 20);
   let count = 0;
   let non200 = 0;
@@ -53,6 +57,8 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
       const socket: Socket = connect({ host: '127.0.0.1', port: options.port, noDelay: true });
       let buffer: Buffer = Buffer.alloc(0);
       let sentAt = 0;
+      let at = nextStart;
+      nextStart = (nextStart + Math.ceil(requests.length / options.connections)) % requests.length;
       const send = () => {
         if (performance.now() >= deadline) {
           socket.end();
@@ -60,7 +66,8 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
           return;
         }
         sentAt = performance.now();
-        socket.write(request);
+        socket.write(requests[at]!);
+        at = at + 1 === requests.length ? 0 : at + 1;
       };
       socket.on('connect', send);
       socket.on('error', reject);

@@ -5,6 +5,7 @@ import {
   epochOf,
   type InflightMarker,
   type SessionEvent,
+  type SessionRecord,
   type SessionRef,
   type StoredSession,
 } from './session-record.js';
@@ -17,9 +18,50 @@ import {
   type SessionStore,
 } from './session-store.js';
 
+/**
+ * A copy no caller can change the store through: every field of a record is a primitive but the
+ * login, so copying the record, its login and the marker is a deep copy. Shallow copies share the
+ * (immutable) strings instead of duplicating them as structuredClone did, which costs memory per
+ * session and time per read.
+ */
+function copyRecord(record: SessionRecord): SessionRecord {
+  return record.login ? { ...record, login: { ...record.login } } : { ...record };
+}
+
+function copyStored(stored: StoredSession): StoredSession {
+  return {
+    record: copyRecord(stored.record),
+    lastUsedAt: stored.lastUsedAt,
+    inflight: stored.inflight && { ...stored.inflight },
+  };
+}
+
+/** Distinct values kept by `Interned`: tenants, IdP names, token types, enrolling callers. */
+const INTERNED_MAX = 10_000;
+
+/**
+ * One string for each of the few values many sessions repeat (each gRPC call decodes its own
+ * copy of the tenant, and the enrolling caller's name is built per call). Past INTERNED_MAX
+ * distinct values it stops taking new ones, so it never grows with the sessions.
+ */
+class Interned {
+  private readonly values = new Map<string, string>();
+
+  of(value: string): string;
+  of(value: string | undefined): string | undefined;
+  of(value: string | undefined): string | undefined {
+    if (value === undefined) return undefined;
+    const known = this.values.get(value);
+    if (known !== undefined) return known;
+    if (this.values.size < INTERNED_MAX) this.values.set(value, value);
+    return value;
+  }
+}
+
 /** Embedded mode: state in this process only. Not for production (one replica, lost on exit). */
 export class MemorySessionStore implements SessionStore {
   private readonly sessions = new Map<string, StoredSession>();
+  private readonly interned = new Interned();
   private readonly due = new Map<string, number>();
   /** Since when each REVOKED, REAUTH_REQUIRED or IDLE session has been so (retention). */
   private readonly deadSince = new Map<string, number>();
@@ -27,7 +69,7 @@ export class MemorySessionStore implements SessionStore {
 
   get(ref: SessionRef): Promise<StoredSession | undefined> {
     const stored = this.sessions.get(KeySpace.sessionId(ref));
-    return Promise.resolve(stored && structuredClone(stored));
+    return Promise.resolve(stored && copyStored(stored));
   }
 
   commit(transition: Transition, expectedGeneration: number | null, now: number): Promise<boolean> {
@@ -37,7 +79,7 @@ export class MemorySessionStore implements SessionStore {
     if (expectedGeneration === null ? current : current?.record.generation !== expectedGeneration)
       return Promise.resolve(false);
     this.sessions.set(id, {
-      record: structuredClone(record),
+      record: this.keep(record),
       lastUsedAt: current?.lastUsedAt ?? now,
       inflight: undefined,
     });
@@ -56,6 +98,18 @@ export class MemorySessionStore implements SessionStore {
       queueMicrotask(() => this.listeners.forEach((listener) => listener(event)));
     }
     return Promise.resolve(true);
+  }
+
+  /** The copy the store keeps of a committed record, repeated values interned. */
+  private keep(record: SessionRecord): SessionRecord {
+    const kept: SessionRecord = {
+      ...copyRecord(record),
+      tenant: this.interned.of(record.tenant),
+      idp: this.interned.of(record.idp),
+      tokenType: this.interned.of(record.tokenType),
+    };
+    if (record.enrolledBy !== undefined) kept.enrolledBy = this.interned.of(record.enrolledBy);
+    return kept;
   }
 
   markInflight(
@@ -135,7 +189,7 @@ export class MemorySessionStore implements SessionStore {
       .slice(0, limit + 1);
     const page = ids.slice(0, limit);
     return Promise.resolve({
-      sessions: page.map((id) => structuredClone(this.sessions.get(id)!)),
+      sessions: page.map((id) => copyStored(this.sessions.get(id)!)),
       next: ids.length > limit ? (page.at(-1) ?? '') : '',
     });
   }

@@ -8,7 +8,6 @@
  * they are first imported, and the SDK's own imports already load @grpc/grpc-js.
  */
 import { register } from 'node:module';
-import { createAddHookMessageChannel } from 'import-in-the-middle';
 import { installTelemetryRuntime } from './telemetry-runtime.js';
 import { TelemetrySettingError, telemetrySettings } from './telemetry-settings.js';
 
@@ -24,6 +23,8 @@ try {
 }
 
 if (settings.enabled) {
+  // Loaded only when telemetry is on: with it off, the entry costs the start-up nothing.
+  const { createAddHookMessageChannel } = await import('import-in-the-middle');
   const { registerOptions, waitForAllMessagesAcknowledged } = createAddHookMessageChannel();
   register('@opentelemetry/instrumentation/hook.mjs', import.meta.url, registerOptions);
   const { createInstrumentations } = await import('./instrumentations.js');

@@ -92,6 +92,35 @@ describe('deploy/docker/Dockerfile', () => {
     expect([...all.keys()].at(-1)).toBe('broker');
   });
 
+  it('sizes the V8 heap from the container memory limit, which this Node.js honours', () => {
+    const env = stages()
+      .get('runtime')!
+      .lines.find((l) => l.startsWith('ENV NODE_OPTIONS='));
+    expect(env).toBe('ENV NODE_OPTIONS=--max-old-space-size-percentage=50');
+    // The sidecar's stage adds a small young generation to the same heap sizing.
+    expect(stages().get('sidecar')!.lines).toContain(
+      'ENV NODE_OPTIONS="--max-old-space-size-percentage=50 --max-semi-space-size=8"',
+    );
+    const options = env!.slice('ENV NODE_OPTIONS='.length);
+    // The same Node.js the image runs (22, the node devDependency) takes it from NODE_OPTIONS and
+    // sizes the old generation from the constrained memory (the cgroup limit), else the host's.
+    const limits = execFileSync(
+      process.execPath,
+      [
+        '-e',
+        'const v8 = require("node:v8"), os = require("node:os");' +
+          'const c = process.constrainedMemory();' +
+          'const memory = c > 0 && c < os.totalmem() ? c : os.totalmem();' +
+          'console.log(JSON.stringify({ limit: v8.getHeapStatistics().heap_size_limit, memory }));',
+      ],
+      { env: { PATH: process.env.PATH ?? '', NODE_OPTIONS: options }, encoding: 'utf8' },
+    );
+    const { limit, memory } = JSON.parse(limits) as { limit: number; memory: number };
+    // heap_size_limit is the old generation plus the young one (at most 48 MiB).
+    expect(limit).toBeGreaterThan(memory * 0.45);
+    expect(limit).toBeLessThan(memory * 0.55 + 64 * 1024 * 1024);
+  });
+
   it('has no package manager in the runtime stage: npm, npx, corepack and yarn are removed', () => {
     const all = stages();
     // Both images build on the runtime stage, which starts from the plain Node.js image.
