@@ -1,10 +1,7 @@
-import {
-  Agent as HttpAgent,
-  request as httpRequest,
-  type ClientRequest,
-  type IncomingMessage,
-} from 'node:http';
-import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
+// The modules' default exports, read at call time: telemetry's HTTP instrumentation patches
+// `request` on them, which named ESM imports of a builtin would not see.
+import http, { type Agent as HttpAgent, type ClientRequest, type IncomingMessage } from 'node:http';
+import https from 'node:https';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { brotliDecompressSync, gunzipSync, inflateSync } from 'node:zlib';
@@ -69,13 +66,15 @@ export function createKeepAliveTransport(
   };
   return {
     request(url, options) {
-      const https = url.protocol === 'https:';
+      const secure = url.protocol === 'https:';
       let agent = agents.get(url.origin);
       if (agent === undefined) {
-        agent = https ? new HttpsAgent({ ...agentOptions, ...tls }) : new HttpAgent(agentOptions);
+        agent = secure
+          ? new https.Agent({ ...agentOptions, ...tls })
+          : new http.Agent(agentOptions);
         agents.set(url.origin, agent);
       }
-      return (https ? httpsRequest : httpRequest)(url, { ...options, agent });
+      return (secure ? https.request : http.request)(url, { ...options, agent });
     },
     close() {
       for (const agent of agents.values()) agent.destroy();
