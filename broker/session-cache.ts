@@ -2,7 +2,6 @@ import type { Transition } from './session-transitions.js';
 import { KeySpace } from './store/keys.js';
 import {
   epochOf,
-  type InflightMarker,
   type SessionEvent,
   type SessionRecord,
   type SessionRef,
@@ -182,8 +181,9 @@ export class CacheInvalidatingStore implements SessionStore {
   get(ref: SessionRef) {
     return this.store.get(ref);
   }
-  markInflight(ref: SessionRef, marker: InflightMarker, now: number) {
-    return this.store.markInflight(ref, marker, now);
+  // Every parameter passed on (a dropped optional one compiles: spell them all out).
+  markInflight(...args: Parameters<SessionStore['markInflight']>) {
+    return this.store.markInflight(...args);
   }
   touch(ref: SessionRef, now: number) {
     return this.store.touch(ref, now);

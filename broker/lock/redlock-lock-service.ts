@@ -1,6 +1,7 @@
 import { Redis } from 'ioredis';
 import { Redlock } from '@sesamecare-oss/redlock';
 import type { Logger } from 'pino';
+import { autoPipeliningAllowed } from '../store/auto-pipelining.js';
 import { inSpan } from '../../shared/telemetry/spans.js';
 import { type HeldLock, type LockService } from './lock-service.js';
 import { LockUnavailableError } from '../errors.js';
@@ -32,7 +33,7 @@ export class RedlockLockService implements LockService {
         enableOfflineQueue: false,
         maxRetriesPerRequest: 0,
         // The acquires and releases of the rotations in flight share one write per node.
-        enableAutoPipelining: true,
+        enableAutoPipelining: autoPipeliningAllowed(),
         commandTimeout: options.commandTimeoutMs,
         retryStrategy: (attempt) => Math.min(1000, 50 * attempt),
       });

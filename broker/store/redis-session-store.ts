@@ -3,6 +3,7 @@ import type { Logger } from 'pino';
 import type { RedisTls, StateStoreConfig } from '../config.js';
 import { BrokerError, SealError, StateNotReplicatedError, UnavailableError } from '../errors.js';
 import type { Sealer } from '../sealing.js';
+import { autoPipeliningAllowed } from './auto-pipelining.js';
 import { KeySpace, STATE_SHARDS } from './keys.js';
 import type { Transition } from '../session-transitions.js';
 import {
@@ -700,7 +701,8 @@ function nodeOptions(target: Extract<StateStoreConfig, { kind: 'cluster' }>): Re
 
 /** A client for the configured shape; `autoPipeline` for the command client, not a subscriber. */
 function connect(target: StateStoreConfig, autoPipeline = false): Redis | Cluster {
-  const common: RedisOptions = { ...COMMON, enableAutoPipelining: autoPipeline };
+  const pipelined = autoPipeline && autoPipeliningAllowed();
+  const common: RedisOptions = { ...COMMON, enableAutoPipelining: pipelined };
   switch (target.kind) {
     case 'single':
       return new Redis(target.url, common);
@@ -722,7 +724,7 @@ function connect(target: StateStoreConfig, autoPipeline = false): Redis | Cluste
     case 'cluster': {
       const options: ClusterOptions = {
         redisOptions: nodeOptions(target),
-        enableAutoPipelining: autoPipeline,
+        enableAutoPipelining: pipelined,
         scaleReads: 'master',
         retryDelayOnFailover: 100,
         retryDelayOnClusterDown: 100,
