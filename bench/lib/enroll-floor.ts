@@ -9,11 +9,11 @@
  *   const floor = await startEnrollFloor();
  *   const r = await floor.run({ tokenEndpoint, clientId, clientSecret, stateUrl, lockUrls, ... });
  */
-import { fork } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { Redis } from 'ioredis';
+import { serveWorker, startWorkerProcess, type WorkerProcess } from './worker-process.js';
 
 export interface FloorSpec {
   tokenEndpoint: string;
@@ -35,37 +35,12 @@ export interface FloorResult {
   seconds: number;
 }
 
-export interface EnrollFloor {
-  readonly pid: number;
-  run(spec: FloorSpec): Promise<FloorResult>;
-  stop(): Promise<void>;
-}
+export type EnrollFloor = WorkerProcess<FloorSpec, FloorResult>;
 
 const SELF = fileURLToPath(import.meta.url);
 
-export async function startEnrollFloor(): Promise<EnrollFloor> {
-  const child = fork(SELF, ['--enroll-floor'], {
-    execArgv: ['--import', 'tsx'],
-    stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
-  });
-  process.on('exit', () => child.kill('SIGKILL'));
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  await new Promise<void>((resolve, reject) => {
-    child.once('message', () => resolve());
-    child.once('exit', (code) => reject(new Error(`enroll floor exited with ${code}`)));
-  });
-  return {
-    pid: child.pid!,
-    run: (spec) =>
-      new Promise((resolve) => {
-        child.once('message', (m) => resolve(m as FloorResult));
-        child.send(spec);
-      }),
-    stop: async () => {
-      child.kill('SIGTERM');
-      await exited;
-    },
-  };
+export function startEnrollFloor(): Promise<EnrollFloor> {
+  return startWorkerProcess<FloorSpec, FloorResult>(SELF, '--enroll-floor', 'enroll floor');
 }
 
 const RELEASE =
@@ -130,14 +105,9 @@ function childMain(): void {
     );
     return { calls, failed, firstError, seconds: (performance.now() - started) / 1_000 };
   };
-  process.on('message', (spec: FloorSpec) => {
-    void run(spec).then((result) => process.send!(result));
-  });
-  process.on('SIGTERM', () => {
+  serveWorker(run, () => {
     for (const c of connections.values()) c.disconnect();
-    process.exit(0);
   });
-  process.send!('ready');
 }
 
 if (process.argv.includes('--enroll-floor')) childMain();

@@ -10,10 +10,10 @@
  *
  * Only ever connects to the address it is given (127.0.0.1 in every bench). Never prints tokens.
  */
-import { fork, type ChildProcess } from 'node:child_process';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
+import { serveWorker, startWorkerProcess, type WorkerProcess } from './worker-process.js';
 
 export interface LoadTarget {
   address: string;
@@ -43,37 +43,12 @@ export interface LoadResult {
   p99Ms: number;
 }
 
-export interface GrpcLoad {
-  readonly pid: number;
-  run(spec: LoadSpec): Promise<LoadResult>;
-  stop(): Promise<void>;
-}
+export type GrpcLoad = WorkerProcess<LoadSpec, LoadResult>;
 
 const SELF = fileURLToPath(import.meta.url);
 
-export async function startGrpcLoad(): Promise<GrpcLoad> {
-  const child: ChildProcess = fork(SELF, ['--load-child'], {
-    execArgv: ['--import', 'tsx'],
-    stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
-  });
-  process.on('exit', () => child.kill('SIGKILL'));
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  await new Promise<void>((resolve, reject) => {
-    child.once('message', () => resolve());
-    child.once('exit', (code) => reject(new Error(`load client exited with ${code}`)));
-  });
-  return {
-    pid: child.pid!,
-    run: (spec) =>
-      new Promise((resolve) => {
-        child.once('message', (m) => resolve(m as LoadResult));
-        child.send(spec);
-      }),
-    stop: async () => {
-      child.kill('SIGTERM');
-      await exited;
-    },
-  };
+export function startGrpcLoad(): Promise<GrpcLoad> {
+  return startWorkerProcess<LoadSpec, LoadResult>(SELF, '--load-child', 'load client');
 }
 
 /** The child: runs each spec it is sent and answers with its result. */
@@ -168,14 +143,9 @@ async function childMain(): Promise<void> {
     };
   };
 
-  process.on('message', (spec: LoadSpec) => {
-    void run(spec).then((result) => process.send!(result));
-  });
-  process.on('SIGTERM', () => {
+  serveWorker(run, () => {
     for (const list of clients.values()) for (const c of list) c.close();
-    process.exit(0);
   });
-  process.send!('ready');
 }
 
 if (process.argv.includes('--load-child')) await childMain();
