@@ -149,6 +149,14 @@ describe('telemetry of real processes', () => {
 
   it("each sidecar's /metrics and its Prometheus endpoint expose the sidecar metrics", async () => {
     for (const { process, metricsPort } of sidecars) {
+      // Deliveries reach a sidecar after the broker counts their rotation, and on a busy machine
+      // a sidecar may subscribe only after alice's first due rotation: wait for 3 applied events
+      // (alice rotates every ~2.2 s) before reading both endpoints.
+      const applied = async () =>
+        sampleValue(await scrape(metricsPort), 'tb_sidecar_token_events_total', {
+          outcome: 'applied',
+        }) ?? 0;
+      await eventually(async () => (await applied()) >= 3, 15_000, '3 applied token events');
       const local = await (await process.get('/metrics')).text();
       const exported = await scrape(metricsPort);
       for (const text of [local, exported]) {
