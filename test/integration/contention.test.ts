@@ -15,7 +15,7 @@ import { startRedisCluster, startRedisSentinel } from '../harness/redis-topologi
  */
 const USERS = 50;
 const TENANT = 'diku';
-const RUN_MS = Number(process.env.TB_CONTENTION_MS ?? 30_000);
+const RUN_MS = Number(process.env.TB_CONTENTION_MS ?? 20_000);
 
 interface LoadStats {
   calls: number;

@@ -2,7 +2,7 @@
  * End to end with real processes: 2 broker replicas, 4 Redis nodes (state + 3 Redlock), the
  * in-process OIDC provider issuing 5 s JWT access tokens, 4 sidecars and a resource server that
  * verifies every token with zero clock tolerance. Simulated modules read through their sidecars
- * and call the resource server for TB_SIDECAR_E2E_MS (default 60 s); one broker is killed
+ * and call the resource server for TB_SIDECAR_E2E_MS (default 30 s: six token lifetimes); one broker is killed
  * mid-run. Then every broker goes down for longer than a token's life, and one comes back.
  */
 import { createHash } from 'node:crypto';
@@ -22,7 +22,7 @@ import {
   type TokenBody,
 } from '../../scripts/dev/sidecar-process.js';
 
-const E2E_MS = Number(process.env.TB_SIDECAR_E2E_MS ?? 60_000);
+const E2E_MS = Number(process.env.TB_SIDECAR_E2E_MS ?? 30_000);
 const AT_TTL_S = 5;
 const SKEW_MS = 2_000;
 /**
