@@ -8,7 +8,10 @@
  *                                measured window; BENCH_CONCURRENCY, default 32 = the broker's
  *                                TB_ROTATION_CONCURRENCY default, also the bare loop's;
  *                                BENCH_NODE_FLAGS, extra node flags for the brokers, e.g.
- *                                '--max-semi-space-size=16'; BENCH_CPU_PROF=1 profiles them)
+ *                                '--max-semi-space-size=16'; BENCH_CPU_PROF=1 profiles them;
+ *                                BENCH_TELEMETRY_ENV, JSON of variables added to the telemetry
+ *                                window's, e.g. '{"OTEL_TRACES_SAMPLER":"parentbased_traceidratio",
+ *                                "OTEL_TRACES_SAMPLER_ARG":"0.1"}')
  *
  * Set-up: 4 real redis-server processes: node 0 holds the state (as the chart's separate state
  * master; no replica here, so no WAIT per commit), nodes 1-3 are the Redlock quorum (the chart's
@@ -31,8 +34,9 @@
  * - Redis commands per rotation: INFO commandstats delta on each node / rotations;
  * - memory: peak RSS (VmHWM) of each replica; heap and the longest GC pause from --trace-gc
  *   lines printed during the window (the atomic pause of each GC, as V8 reports it);
- * - telemetry on: OTLP/HTTP metrics and traces exported every second to a local sink that
- *   answers 200 (bench/lib/probes.ts), against the same replica with telemetry off;
+ * - telemetry on: OTLP/HTTP (protobuf) metrics and traces, every rotation sampled (the chart's
+ *   default sampler ratio 1.0), exported every second to a local sink that answers 200
+ *   (bench/lib/probes.ts), against the same replica with telemetry off;
  * - at 80% of capacity: sessions are revoked until the demand (sessions / 1.5 s) is 80% of the
  *   1-replica rate measured above, then the due lag is measured again.
  */
@@ -84,9 +88,12 @@ const telemetryEnv = {
   OTEL_SERVICE_NAME: 'token-broker',
   OTEL_TRACES_EXPORTER: 'otlp',
   OTEL_METRICS_EXPORTER: 'otlp',
-  OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json',
+  // The chart's default is grpc; http/protobuf is the same encoding to this HTTP sink.
+  OTEL_EXPORTER_OTLP_PROTOCOL: 'http/protobuf',
   OTEL_EXPORTER_OTLP_ENDPOINT: sink.url,
   OTEL_METRIC_EXPORT_INTERVAL: '1000',
+  // Operators' own settings for the telemetry window, e.g. '{"OTEL_TRACES_SAMPLER_ARG":"0.1"}'.
+  ...(JSON.parse(process.env.BENCH_TELEMETRY_ENV ?? '{}') as Record<string, string>),
 };
 
 async function startReplica(index: number, extra: Record<string, string> = {}): Promise<Replica> {

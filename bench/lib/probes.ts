@@ -98,8 +98,14 @@ export async function startOtlpSink(): Promise<{
     req.resume();
     req.on('end', () => {
       requests++;
-      res.writeHead(200, { 'content-type': 'application/json', 'content-length': 2 });
-      res.end('{}');
+      // An empty Export*ServiceResponse: `{}` in JSON, zero bytes in protobuf.
+      if (req.headers['content-type'] === 'application/json') {
+        res.writeHead(200, { 'content-type': 'application/json', 'content-length': 2 });
+        res.end('{}');
+      } else {
+        res.writeHead(200, { 'content-type': 'application/x-protobuf', 'content-length': 0 });
+        res.end();
+      }
     });
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));

@@ -5,6 +5,7 @@ import https from 'node:https';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { brotliDecompressSync, gunzipSync, inflateSync } from 'node:zlib';
+import { context, propagation, trace } from '@opentelemetry/api';
 
 import { IdpTransientError } from '../errors.js';
 import { shapeRedactor } from '../redaction.js';
@@ -131,15 +132,20 @@ export async function postOnce(
   }
   // A string body goes out in one write with the headers (node:http joins them); its length is
   // its UTF-8 byte count.
-  const exchange = send(
-    options.transport ?? defaultIdpTransport,
-    url,
-    'POST',
+  let sentHeaders =
     body === undefined
       ? headers
-      : { ...headers, 'content-length': String(Buffer.byteLength(body, 'utf8')) },
-    body,
-  );
+      : { ...headers, 'content-length': String(Buffer.byteLength(body, 'utf8')) };
+  // Traced (the caller's idp.* span is recording): the request carries its traceparent, and the
+  // span gets the answer's HTTP attributes, so no per-request HTTP span is needed (README,
+  // TB_TRACE_CLIENT_SPANS).
+  const span = trace.getActiveSpan();
+  const traced = span?.isRecording() === true ? span : undefined;
+  if (traced) {
+    sentHeaders = { ...sentHeaders };
+    propagation.inject(context.active(), sentHeaders);
+  }
+  const exchange = send(options.transport ?? defaultIdpTransport, url, 'POST', sentHeaders, body);
   if (body === undefined) exchange.sent = true;
   let timedOut: 'send' | 'answer' | undefined;
   const sendTimer = setTimeout(() => {
@@ -154,7 +160,17 @@ export async function postOnce(
   const onAbort = (): void => exchange.cancel();
   signal.addEventListener('abort', onAbort, { once: true });
   try {
-    return await exchange.answer;
+    const answer = await exchange.answer;
+    if (traced) {
+      const { hostname, port, protocol } = parsedUrl(url);
+      traced.setAttributes({
+        'http.request.method': 'POST',
+        'http.response.status_code': answer.status,
+        'server.address': hostname,
+        'server.port': port === '' ? (protocol === 'https:' ? 443 : 80) : Number(port),
+      });
+    }
+    return answer;
   } catch (err) {
     const { sent } = exchange;
     if (signal.aborted) {

@@ -28,7 +28,7 @@ if (settings.enabled) {
   const { registerOptions, waitForAllMessagesAcknowledged } = createAddHookMessageChannel();
   register('@opentelemetry/instrumentation/hook.mjs', import.meta.url, registerOptions);
   const { createInstrumentations } = await import('./instrumentations.js');
-  const instrumentations = createInstrumentations();
+  const instrumentations = createInstrumentations(settings.clientSpans);
   await waitForAllMessagesAcknowledged();
   const { startTelemetrySdk } = await import('./telemetry-sdk.js');
   installTelemetryRuntime(startTelemetrySdk(settings, instrumentations));

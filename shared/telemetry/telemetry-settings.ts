@@ -21,7 +21,24 @@ export interface TelemetrySettings {
   prometheus: { host: string | undefined; port: number };
   /** OTEL_METRIC_EXPORT_INTERVAL for pushed (OTLP, console) metrics, ms. */
   metricExportIntervalMs: number;
+  /**
+   * TB_TRACE_CLIENT_SPANS: which client libraries get a span per call, besides our own spans.
+   * `redis`: every Redis command (the ioredis instrumentation); a rotation sends about 25, whose
+   * spans cost more than the rotation's own work, and tracing them one by one turns off ioredis's
+   * auto-pipelining (broker/store/auto-pipelining.ts). `http`: every outgoing HTTP request (the
+   * http and undici instrumentations), about a third of a rotation's cost again. Neither by
+   * default: the idp.* spans carry the IdP call's HTTP attributes and send its traceparent
+   * themselves, and lock.*, broker.persist stand for the Redis work.
+   */
+  clientSpans: ClientSpans;
 }
+
+export interface ClientSpans {
+  redis: boolean;
+  http: boolean;
+}
+
+const CLIENT_SPAN_KINDS: readonly string[] = ['redis', 'http', 'none'];
 
 export type TraceExporterName = 'otlp' | 'console' | 'zipkin';
 export type MetricExporterName = 'otlp' | 'console' | 'prometheus';
@@ -54,6 +71,7 @@ export function telemetrySettings(env: Env = process.env): TelemetrySettings {
     METRIC_EXPORTERS,
     [],
   ) as MetricExporterName[];
+  const clientKinds = exporterList(env, 'TB_TRACE_CLIENT_SPANS', CLIENT_SPAN_KINDS, [], 'kind');
   const portText = env.OTEL_EXPORTER_PROMETHEUS_PORT?.trim() || '9464';
   const port = Number(portText);
   if (!/^\d+$/.test(portText) || port > 65_535)
@@ -87,6 +105,10 @@ export function telemetrySettings(env: Env = process.env): TelemetrySettings {
     metricExporters: enabled ? metricExporters : [],
     prometheus: { host: env.OTEL_EXPORTER_PROMETHEUS_HOST?.trim() || undefined, port },
     metricExportIntervalMs: Number(intervalText),
+    clientSpans: {
+      redis: enabled && clientKinds.includes('redis'),
+      http: enabled && clientKinds.includes('http'),
+    },
   };
 }
 
@@ -107,6 +129,7 @@ function exporterList(
   setting: string,
   known: readonly string[],
   fallback: string[],
+  what = 'exporter',
 ): string[] {
   const names = split(env[setting]);
   if (names.length === 0) return fallback;
@@ -114,7 +137,7 @@ function exporterList(
     if (!known.includes(name))
       throw new TelemetrySettingError(
         setting,
-        `names an unknown exporter ${JSON.stringify(name)} (known: ${known.join(', ')})`,
+        `names an unknown ${what} ${JSON.stringify(name)} (known: ${known.join(', ')})`,
       );
   if (names.includes('none')) return [];
   return [...new Set(names)];

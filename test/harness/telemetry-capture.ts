@@ -27,7 +27,7 @@ function start() {
   const provider = new TracerProvider({ spanProcessors: [new SimpleSpanProcessor({ exporter })] });
   context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable());
   trace.setGlobalTracerProvider(provider);
-  const instrumentations = createInstrumentations();
+  const instrumentations = createInstrumentations({ redis: true, http: true });
   const require = createRequire(import.meta.url);
   require('ioredis');
   require('@grpc/grpc-js');

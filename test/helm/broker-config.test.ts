@@ -300,5 +300,15 @@ describe('telemetry as the chart switches it (the broker reads the same env at -
     });
     expect(env.OTEL_EXPORTER_OTLP_ENDPOINT).toBe('http://otel-collector.observability.svc:4317');
     expect(env.OTEL_RESOURCE_ATTRIBUTES).toContain('k8s.pod.name=token-broker-7d9f-abcde');
+    expect(telemetrySettings(env).clientSpans).toEqual({ redis: false, http: false });
+    const debugging = kubeletEnv(
+      charts.render(
+        charts.broker,
+        ['minimal.yaml', 'hpa-servicemonitor.yaml'],
+        ['--set-json', 'otel.clientSpans=["redis","http"]'],
+      ),
+      'otel-redis',
+    );
+    expect(telemetrySettings(debugging).clientSpans).toEqual({ redis: true, http: true });
   });
 });

@@ -69,7 +69,11 @@ beforeAll(async () => {
   ]);
   brokerMetricsPort = await freePort();
   broker = await startBrokerProcess(
-    brokerEnv(oidc, redisTopology(redis.urls), otelEnv('token-broker', brokerMetricsPort)),
+    brokerEnv(oidc, redisTopology(redis.urls), {
+      ...otelEnv('token-broker', brokerMetricsPort),
+      // Client spans are opt-in; on here to see that the hook instruments ioredis and node:http.
+      TB_TRACE_CLIENT_SPANS: 'redis,http',
+    }),
   );
   client = new BrokerClient(broker.address);
   for (const user of [ALICE, BOB]) {

@@ -179,6 +179,9 @@ describe('telemetry of one rotation', () => {
     const idp = child('idp.refresh');
     expect(idp.attributes['tb.idp']).toBe('default');
     expect(childrenOf(idp).some((s) => s.name === 'POST')).toBe(true);
+    // Its own HTTP attributes, which stand for that span when client spans are off.
+    expect(idp.attributes['http.response.status_code']).toBe(200);
+    expect(idp.attributes['server.address']).toBe('127.0.0.1');
     // The Redis write: the compare-and-set script under broker.persist.
     const persist = child('broker.persist');
     const writes = childrenOf(persist).filter(isRedis);

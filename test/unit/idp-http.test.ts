@@ -311,3 +311,49 @@ describe('postOnce over https', () => {
     expect(server.seen).toHaveLength(0);
   });
 });
+
+describe('postOnce inside a recording span', () => {
+  it("sends the span's traceparent and records the answer's HTTP attributes on it", async () => {
+    const { AsyncLocalStorageContextManager } = await import('@opentelemetry/context-async-hooks');
+    const { W3CTraceContextPropagator } = await import('@opentelemetry/core');
+    const { InMemorySpanExporter, SimpleSpanProcessor, TracerProvider } =
+      await import('@opentelemetry/sdk-trace');
+    const { context, propagation } = await import('@opentelemetry/api');
+    const exporter = new InMemorySpanExporter();
+    const provider = new TracerProvider({
+      spanProcessors: [new SimpleSpanProcessor({ exporter })],
+    });
+    context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable());
+    propagation.setGlobalPropagator(new W3CTraceContextPropagator());
+    try {
+      const server = await idp((_seen, _req, res) => ok(res));
+      const tracer = provider.getTracer('test');
+      const answer = await tracer.startActiveSpan('idp.refresh', async (span) => {
+        try {
+          return await postOnce(server.url, form, FORM, options());
+        } finally {
+          span.end();
+        }
+      });
+      expect(answer.status).toBe(200);
+      // Untraced, nothing is added.
+      await postOnce(server.url, form, FORM, options());
+      const [span] = exporter.getFinishedSpans();
+      const { traceId, spanId } = span!.spanContext();
+      expect(server.seen[0]!.headers.traceparent).toBe(`00-${traceId}-${spanId}-01`);
+      expect(server.seen[1]!.headers.traceparent).toBeUndefined();
+      expect(span!.attributes).toMatchObject({
+        'http.request.method': 'POST',
+        'http.response.status_code': 200,
+        'server.address': '127.0.0.1',
+        'server.port': Number(new URL(server.url).port),
+      });
+      // The caller's headers object is left as it was.
+      expect(Object.keys(form)).toEqual(['content-type']);
+    } finally {
+      await provider.shutdown();
+      context.disable();
+      propagation.disable();
+    }
+  });
+});

@@ -1,4 +1,5 @@
 import { describe, expect, it } from 'vitest';
+import { createInstrumentations } from '../../shared/telemetry/instrumentations.js';
 import { telemetrySettings } from '../../shared/telemetry/telemetry-settings.js';
 
 describe('telemetrySettings', () => {
@@ -46,6 +47,40 @@ describe('telemetrySettings', () => {
       telemetrySettings({ ...asked, TB_TELEMETRY: 'on', OTEL_SDK_DISABLED: 'TRUE' }).enabled,
     ).toBe(false);
     expect(telemetrySettings({ ...asked, TB_TELEMETRY: 'off' }).enabled).toBe(false);
+  });
+
+  it('adds client spans only as TB_TRACE_CLIENT_SPANS lists them, and only with telemetry on', () => {
+    const on = { OTEL_TRACES_EXPORTER: 'otlp' };
+    expect(telemetrySettings(on).clientSpans).toEqual({ redis: false, http: false });
+    expect(telemetrySettings({ ...on, TB_TRACE_CLIENT_SPANS: 'none' }).clientSpans).toEqual({
+      redis: false,
+      http: false,
+    });
+    expect(telemetrySettings({ ...on, TB_TRACE_CLIENT_SPANS: ' Redis ' }).clientSpans).toEqual({
+      redis: true,
+      http: false,
+    });
+    expect(telemetrySettings({ ...on, TB_TRACE_CLIENT_SPANS: 'http,redis' }).clientSpans).toEqual({
+      redis: true,
+      http: true,
+    });
+    expect(telemetrySettings({ TB_TRACE_CLIENT_SPANS: 'redis' }).clientSpans.redis).toBe(false);
+    expect(() => telemetrySettings({ ...on, TB_TRACE_CLIENT_SPANS: 'redis,grpc' })).toThrow(
+      /^TB_TRACE_CLIENT_SPANS names an unknown kind "grpc" \(known: redis, http, none\)/,
+    );
+    // Constructing enables them: each is disabled again at once.
+    const names = (redis: boolean, http: boolean) =>
+      createInstrumentations({ redis, http }).map((i) => {
+        i.disable();
+        return i.instrumentationName;
+      });
+    expect(names(false, false)).toEqual(['@opentelemetry/instrumentation-grpc']);
+    expect(names(true, false)).toContain('@opentelemetry/instrumentation-ioredis');
+    expect(names(false, true)).toEqual([
+      '@opentelemetry/instrumentation-grpc',
+      '@opentelemetry/instrumentation-http',
+      '@opentelemetry/instrumentation-undici',
+    ]);
   });
 
   it('refuses a bad value, naming the variable', () => {

@@ -157,6 +157,10 @@ taking the lock and closing Redis connections. An explicit value below that fail
   value: {{ .Values.otel.sampler | quote }}
 - name: OTEL_TRACES_SAMPLER_ARG
   value: {{ .Values.otel.samplerArg | quote }}
+{{- with .Values.otel.clientSpans }}
+- name: TB_TRACE_CLIENT_SPANS
+  value: {{ join "," . | quote }}
+{{- end }}
 {{- else }}
 - name: OTEL_TRACES_EXPORTER
   value: none
