@@ -6,6 +6,7 @@
 import { metrics, type Meter } from '@opentelemetry/api';
 import { PrometheusExporter, PrometheusSerializer } from '@opentelemetry/exporter-prometheus';
 import { MeterProvider, type MetricReader } from '@opentelemetry/sdk-metrics';
+import { LocalMetrics, processLocalMetrics, type LocalScope } from './local-metrics.js';
 import { telemetryRuntime } from './telemetry-runtime.js';
 
 export interface MetricsText {
@@ -15,6 +16,8 @@ export interface MetricsText {
 
 export interface MetricsEndpoint {
   readonly meter: Meter;
+  /** Instruments for the hottest paths (local-metrics.ts), exported with the meter's. */
+  readonly local: LocalScope;
   /** The current values in Prometheus text exposition format 0.0.4. */
   exposition(): Promise<MetricsText>;
   shutdown(): Promise<void>;
@@ -25,11 +28,12 @@ const CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
 const serializer = new PrometheusSerializer('', false, undefined, true, true);
 
 /** A reader that only answers collect(): no server of its own. */
-export function pullOnlyReader(): MetricReader {
+export function pullOnlyReader(local: LocalMetrics = processLocalMetrics): MetricReader {
   return new PrometheusExporter({
     preventServerStart: true,
     withoutScopeInfo: true,
     withoutTargetInfo: true,
+    metricProducers: [local],
   });
 }
 
@@ -38,13 +42,16 @@ export function openMetricsEndpoint(scope: string): MetricsEndpoint {
   if (runtime)
     return {
       meter: metrics.getMeter(scope),
+      local: processLocalMetrics.scope(scope),
       exposition: () => expose(runtime.localReader),
       shutdown: () => Promise.resolve(),
     };
-  const reader = pullOnlyReader();
+  const local = new LocalMetrics();
+  const reader = pullOnlyReader(local);
   const provider = new MeterProvider({ readers: [reader] });
   return {
     meter: provider.getMeter(scope),
+    local: local.scope(scope),
     exposition: () => expose(reader),
     shutdown: () => provider.shutdown(),
   };

@@ -19,6 +19,7 @@ import {
   type PushMetricExporter,
 } from '@opentelemetry/sdk-metrics';
 import { NodeSDK } from '@opentelemetry/sdk-node';
+import { processLocalMetrics } from './local-metrics.js';
 import { pullOnlyReader } from './metrics-endpoint.js';
 import type { TelemetryRuntime } from './telemetry-runtime.js';
 import type { TelemetrySettings } from './telemetry-settings.js';
@@ -36,6 +37,7 @@ export function startTelemetrySdk(
         new PrometheusExporter({
           ...(settings.prometheus.host ? { host: settings.prometheus.host } : {}),
           port: settings.prometheus.port,
+          metricProducers: [processLocalMetrics],
         }),
       );
     else
@@ -44,6 +46,7 @@ export function startTelemetrySdk(
           exporter: name === 'console' ? new ConsoleMetricExporter() : otlpMetricExporter(env),
           exportIntervalMillis: settings.metricExportIntervalMs,
           exportTimeoutMillis: Math.min(30_000, settings.metricExportIntervalMs),
+          metricProducers: [processLocalMetrics],
         }),
       );
   }
