@@ -19,7 +19,7 @@ import type { SidecarMetrics } from './metrics.js';
 import { decideRead, type ReadDecision } from './read-policy.js';
 import type { SessionRef } from '../shared/session-ref.js';
 import { TOKEN_PATH_PREFIX, TokenRequestCache, type TokenRequest } from './token-request.js';
-import type { TokenState, TokenStore, UserEntry } from './token-store.js';
+import type { TokenStore, UserEntry } from './token-store.js';
 
 /** While a module waits for a newer generation, a refused or lost Refresh is retried this often. */
 const REFRESH_RECHECK_MS = 1_000;
@@ -111,11 +111,6 @@ export class SidecarHttpApi {
   private closing = false;
   private readonly clock: () => number;
   private readonly parsedUrls: TokenRequestCache;
-  /** The JSON answer per state, rebuilt when `expires_in` changes (once a second). */
-  private readonly bodies = new WeakMap<
-    TokenState,
-    { expiresIn: number; body: string; length: number }
-  >();
   /** Until `listening` says where, no Host is accepted (no request can arrive before either). */
   private hosts: ReadonlySet<string> = new Set();
   private noHostAllowed = false;
@@ -308,8 +303,10 @@ export class SidecarHttpApi {
       res.end(state.accessToken);
     } else {
       const expiresIn = Math.floor((state.expiresAtMs - now) / 1000);
-      let cached = this.bodies.get(state);
-      if (cached?.expiresIn !== expiresIn) {
+      // Built once per state and second left (expires_in), not at every read. A string, not a
+      // Buffer: node:http sends a string body in one write with the headers.
+      let answer = entry.jsonAnswer;
+      if (answer?.state !== state || answer.expiresIn !== expiresIn) {
         const body = JSON.stringify({
           access_token: state.accessToken,
           token_type: state.tokenType,
@@ -317,15 +314,14 @@ export class SidecarHttpApi {
           expires_in: expiresIn,
           generation: state.generation,
         });
-        cached = { expiresIn, body, length: Buffer.byteLength(body) };
-        this.bodies.set(state, cached);
+        entry.jsonAnswer = answer = { state, expiresIn, body, length: Buffer.byteLength(body) };
       }
       res.writeHead(200, {
         'content-type': JSON_TYPE,
         'cache-control': 'no-store',
-        'content-length': cached.length,
+        'content-length': answer.length,
       });
-      res.end(cached.body);
+      res.end(answer.body);
     }
     const waited = performance.now() - read.started;
     this.deps.metrics.tokenRead('OK', waited / 1000);
