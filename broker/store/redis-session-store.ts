@@ -650,9 +650,11 @@ export class RedisSessionStore implements SessionStore {
       // re-read, but only once the subscription is in place again (a SUBSCRIBE queued behind
       // ioredis's own has been answered), or a change between the read and it would be missed.
       if (connectedOnce)
+        // One catch for both: a throwing onResync must not become an unhandled rejection.
         void subscriber
           .subscribe(...channels)
-          .then(onResync, (err: unknown) =>
+          .then(() => onResync())
+          .catch((err: unknown) =>
             this.log.warn({ err: String(err) }, 'resubscribing to events failed'),
           );
       connectedOnce = true;
