@@ -19,7 +19,7 @@ import type { SidecarMetrics } from './metrics.js';
 import { decideRead, type ReadDecision } from './read-policy.js';
 import type { SessionRef } from '../shared/session-ref.js';
 import { TOKEN_PATH_PREFIX, TokenRequestCache, type TokenRequest } from './token-request.js';
-import type { TokenStore, UserEntry } from './token-store.js';
+import type { TokenState, TokenStore, UserEntry } from './token-store.js';
 
 /** While a module waits for a newer generation, a refused or lost Refresh is retried this often. */
 const REFRESH_RECHECK_MS = 1_000;
@@ -111,6 +111,14 @@ export class SidecarHttpApi {
   private closing = false;
   private readonly clock: () => number;
   private readonly parsedUrls: TokenRequestCache;
+  /**
+   * The JSON answer per state, rebuilt when `expires_in` changes (once a second). A string, not a
+   * Buffer: node:http sends a string body in one write with the headers.
+   */
+  private readonly bodies = new WeakMap<
+    TokenState,
+    { expiresIn: number; body: string; length: number }
+  >();
   /** Until `listening` says where, no Host is accepted (no request can arrive before either). */
   private hosts: ReadonlySet<string> = new Set();
   private noHostAllowed = false;
@@ -303,10 +311,8 @@ export class SidecarHttpApi {
       res.end(state.accessToken);
     } else {
       const expiresIn = Math.floor((state.expiresAtMs - now) / 1000);
-      // Built once per state and second left (expires_in), not at every read. A string, not a
-      // Buffer: node:http sends a string body in one write with the headers.
-      let answer = entry.jsonAnswer;
-      if (answer?.state !== state || answer.expiresIn !== expiresIn) {
+      let answer = this.bodies.get(state);
+      if (answer?.expiresIn !== expiresIn) {
         const body = JSON.stringify({
           access_token: state.accessToken,
           token_type: state.tokenType,
@@ -314,7 +320,8 @@ export class SidecarHttpApi {
           expires_in: expiresIn,
           generation: state.generation,
         });
-        entry.jsonAnswer = answer = { state, expiresIn, body, length: Buffer.byteLength(body) };
+        answer = { expiresIn, body, length: Buffer.byteLength(body) };
+        this.bodies.set(state, answer);
       }
       res.writeHead(200, {
         'content-type': JSON_TYPE,

@@ -40,11 +40,6 @@ export interface UserEntry extends SessionRef {
   readonly pinned: boolean;
   lastReadAt: number;
   readonly waiters: Set<() => void>;
-  /**
-   * The HTTP API's JSON answer for `state` and its byte length (http-api.ts), kept here so a read
-   * finds it with the entry; rebuilt when the state or its whole seconds left change.
-   */
-  jsonAnswer: { state: TokenState; expiresIn: number; body: string; length: number } | undefined;
 }
 
 export type ApplyOutcome = 'applied' | 'stale' | 'unwatched';
@@ -128,7 +123,6 @@ export class TokenStore {
       pinned,
       lastReadAt: this.clock(),
       waiters: new Set(),
-      jsonAnswer: undefined,
     };
     this.entries.set(key, entry);
     return { entry, created: true };

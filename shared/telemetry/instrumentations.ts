@@ -4,10 +4,11 @@
  *
  * Nothing they record may carry a token or a user id: Redis statements are reduced to the command
  * name (keys name the user). Redis commands and outgoing HTTP requests get spans only when asked
- * (TB_TRACE_CLIENT_SPANS, telemetry-settings.ts): they would cost more than the rotations. Incoming HTTP gets no server spans: the only servers are the
- * sidecar's API, whose token reads have our own `sidecar.read` span (the URL names the user), and
- * metrics scrapes. (Ignoring requests one by one would not do: the instrumentation suppresses
- * tracing inside an ignored request, our own span included.)
+ * (TB_TRACE_CLIENT_SPANS, telemetry-settings.ts): they would cost more than the rotations.
+ * Incoming HTTP gets no server spans: the only servers are the sidecar's API, whose token reads
+ * have our own `sidecar.read` span (the URL names the user), and metrics scrapes. (Ignoring
+ * requests one by one would not do: the instrumentation suppresses tracing inside an ignored
+ * request, our own span included.)
  */
 import type { Instrumentation } from '@opentelemetry/instrumentation';
 import type { ClientSpans } from './telemetry-settings.js';

@@ -62,16 +62,16 @@ export function telemetrySettings(env: Env = process.env): TelemetrySettings {
   const switchValue = (env.TB_TELEMETRY ?? '').trim().toLowerCase();
   if (!['', 'on', 'off'].includes(switchValue))
     throw new TelemetrySettingError('TB_TELEMETRY', 'must be on or off');
-  const traceExporters = exporterList(env, 'OTEL_TRACES_EXPORTER', TRACE_EXPORTERS, [
+  const traceExporters = namedList(env, 'OTEL_TRACES_EXPORTER', TRACE_EXPORTERS, [
     'otlp',
   ]) as TraceExporterName[];
-  const metricExporters = exporterList(
+  const metricExporters = namedList(
     env,
     'OTEL_METRICS_EXPORTER',
     METRIC_EXPORTERS,
     [],
   ) as MetricExporterName[];
-  const clientKinds = exporterList(env, 'TB_TRACE_CLIENT_SPANS', CLIENT_SPAN_KINDS, [], 'kind');
+  const clientKinds = namedList(env, 'TB_TRACE_CLIENT_SPANS', CLIENT_SPAN_KINDS, [], 'kind');
   const portText = env.OTEL_EXPORTER_PROMETHEUS_PORT?.trim() || '9464';
   const port = Number(portText);
   if (!/^\d+$/.test(portText) || port > 65_535)
@@ -124,7 +124,8 @@ function split(value: string | undefined): string[] {
     .filter((s) => s !== '');
 }
 
-function exporterList(
+/** The comma list in `setting`, each name one of `known` (`none` empties it; `what` names them). */
+function namedList(
   env: Env,
   setting: string,
   known: readonly string[],
