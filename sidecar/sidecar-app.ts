@@ -1,6 +1,7 @@
 import { lstat, rm } from 'node:fs/promises';
-import { createServer, type Server } from 'node:http';
+import type { Server } from 'node:http';
 import type { Logger } from 'pino';
+import { http as nodeHttp } from '../shared/node-http.js';
 import { openMetricsEndpoint } from '../shared/telemetry/metrics-endpoint.js';
 import { connectBroker } from './broker-client.js';
 import { BrokerLink, type BrokerApi } from './broker-link.js';
@@ -152,7 +153,7 @@ export async function startSidecar(
     maxUsers: config.maxUsers,
   });
   // The API answers a missing Host itself: none is fine on the Unix socket, not over TCP.
-  const server = createServer({ requireHostHeader: false }, http.handle);
+  const server = nodeHttp.createServer({ requireHostHeader: false }, http.handle);
   server.on('clientError', http.clientError);
   await listen(server, config);
   const address = server.address();

@@ -15,7 +15,6 @@
 import { createHash } from 'node:crypto';
 import { unwatchFile, watchFile, type Stats } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { request } from 'node:https';
 
 import {
   decodeJwt,
@@ -29,6 +28,7 @@ import {
   type ProtectedHeaderParameters,
 } from 'jose';
 import type { Logger } from 'pino';
+import { https } from '../../shared/node-http.js';
 
 import { UnauthenticatedError, type UnauthenticatedReason } from '../errors.js';
 
@@ -229,7 +229,7 @@ function fetchJson(
 ): Promise<unknown> {
   return new Promise((resolve, reject) => {
     const fail = (message: string): void => reject(new KeyLoadError(url.href, message));
-    const req = request(
+    const req = https.request(
       url,
       {
         method: 'GET',

@@ -1,7 +1,4 @@
 import * as grpc from '@grpc/grpc-js';
-import { loadFileDescriptorSetFromBuffer } from '@grpc/proto-loader';
-import { ReflectionService } from '@grpc/reflection';
-import { HealthImplementation } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import {
   TokenBrokerServiceService,
@@ -13,7 +10,7 @@ import {
   WatchResponse,
 } from '../../gen/tokenbroker/v1/token_broker.js';
 import { STATUS_TO_PROTO } from '../../shared/session-status.js';
-import { FILE_DESCRIPTOR_SET_BASE64 } from '../../gen/tokenbroker/v1/descriptor-set.js';
+import { DESCRIPTOR_FILES } from '../../gen/descriptor-files.js';
 import { auditCaller, type AccessControl } from '../auth/access-control.js';
 import type { Verb } from '../auth/access-policy.js';
 import type { CallerIdentity } from '../auth/service-account-verifier.js';
@@ -42,8 +39,12 @@ import {
   type SessionRef,
 } from '../store/session-record.js';
 import type { Delivery, WatchHub, WatchSink } from '../watch-hub.js';
+import { HealthStatus } from './health-service.js';
+import { ReflectionService } from './reflection-service.js';
 
 const SERVICE_NAME = 'tokenbroker.v1.TokenBrokerService';
+const HEALTH_SERVICE_NAME = 'grpc.health.v1.Health';
+const REFLECTION_SERVICE_NAME = 'grpc.reflection.v1.ServerReflection';
 
 /**
  * A WatchResponse encoded once, written as is to every stream it goes to (the service's Watch
@@ -276,10 +277,7 @@ const callers = new WeakMap<grpc.Metadata, CallerIdentity>();
 /** The gRPC edge: maps requests to SessionService calls and BrokerErrors to status codes. */
 export class BrokerGrpcServer {
   readonly server: grpc.Server;
-  private readonly health = new HealthImplementation({
-    '': 'NOT_SERVING',
-    [SERVICE_NAME]: 'NOT_SERVING',
-  });
+  private readonly health = new HealthStatus(['', SERVICE_NAME]);
   private readonly streams = new Map<
     grpc.ServerDuplexStream<WatchRequest, WatchResponse>,
     StreamSink
@@ -302,11 +300,11 @@ export class BrokerGrpcServer {
     });
     this.server.addService(SERVED_SERVICE, this.implementation());
     this.health.addToServer(this.server);
-    const definition = loadFileDescriptorSetFromBuffer(
-      Buffer.from(FILE_DESCRIPTOR_SET_BASE64, 'base64'),
-      { keepCase: false, longs: Number, defaults: true },
-    );
-    new ReflectionService(definition).addToServer(this.server);
+    new ReflectionService(DESCRIPTOR_FILES, [
+      SERVICE_NAME,
+      HEALTH_SERVICE_NAME,
+      REFLECTION_SERVICE_NAME,
+    ]).addToServer(this.server);
   }
 
   /** Binds and starts serving; returns the bound port (useful with port 0). */
@@ -323,9 +321,8 @@ export class BrokerGrpcServer {
   }
 
   setServing(serving: boolean): void {
-    const status = serving ? 'SERVING' : 'NOT_SERVING';
-    this.health.setStatus('', status);
-    this.health.setStatus(SERVICE_NAME, status);
+    this.health.set('', serving);
+    this.health.set(SERVICE_NAME, serving);
   }
 
   /** Ends every Watch stream so sidecars reconnect to another replica, then stops. */

@@ -1,12 +1,12 @@
 // The modules' default exports, read at call time: telemetry's HTTP instrumentation patches
 // `request` on them, which named ESM imports of a builtin would not see.
-import http, { type Agent as HttpAgent, type ClientRequest, type IncomingMessage } from 'node:http';
-import https from 'node:https';
+import type { Agent as HttpAgent, ClientRequest, IncomingMessage } from 'node:http';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { brotliDecompressSync, gunzipSync, inflateSync } from 'node:zlib';
 import { context, propagation, trace } from '@opentelemetry/api';
 
+import { http, https } from '../../shared/node-http.js';
 import { IdpTransientError } from '../errors.js';
 import { shapeRedactor } from '../redaction.js';
 /** What every IdP adapter shares: one HTTP call whose network failures are classified. */
