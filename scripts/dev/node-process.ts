@@ -1,17 +1,54 @@
 /**
  * One of the project's entry points as a real child process, with the telemetry entry (which does
  * nothing unless OTEL_* ask): through tsx from the sources by default (tests need no build), or
- * `compiled`, the JS in dist/ that `npm start` and the image run (benchmarks; `make build` first).
+ * `compiled`, what `npm start` and the image run (benchmarks; `make build` first): the entry's bundle
+ * in dist/bin/ (scripts/bundle.ts) where it has one, else tsc's output in dist/.
  * Its stdout is read as pino JSON lines. Children still alive when the test process exits are
  * killed with SIGKILL.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { join } from 'node:path';
+import { readdirSync, statSync } from 'node:fs';
+import { join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const NODE_ARGS = ['--import', 'tsx', '--import', './shared/telemetry/register.ts'];
 const COMPILED_NODE_ARGS = ['--import', './dist/shared/telemetry/register.js'];
+/** The bundles scripts/bundle.ts writes, by the entry point they are made from. */
+const BUNDLES: Readonly<Record<string, string>> = {
+  'broker/main.ts': 'dist/bin/broker.js',
+  'sidecar/main.ts': 'dist/bin/sidecar.js',
+  'webhook/main.ts': 'dist/bin/webhook.js',
+};
+
+/** The newest file of the sources dist/ is built from. */
+function newestSource(): { file: string; mtimeMs: number } {
+  let newest = { file: '', mtimeMs: 0 };
+  for (const dir of ['broker', 'sidecar', 'webhook', 'shared', 'gen'])
+    for (const entry of readdirSync(join(ROOT, dir), { recursive: true, withFileTypes: true })) {
+      if (!entry.isFile()) continue;
+      const path = join(entry.parentPath, entry.name);
+      const { mtimeMs } = statSync(path);
+      if (mtimeMs > newest.mtimeMs) newest = { file: relative(ROOT, path), mtimeMs };
+    }
+  return newest;
+}
+
+const checked = new Set<string>();
+/**
+ * A compiled run of stale or missing output would test yesterday's code: refuse it, saying why.
+ * Only a bundle is compared with the sources: `make build` writes every bundle anew, while tsc
+ * leaves an unchanged file's output as it was.
+ */
+function assertBuilt(file: string, bundle: boolean): void {
+  if (checked.has(file)) return;
+  const built = statSync(join(ROOT, file), { throwIfNoEntry: false });
+  if (!built) throw new Error(`${file} does not exist: run \`make build\` first`);
+  const newest = bundle ? newestSource() : undefined;
+  if (newest && newest.mtimeMs > built.mtimeMs)
+    throw new Error(`${file} is older than ${newest.file}: run \`make build\` first`);
+  checked.add(file);
+}
 
 export interface SpawnOptions {
   /** Run dist/<entry>.js instead of the TypeScript source through tsx. */
@@ -44,9 +81,9 @@ export function spawnNodeProcess(
   env: Record<string, string>,
   options: SpawnOptions = {},
 ): NodeProcess {
-  const args = options.compiled
-    ? [...COMPILED_NODE_ARGS, join('dist', entry.replace(/\.ts$/, '.js'))]
-    : [...NODE_ARGS, entry];
+  const compiled = BUNDLES[entry] ?? join('dist', entry.replace(/\.ts$/, '.js'));
+  if (options.compiled) assertBuilt(compiled, entry in BUNDLES);
+  const args = options.compiled ? [...COMPILED_NODE_ARGS, compiled] : [...NODE_ARGS, entry];
   const child = spawn(process.execPath, [...(options.nodeFlags ?? []), ...args], {
     cwd: ROOT,
     env: { PATH: process.env.PATH ?? '', ...env },

@@ -174,8 +174,14 @@ export class LocalMetrics implements MetricProducer {
   }
 }
 
+const KEY = Symbol.for('token-broker.local-metrics');
+type Holder = { [KEY]?: LocalMetrics };
+
 /**
  * The process's local instruments when the SDK runs: telemetry-sdk.ts gives every reader it
  * builds this producer. Without the SDK, each metrics endpoint has its own (metrics-endpoint.ts).
+ * Kept on globalThis, as telemetry-runtime.ts keeps the SDK: the --import entry loads this module
+ * from dist/shared/, while a bundled entry point (scripts/bundle.ts) carries a copy of its own.
  */
-export const processLocalMetrics = new LocalMetrics();
+export const processLocalMetrics: LocalMetrics = ((globalThis as Holder)[KEY] ??=
+  new LocalMetrics());

@@ -2,7 +2,8 @@
  * The images, without a Docker engine: deploy/docker/Dockerfile is read for what it promises
  * (Node.js 22, non-root, production modules, the two entry points), and its build is replayed here:
  * tsc -p tsconfig.build.json into a temporary dist/ (no .proto file: reflection is built from the
- * generated descriptor set), then the broker and the sidecar run from that layout, and the sidecar answers the chart's exec probes.
+ * generated descriptor set) and scripts/bundle.ts into its bin/, then the broker and the sidecar
+ * run from that layout, and the sidecar answers the chart's exec probes.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import {
@@ -78,7 +79,11 @@ describe('deploy/docker/Dockerfile', () => {
     expect(dockerfile).toMatch(/^ARG NODE_IMAGE=node:22-[a-z]+-slim$/m);
     const all = stages();
     expect([...all.keys()]).toEqual(['build', 'modules', 'runtime', 'sidecar', 'broker']);
-    expect(all.get('build')!.lines).toContain('RUN npx tsc -p tsconfig.build.json');
+    const build = all.get('build')!.lines;
+    expect(build).toContain('RUN npx tsc -p tsconfig.build.json');
+    // The entry points run bundled, made from tsc's output after it.
+    const bundling = build.indexOf('RUN node --import tsx scripts/bundle.ts dist');
+    expect(bundling).toBeGreaterThan(build.indexOf('RUN npx tsc -p tsconfig.build.json'));
     expect(all.get('modules')!.lines.join('\n')).toMatch(/npm ci --omit=dev/);
     const runtime = all.get('runtime')!.lines;
     expect(runtime).toContain('USER 1000:1000');
@@ -86,8 +91,8 @@ describe('deploy/docker/Dockerfile', () => {
       /--from=build \/app\/node_modules/,
     );
     const telemetry = ['--import', './dist/shared/telemetry/register.js'];
-    expect(entrypoint('broker')).toEqual(['node', ...telemetry, 'dist/broker/main.js']);
-    expect(entrypoint('sidecar')).toEqual(['node', ...telemetry, 'dist/sidecar/main.js']);
+    expect(entrypoint('broker')).toEqual(['node', ...telemetry, 'dist/bin/broker.js']);
+    expect(entrypoint('sidecar')).toEqual(['node', ...telemetry, 'dist/bin/sidecar.js']);
     // The broker is the last stage, so a build without --target gives it.
     expect([...all.keys()].at(-1)).toBe('broker');
   });
@@ -164,13 +169,29 @@ describe('deploy/docker/Dockerfile', () => {
       .filter((l) => l.startsWith('COPY ') && !l.includes('--from='))
       .flatMap((l) => l.split(/\s+/).slice(1, -1));
     expect(sources).toEqual(
-      expect.arrayContaining(['package.json', 'broker', 'sidecar', 'shared', 'gen']),
+      expect.arrayContaining([
+        'package.json',
+        'broker',
+        'sidecar',
+        'shared',
+        'gen',
+        'scripts/bundle.ts',
+      ]),
     );
     for (const source of sources) {
       expect(existsSync(join(REPO, source)), source).toBe(true);
       expect(inBuildContext(source), source).toBe(true);
     }
-    for (const left of ['node_modules', '.git', '.tools', 'test', 'deploy', 'dist', 'proto'])
+    for (const left of [
+      'node_modules',
+      '.git',
+      '.tools',
+      'test',
+      'deploy',
+      'dist',
+      'proto',
+      'scripts',
+    ])
       expect(inBuildContext(left), left).toBe(false);
   });
 });
@@ -192,8 +213,14 @@ describe('the image layout, replayed', () => {
       ],
       { cwd: REPO, stdio: 'pipe' },
     );
-    cpSync(join(REPO, 'package.json'), join(app, 'package.json'));
+    // The bundles resolve the packages they leave outside, as the image's node_modules holds them.
     symlinkSync(join(REPO, 'node_modules'), join(app, 'node_modules'));
+    execFileSync(
+      process.execPath,
+      ['--import', 'tsx', join('scripts', 'bundle.ts'), join(app, 'dist')],
+      { cwd: REPO, stdio: 'pipe' },
+    );
+    cpSync(join(REPO, 'package.json'), join(app, 'package.json'));
   }, 120_000);
 
   afterAll(() => {

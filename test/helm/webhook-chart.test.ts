@@ -64,7 +64,7 @@ describe('the webhook in the token-broker chart', () => {
     expect(webhook.spec.replicas).toBe(2);
     const container = webhook.spec.template.spec.containers[0]!;
     expect(container.image).toBe(broker.spec.template.spec.containers[0]!.image);
-    expect(container.command).toEqual(['node', 'dist/webhook/main.js']);
+    expect(container.command).toEqual(['node', 'dist/bin/webhook.js']);
     const pdb = find(objects, 'PodDisruptionBudget', 'token-broker-webhook') as K8sObject & {
       spec: { minAvailable: number; selector: { matchLabels: Record<string, string> } };
     };

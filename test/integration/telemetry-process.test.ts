@@ -1,6 +1,8 @@
 /**
- * Telemetry of real processes started as in production (`--import` of the telemetry entry, the
- * ESM loader hook, the NodeSDK from OTEL_* variables): a broker over Redis and two sidecars, all
+ * Telemetry of real processes started as in production (the bundles of dist/bin/ the image runs,
+ * `--import` of the telemetry entry, the ESM loader hook, the NodeSDK from OTEL_* variables): so
+ * the instrumented packages the bundles leave outside (scripts/bundle.ts) are seen patched, and the
+ * bundled OpenTelemetry API reaches the SDK's providers. A broker over Redis and two sidecars, all
  * exporting traces over OTLP/HTTP JSON to a receiver here, with the Prometheus exporter on. After
  * rotations (one due, one ending in REAUTH_REQUIRED), both processes' /metrics expose the metrics
  * the issue lists, the spans of grpc-js and ioredis exist (the hook worked), a sidecar's delivery
@@ -74,6 +76,7 @@ beforeAll(async () => {
       // Client spans are opt-in; on here to see that the hook instruments ioredis and node:http.
       TB_TRACE_CLIENT_SPANS: 'redis,http',
     }),
+    { compiled: true },
   );
   client = new BrokerClient(broker.address);
   for (const user of [ALICE, BOB]) {
@@ -86,12 +89,15 @@ beforeAll(async () => {
     const metricsPort = await freePort();
     sidecars.push({
       metricsPort,
-      process: await startSidecarProcess({
-        TB_SIDECAR_BROKER_ADDRESS: broker.address,
-        TB_SIDECAR_USERS: `${TENANT}/${ALICE},${TENANT}/${BOB}`,
-        TB_SIDECAR_SAFETY_SKEW_MS: '500',
-        ...otelEnv(`token-broker-sidecar-${i}`, metricsPort),
-      }),
+      process: await startSidecarProcess(
+        {
+          TB_SIDECAR_BROKER_ADDRESS: broker.address,
+          TB_SIDECAR_USERS: `${TENANT}/${ALICE},${TENANT}/${BOB}`,
+          TB_SIDECAR_SAFETY_SKEW_MS: '500',
+          ...otelEnv(`token-broker-sidecar-${i}`, metricsPort),
+        },
+        { compiled: true },
+      ),
     });
   }
   // Bob's family dies at the IdP (a logout): his next rotation ends in REAUTH_REQUIRED.

@@ -1,0 +1,74 @@
+/**
+ * Bundles the compiled entry points (tsc's output in DIST) into one ES module each:
+ * DIST/bin/broker.js, DIST/bin/sidecar.js and DIST/bin/webhook.js, what the images and `npm start`
+ * run. Usage: bundle.ts [DIST] (default dist).
+ *
+ * Why: a start spent most of its time in Node's module system (resolving, reading and linking
+ * some 400 files, lexing each CommonJS one for its exports), not in the broker (bench/startup.ts).
+ *
+ * What stays a separate package, loaded from node_modules as before: every dependency the
+ * OpenTelemetry instrumentations patch as it loads (@grpc/grpc-js, ioredis; node:http is built
+ * in), the SDK itself, pino (its transports load files by name) and whatever those bring. A
+ * bundled copy of an instrumented package would run unpatched, without its spans. Only the
+ * project's own code and the libraries in BUNDLED, which nothing instruments, are bundled.
+ * Source maps chain to tsc's, so `--enable-source-maps` shows TypeScript lines.
+ */
+import { readFileSync } from 'node:fs';
+import { join, relative } from 'node:path';
+import { build } from 'esbuild';
+
+const dist = process.argv[2] ?? 'dist';
+
+const ENTRIES = {
+  broker: 'broker/main.js',
+  sidecar: 'sidecar/main.js',
+  webhook: 'webhook/main.js',
+} as const;
+
+/**
+ * Dependencies nothing instruments: safe to bundle. @opentelemetry/api keeps its state on
+ * globalThis (one registry per major version), so the bundled copy and the SDK's own share the
+ * providers the SDK registers. pino runs here without transports (the only part of it that loads
+ * files by name): it writes JSON lines to stdout.
+ */
+const BUNDLED = new Set([
+  'jose',
+  'yaml',
+  'pino',
+  '@opentelemetry/api',
+  '@bufbuild/protobuf',
+  '@sesamecare-oss/redlock',
+]);
+
+const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as {
+  dependencies: Record<string, string>;
+};
+const external = Object.keys(pkg.dependencies)
+  .filter((name) => !BUNDLED.has(name))
+  .flatMap((name) => [name, `${name}/*`]);
+for (const name of BUNDLED)
+  if (!(name in pkg.dependencies)) throw new Error(`bundle.ts: ${name} is not a dependency`);
+
+const result = await build({
+  entryPoints: Object.fromEntries(
+    Object.entries(ENTRIES).map(([name, entry]) => [name, join(dist, entry)]),
+  ),
+  outdir: join(dist, 'bin'),
+  bundle: true,
+  platform: 'node',
+  format: 'esm',
+  target: 'node22',
+  external,
+  sourcemap: true,
+  metafile: true,
+  logLevel: 'warning',
+  // Bundled CommonJS code (yaml) requires Node's built-ins: give it a require of its own.
+  banner: {
+    js: "import { createRequire as tbCreateRequire } from 'node:module';\nconst require = tbCreateRequire(import.meta.url);",
+  },
+});
+for (const [file, output] of Object.entries(result.metafile.outputs))
+  if (file.endsWith('.js'))
+    console.log(
+      `${relative('.', file)}: ${(output.bytes / 1024).toFixed(0)} KiB from ${Object.keys(output.inputs).length} modules`,
+    );
