@@ -88,7 +88,7 @@ export class RedisSessionStore implements SessionStore {
     this.minReplicas = options.minReplicas ?? 0;
     // Commands issued in the same tick go out in one write per node (auto-pipelining): the
     // rotations in flight and the shard fan-outs share socket writes instead of one per command.
-    const redis = connect(options.target, true);
+    const redis = connect(options.target, 'commands');
     redis.on('error', (err: Error) => log.warn({ err: err.message }, 'state store error'));
     redis.defineCommand('tbCommit', { numberOfKeys: 6, lua: COMMIT_SESSION });
     redis.defineCommand('tbMark', { numberOfKeys: 2, lua: MARK_INFLIGHT });
@@ -641,14 +641,14 @@ export class RedisSessionStore implements SessionStore {
       await sharded.start();
       return;
     }
-    const subscriber = connect(this.options.target);
+    const subscriber = connect(this.options.target, 'subscriber');
     this.subscriber = subscriber;
     subscriber.on('error', (err: Error) => this.log.warn({ err: err.message }, 'events error'));
     let connectedOnce = false;
     subscriber.on('ready', () => {
-      // ioredis resubscribes on reconnect, after 'ready'. Events published meanwhile are lost, so
-      // re-read, but only once the subscription is in place again (a SUBSCRIBE queued behind
-      // ioredis's own has been answered), or a change between the read and it would be missed.
+      // After a reconnect, subscribe again (ioredis is told not to: connect()). Events published
+      // meanwhile are lost, so re-read, but only once the subscription is in place again, or a
+      // change between the read and it would be missed.
       if (connectedOnce)
         // One catch for both: a throwing onResync must not become an unhandled rejection.
         void subscriber
@@ -701,10 +701,19 @@ function nodeOptions(target: Extract<StateStoreConfig, { kind: 'cluster' }>): Re
   return { ...COMMON, password: target.password, tls: tlsOptions(target.tls) };
 }
 
-/** A client for the configured shape; `autoPipeline` for the command client, not a subscriber. */
-function connect(target: StateStoreConfig, autoPipeline = false): Redis | Cluster {
-  const pipelined = autoPipeline && autoPipeliningAllowed();
-  const common: RedisOptions = { ...COMMON, enableAutoPipelining: pipelined };
+/**
+ * A client for the configured shape: the command client (`autoPipeline`), or the events
+ * subscriber, which resubscribes itself (subscribe()), so ioredis must not: its own resubscribe
+ * after a reconnect is a promise no one holds, rejected as unhandled when the connection is closed
+ * before the answer (a broker stopping during a failover).
+ */
+function connect(target: StateStoreConfig, use: 'commands' | 'subscriber'): Redis | Cluster {
+  const pipelined = use === 'commands' && autoPipeliningAllowed();
+  const common: RedisOptions = {
+    ...COMMON,
+    enableAutoPipelining: pipelined,
+    autoResubscribe: use === 'commands',
+  };
   switch (target.kind) {
     case 'single':
       return new Redis(target.url, common);
