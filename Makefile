@@ -15,8 +15,8 @@ node_modules/.installed: package.json package-lock.json
 redis:
 	@scripts/ensure-redis.sh
 
-# The compiled broker, sidecar and tbctl in dist/, and the bundles of the three entry points in
-# dist/bin/ (scripts/bundle.ts), as the image runs them (npm start, npm run
+# The compiled broker, sidecar and tbctl in dist/, and the broker's and the webhook's bundles in
+# dist/bin/ (scripts/bundle.ts), as the images run them (npm start, npm run
 # sidecar and npm run tbctl run this first). tsc --incremental makes a rebuild cheap.
 build: deps
 	tsc -p tsconfig.build.json --incremental --tsBuildInfoFile dist/.tsbuildinfo

@@ -1,9 +1,9 @@
 /**
  * Start to listening: the time from spawning a process to its 'serving' log line (its port
- * bound), for the broker and the sidecar, compiled (the bundles in dist/bin/ that the image and
- * `npm start` run) and through tsx (what most tests run), beside a bare node:http server started
- * the same way: the baseline is Node.js's own start plus a listen, so the difference is the
- * project's own start-up.
+ * bound), for the broker and the sidecar, compiled (what the images and `npm start` run: the
+ * broker's bundle in dist/bin/, the sidecar's tsc output) and through tsx (what most tests run),
+ * beside a bare node:http server started the same way: the baseline is Node.js's own start plus
+ * a listen, so the difference is the project's own start-up.
  * BENCH_RUNS (default 7) runs of each, interleaved so drift hits all alike; the median is printed.
  * Prints figures; never passes or fails on them. Everything runs on 127.0.0.1 and stops by itself.
  *

@@ -17,7 +17,6 @@ const COMPILED_NODE_ARGS = ['--import', './dist/shared/telemetry/register.js'];
 /** The bundles scripts/bundle.ts writes, by the entry point they are made from. */
 const BUNDLES: Readonly<Record<string, string>> = {
   'broker/main.ts': 'dist/bin/broker.js',
-  'sidecar/main.ts': 'dist/bin/sidecar.js',
   'webhook/main.ts': 'dist/bin/webhook.js',
 };
 

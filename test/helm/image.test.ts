@@ -92,7 +92,7 @@ describe('deploy/docker/Dockerfile', () => {
     );
     const telemetry = ['--import', './dist/shared/telemetry/register.js'];
     expect(entrypoint('broker')).toEqual(['node', ...telemetry, 'dist/bin/broker.js']);
-    expect(entrypoint('sidecar')).toEqual(['node', ...telemetry, 'dist/bin/sidecar.js']);
+    expect(entrypoint('sidecar')).toEqual(['node', ...telemetry, 'dist/sidecar/main.js']);
     // The broker is the last stage, so a build without --target gives it.
     expect([...all.keys()].at(-1)).toBe('broker');
   });

@@ -1,8 +1,9 @@
 /**
- * Telemetry of real processes started as in production (the bundles of dist/bin/ the image runs,
- * `--import` of the telemetry entry, the ESM loader hook, the NodeSDK from OTEL_* variables): so
- * the instrumented packages the bundles leave outside (scripts/bundle.ts) are seen patched, and the
- * bundled OpenTelemetry API reaches the SDK's providers. A broker over Redis and two sidecars, all
+ * Telemetry of real processes started as in production (compiled as the images run them: the
+ * broker's bundle of dist/bin/, the sidecar's tsc output; `--import` of the telemetry entry, the
+ * ESM loader hook, the NodeSDK from OTEL_* variables): so the instrumented packages the bundle
+ * leaves outside (scripts/bundle.ts) are seen patched, and the bundled OpenTelemetry API reaches
+ * the SDK's providers. A broker over Redis and two sidecars, all
  * exporting traces over OTLP/HTTP JSON to a receiver here, with the Prometheus exporter on. After
  * rotations (one due, one ending in REAUTH_REQUIRED), both processes' /metrics expose the metrics
  * the issue lists, the spans of grpc-js and ioredis exist (the hook worked), a sidecar's delivery
