@@ -4,10 +4,11 @@
  * place), so a renewal needs no restart; a broken pair keeps the last good one.
  */
 import { readFileSync, statSync } from 'node:fs';
-import { createServer, type Server } from 'node:https';
+import type { Server } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { createSecureContext } from 'node:tls';
 import type { Logger } from 'pino';
+import { https } from '../shared/node-http.js';
 import { BadReviewError, review } from './admission.js';
 import type { WebhookConfig } from './config.js';
 import { WebhookConfigError } from './errors.js';
@@ -33,7 +34,7 @@ export async function startWebhook(
 ): Promise<RunningWebhook> {
   const pair = readPair(config);
   let stamp = stampOf(config);
-  const server: Server = createServer({ ...pair, minVersion: 'TLSv1.2' }, (req, res) => {
+  const server: Server = https.createServer({ ...pair, minVersion: 'TLSv1.2' }, (req, res) => {
     const reply = (status: number, body: object) => {
       res.writeHead(status, { 'content-type': 'application/json' });
       res.end(JSON.stringify(body));
