@@ -213,13 +213,24 @@ describe('sidecars across replicas', () => {
     // After SIGCONT: no refresh token reached the IdP twice.
     expect(oidc.counters.reuses).toBe(0);
     expect([...oidc.presentations().values()].filter((n) => n > 1)).toEqual([]);
-    // 12.7: the tokens live 6 s, below the default 10 s skew; each sidecar said it shrank it.
-    for (const sidecar of sidecars)
+    // 12.7: the tokens live 6 s, below the default 10 s skew; each sidecar said it shrank it to
+    // a quarter of the lifetime. That lifetime runs from the broker's receipt of the token to its
+    // exp (whole seconds, so up to a second either way), and an IdP slow to answer on a loaded
+    // machine makes it shorter still: the relation is checked, not a fixed floor.
+    for (const sidecar of sidecars) {
+      const shrunk = sidecar.logs.filter((l) => typeof l.skewMs === 'number');
       expect(
-        sidecar.logs.some(
-          (l) => typeof l.skewMs === 'number' && l.skewMs <= EFFECTIVE_SKEW_MS && l.skewMs > 1_000,
+        shrunk.some(
+          (l) =>
+            typeof l.lifetimeMs === 'number' &&
+            l.lifetimeMs <= (AT_TTL_S + 1) * 1_000 &&
+            l.lifetimeMs > AT_TTL_S * 500 &&
+            l.skewMs === Math.floor(l.lifetimeMs / 4) &&
+            l.skewMs <= EFFECTIVE_SKEW_MS,
         ),
+        JSON.stringify(shrunk.map((l) => [l.lifetimeMs, l.skewMs, l.configuredSkewMs])),
       ).toBe(true);
+    }
     for (const sidecar of sidecars) expect(sidecar.output()).not.toMatch(/"access_token"/);
   }, 120_000);
 
