@@ -21,11 +21,13 @@
  */
 import { readFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
-import { build } from 'esbuild';
+import { pathToFileURL } from 'node:url';
 
-const dist = process.argv[2] ?? 'dist';
-
-const ENTRIES = {
+/**
+ * The entry points bundled (tsc's output, relative to DIST), by their bundle's name in DIST/bin/.
+ * scripts/dev/node-process.ts runs these bundles for a `compiled` spawn.
+ */
+export const BUNDLED_ENTRIES = {
   broker: 'broker/main.js',
   webhook: 'webhook/main.js',
 } as const;
@@ -45,35 +47,41 @@ const BUNDLED = new Set([
   '@sesamecare-oss/redlock',
 ]);
 
-const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as {
-  dependencies: Record<string, string>;
-};
-const external = Object.keys(pkg.dependencies)
-  .filter((name) => !BUNDLED.has(name))
-  .flatMap((name) => [name, `${name}/*`]);
-for (const name of BUNDLED)
-  if (!(name in pkg.dependencies)) throw new Error(`bundle.ts: ${name} is not a dependency`);
+async function bundle(dist: string): Promise<void> {
+  const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as {
+    dependencies: Record<string, string>;
+  };
+  const external = Object.keys(pkg.dependencies)
+    .filter((name) => !BUNDLED.has(name))
+    .flatMap((name) => [name, `${name}/*`]);
+  for (const name of BUNDLED)
+    if (!(name in pkg.dependencies)) throw new Error(`bundle.ts: ${name} is not a dependency`);
 
-const result = await build({
-  entryPoints: Object.fromEntries(
-    Object.entries(ENTRIES).map(([name, entry]) => [name, join(dist, entry)]),
-  ),
-  outdir: join(dist, 'bin'),
-  bundle: true,
-  platform: 'node',
-  format: 'esm',
-  target: 'node22',
-  external,
-  sourcemap: true,
-  metafile: true,
-  logLevel: 'warning',
-  // Bundled CommonJS code (yaml) requires Node's built-ins: give it a require of its own.
-  banner: {
-    js: "import { createRequire as tbCreateRequire } from 'node:module';\nconst require = tbCreateRequire(import.meta.url);",
-  },
-});
-for (const [file, output] of Object.entries(result.metafile.outputs))
-  if (file.endsWith('.js'))
-    console.log(
-      `${relative('.', file)}: ${(output.bytes / 1024).toFixed(0)} KiB from ${Object.keys(output.inputs).length} modules`,
-    );
+  const { build } = await import('esbuild');
+  const result = await build({
+    entryPoints: Object.fromEntries(
+      Object.entries(BUNDLED_ENTRIES).map(([name, entry]) => [name, join(dist, entry)]),
+    ),
+    outdir: join(dist, 'bin'),
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node22',
+    external,
+    sourcemap: true,
+    metafile: true,
+    logLevel: 'warning',
+    // Bundled CommonJS code (yaml) requires Node's built-ins: give it a require of its own.
+    banner: {
+      js: "import { createRequire as tbCreateRequire } from 'node:module';\nconst require = tbCreateRequire(import.meta.url);",
+    },
+  });
+  for (const [file, output] of Object.entries(result.metafile.outputs))
+    if (file.endsWith('.js'))
+      console.log(
+        `${relative('.', file)}: ${(output.bytes / 1024).toFixed(0)} KiB from ${Object.keys(output.inputs).length} modules`,
+      );
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href)
+  await bundle(process.argv[2] ?? 'dist');

@@ -46,8 +46,9 @@ export class ReflectionService {
           throw new Error(
             `reflection: ${file.name} imports "${dependency}", which is not in the set`,
           );
+    const defined = new Set(files.flatMap((file) => file.services));
     for (const service of services)
-      if (!this.bySymbol.has(service))
+      if (!defined.has(service))
         throw new Error(`reflection: no descriptor defines service "${service}"`);
   }
 
@@ -83,17 +84,17 @@ export class ReflectionService {
         };
       case 'fileByFilename':
         return this.files(this.byName.get(asked.value), `no file named "${asked.value}"`);
-      case 'fileContainingSymbol': {
-        // Some clients send a leading dot, as in a field's type_name.
-        const symbol = asked.value.startsWith('.') ? asked.value.slice(1) : asked.value;
-        return this.files(this.bySymbol.get(symbol), `no symbol named "${asked.value}"`);
-      }
+      case 'fileContainingSymbol':
+        return this.files(
+          this.bySymbol.get(withoutLeadingDot(asked.value)),
+          `no symbol named "${asked.value}"`,
+        );
       case 'fileContainingExtension':
         return notFound(
           `no extension ${asked.value.extensionNumber} of "${asked.value.containingType}"`,
         );
       case 'allExtensionNumbersOfType': {
-        const name = asked.value.startsWith('.') ? asked.value.slice(1) : asked.value;
+        const name = withoutLeadingDot(asked.value);
         if (!this.bySymbol.has(name)) return notFound(`no message type named "${asked.value}"`);
         return {
           $case: 'allExtensionNumbersResponse',
@@ -130,6 +131,11 @@ export class ReflectionService {
     if (!bytes) this.bytes.set(file.name, (bytes = Buffer.from(file.descriptor, 'base64')));
     return bytes;
   }
+}
+
+/** Some clients send a fully-qualified name with a leading dot, as in a field's type_name. */
+function withoutLeadingDot(name: string): string {
+  return name.startsWith('.') ? name.slice(1) : name;
 }
 
 function notFound(message: string): Answer {

@@ -702,7 +702,7 @@ function nodeOptions(target: Extract<StateStoreConfig, { kind: 'cluster' }>): Re
 }
 
 /**
- * A client for the configured shape: the command client (`autoPipeline`), or the events
+ * A client for the configured shape: the command client (auto-pipelined), or the events
  * subscriber, which resubscribes itself (subscribe()), so ioredis must not: its own resubscribe
  * after a reconnect is a promise no one holds, rejected as unhandled when the connection is closed
  * before the answer (a broker stopping during a failover).

@@ -10,15 +10,18 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { readdirSync, statSync } from 'node:fs';
 import { join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { BUNDLED_ENTRIES } from '../bundle.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const NODE_ARGS = ['--import', 'tsx', '--import', './shared/telemetry/register.ts'];
 const COMPILED_NODE_ARGS = ['--import', './dist/shared/telemetry/register.js'];
 /** The bundles scripts/bundle.ts writes, by the entry point they are made from. */
-const BUNDLES: Readonly<Record<string, string>> = {
-  'broker/main.ts': 'dist/bin/broker.js',
-  'webhook/main.ts': 'dist/bin/webhook.js',
-};
+const BUNDLES: Readonly<Record<string, string>> = Object.fromEntries(
+  Object.entries(BUNDLED_ENTRIES).map(([name, entry]) => [
+    entry.replace(/\.js$/, '.ts'),
+    `dist/bin/${name}.js`,
+  ]),
+);
 
 /** The newest file of the sources dist/ is built from. */
 function newestSource(): { file: string; mtimeMs: number } {
@@ -50,7 +53,7 @@ function assertBuilt(file: string, bundle: boolean): void {
 }
 
 export interface SpawnOptions {
-  /** Run dist/<entry>.js instead of the TypeScript source through tsx. */
+  /** Run the entry's bundle or dist/<entry>.js instead of the TypeScript source through tsx. */
   compiled?: boolean;
   /** Extra node flags before the entry (e.g. --max-old-space-size). */
   nodeFlags?: readonly string[];

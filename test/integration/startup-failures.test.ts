@@ -4,11 +4,13 @@
  * ignored setting or a timer that overflows.
  */
 import { createServer, type Server } from 'node:net';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { devIdentity } from '../../scripts/dev/dev-identity.js';
 import { spawnNodeProcess, waitForLog, type LogEntry } from '../../scripts/dev/node-process.js';
+import { startRedisNodes } from '../../scripts/dev/redis-nodes.js';
 
 /** Embedded mode, plaintext, no caller authentication: the fewest settings that start a broker. */
 const BROKER: Record<string, string> = {
@@ -97,6 +99,40 @@ describe('broker start-up failures exit 2 naming the variable', () => {
     });
     expectRefused(exit, 'TB_REDIS_URL');
     expect(Date.now() - started).toBeLessThan(15_000);
+  });
+
+  it('a broken TB_POLICY_FILE while the state store and lock nodes connect: never serves', async () => {
+    // The policy loads beside the Redis connections (broker-app.ts); its error must still stop
+    // the start, with the line at fault, before anything listens.
+    const redis = await startRedisNodes(2);
+    const dir = mkdtempSync(join(tmpdir(), 'tb-policy-'));
+    try {
+      const policyFile = join(dir, 'policy.yaml');
+      writeFileSync(
+        policyFile,
+        ['rules:', '  - name: broken', '    subjects: ["ns/*"]', '    verbs: [fly]', ''].join('\n'),
+      );
+      const exit = await broker({
+        ...devIdentity().brokerEnv(),
+        TB_TLS: 'on',
+        TB_AUTH: 'on',
+        TB_POLICY_FILE: policyFile,
+        TB_REDIS_URL: redis.urls[0]!,
+        TB_REDLOCK_URLS: redis.urls[1]!,
+        TB_SEALING_KEYS: `k1:${key(3)}`,
+      });
+      const fatal = exit.logs.filter((entry) => entry.level === 60);
+      expect({ code: exit.code, fatal: fatal.map((e) => ({ setting: e.setting })) }).toEqual({
+        code: 2,
+        fatal: [{ setting: 'TB_POLICY_FILE' }],
+      });
+      expect(fatal[0]!.line).toBe(4);
+      expect(exit.logs.some((entry) => entry.msg === 'broker serving')).toBe(false);
+      expect(exit.output).not.toMatch(/\n\s+at /);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+      await redis.stopAll();
+    }
   });
 
   const key = (seed: number) =>
